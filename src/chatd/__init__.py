@@ -1,0 +1,5 @@
+"""chatd: one address for every LLM a platform calls."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,193 @@
+"""`create_app(settings)`: the FastAPI application, its routes and error handlers (SPEC §3)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response, StreamingResponse
+
+from .config import Settings
+from .dispatch import Dispatcher, OpenStream
+from .errors import (
+    ChatdError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    UpstreamError,
+)
+from .registry import Registry
+from .types import ChatRequest, StreamEvent
+from .web import (
+    ClientGone,
+    RequestContext,
+    error_response,
+    json_response,
+    parse_body,
+    read_body,
+    until_disconnect,
+)
+
+log = logging.getLogger("chatd")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CHAT_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatRequest.model_json_schema()}},
+    }
+}
+
+
+def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
+    """Build an isolated chatd app; providers' clients open and close with its lifespan."""
+    registry = registry or Registry.from_settings(settings)
+    dispatcher = Dispatcher(registry)
+    max_body = settings.chatd.max_body_bytes
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.aclose()
+
+    app = FastAPI(
+        title="chatd",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.dispatcher = dispatcher
+    install_error_handlers(app)
+    app.add_middleware(RequestContext, logger=log)
+
+    @app.post("/v1/chat", openapi_extra=CHAT_BODY_SCHEMA)
+    async def chat(request: Request) -> Response:
+        started = time.perf_counter()
+        body = parse_body(ChatRequest, await read_body(request, max_body))
+        if body.stream:
+            opened = await until_disconnect(request, dispatcher.stream(body))
+            return StreamingResponse(
+                sse_events(opened, started),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
+        served = await until_disconnect(request, dispatcher.chat(body))
+        result = served.result
+        answer: dict[str, Any] = {
+            "model": served.route.model,
+            "content": result.content,
+            "input_tokens": result.input_tokens,
+            "output_tokens": result.output_tokens,
+            "finish_reason": result.finish_reason,
+            "provider": served.route.provider.name,
+            "latency_ms": round((time.perf_counter() - started) * 1000),
+        }
+        if result.thinking:
+            answer["thinking"] = result.thinking
+        return json_response(answer)
+
+    @app.get("/v1/chat/providers")
+    async def providers() -> Response:
+        return json_response(registry.listing())
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response({"status": "ok"})
+
+    return app
+
+
+async def sse_events(opened: OpenStream, started: float) -> AsyncIterator[bytes]:
+    """SPEC §6 events: deltas and thinking as they come, then `done` (or one `error`)."""
+    ttft_ms: int | None = None
+    event: StreamEvent | None = opened.first
+    try:
+        while event is not None:
+            if event.done:
+                yield sse(
+                    {
+                        "done": True,
+                        "model": opened.route.model,
+                        "provider": opened.route.provider.name,
+                        "input_tokens": event.input_tokens,
+                        "output_tokens": event.output_tokens,
+                        "finish_reason": event.finish_reason,
+                        "latency_ms": round((time.perf_counter() - started) * 1000),
+                        "ttft_ms": ttft_ms if ttft_ms is not None else 0,
+                    }
+                )
+                return
+            if ttft_ms is None:
+                ttft_ms = round((time.perf_counter() - started) * 1000)
+            if event.thinking:
+                yield sse({"thinking": event.thinking})
+            if event.delta:
+                yield sse({"delta": event.delta})
+            event = await anext(opened.rest, None)
+        yield sse(error_event("stream ended before done", opened))
+    except ChatdError as exc:
+        yield sse(exc.envelope())
+    except Exception:
+        log.exception("stream from %s failed", opened.route.provider.name)
+        yield sse(InternalError("internal error during stream").envelope())
+    finally:
+        await opened.aclose()
+
+
+def error_event(message: str, opened: OpenStream) -> dict[str, Any]:
+    return UpstreamError(opened.route.provider.name, message).envelope()
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error, on every route, leaves as the SPEC §3 envelope."""
+
+    @app.exception_handler(ChatdError)
+    async def chatd_error(request: Request, exc: ChatdError) -> Response:
+        if exc.status >= 500:
+            log.warning("%s: %s", exc.type, exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody is listening; recorded in the log only
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            error: ChatdError = NotFound(f"no route {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(
+                f"{request.method} is not allowed on {request.url.path}",
+                headers=dict(exc.headers or {}),
+            )
+        elif exc.status_code < 500:
+            error = InvalidRequest(str(exc.detail))
+        else:
+            error = InternalError(str(exc.detail))
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return error_response(InvalidRequest(message, param=param))

@@ -1,0 +1,120 @@
+"""The `chatd` command: serve, or `check-config` (SPEC §5, §9)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from .config import ConfigError, Settings, load_settings, parse_bind, resolve_key
+
+CONFIG_ENV = "LAKEHOUSE_CONFIG"
+BIND_OVERRIDE_ENV = "CHATD__CLI_BIND"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatd", description="One address for every LLM: serve chatd, or check its config."
+    )
+    parser.add_argument("command", nargs="?", choices=["serve", "check-config"], default="serve")
+    parser.add_argument("--config", metavar="PATH", help="lakehouse.toml to read")
+    parser.add_argument("--bind", metavar="HOST:PORT", help="listen address (beats CHATD_BIND)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        type=str.lower,
+    )
+    parser.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        if args.bind:
+            try:
+                parse_bind(args.bind)
+            except ValueError as exc:
+                raise ConfigError(f"--bind: {exc}") from None
+    except ConfigError as exc:
+        print(f"chatd: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(describe_settings(settings))
+        return 0
+    return serve(settings, args)
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    bind = args.bind or settings.chatd.bind
+    host, port = parse_bind(bind)
+    configure_logging(args.log_level)
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": args.log_level,
+        "access_log": False,  # chatd writes its own one-line-per-request log
+        "timeout_graceful_shutdown": settings.chatd.shutdown_grace_secs,
+        "server_header": False,
+    }
+    if args.workers > 1:
+        # Each worker process builds its own app from the same config file.
+        if args.config:
+            os.environ[CONFIG_ENV] = os.path.abspath(args.config)
+        uvicorn.run("chatd.cli:app_factory", factory=True, workers=args.workers, **common)
+    else:
+        uvicorn.run(create_app(settings), **common)
+    return 0
+
+
+def app_factory() -> Any:
+    """Used by `--workers N`: every worker loads the settings itself."""
+    from .app import create_app
+
+    configure_logging(os.environ.get("CHATD_LOG_LEVEL", "info"))
+    return create_app(load_settings())
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("chatd")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def describe_settings(settings: Settings) -> str:
+    """A readable dump of the resolved config; keys appear only as set/unset."""
+    chatd = settings.chatd
+    lines = [
+        f"config: {settings.source}",
+        f"bind: {chatd.bind}",
+        f"default_provider: {chatd.default_provider}",
+        f"timeout_secs: {chatd.timeout_secs:g}",
+        f"max_body_bytes: {chatd.max_body_bytes}",
+        "models:",
+    ]
+    lines += [f"  {alias} = {', '.join(targets)}" for alias, targets in settings.models.items()]
+    lines.append("providers:")
+    for name, cfg in sorted(chatd.providers.items()):
+        key = "n/a"
+        if cfg.needs_key:
+            key = f"{cfg.key_env} {'set' if resolve_key(cfg) else 'unset'}"
+        registered = (
+            cfg.enabled is True
+            or (cfg.enabled == "auto" and (not cfg.needs_key or key.endswith(" set")))
+        )
+        lines.append(
+            f"  {name}: kind={cfg.kind} base_url={cfg.base_url or '-'} key={key} "
+            f"enabled={cfg.enabled} registered={'yes' if registered else 'no'}"
+        )
+    return "\n".join(lines)

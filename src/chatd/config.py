@@ -1,0 +1,242 @@
+"""Configuration: `lakehouse.toml` + `CHATD_*` environment overrides (SPEC §2).
+
+Settings are built once at start-up by `load_settings` and passed into
+`create_app`; nothing reads the file or the environment at request time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_FILE = "lakehouse.toml"
+PROVIDER_NAME = re.compile(r"^[a-z0-9_-]+$")
+
+BUILTIN_PROVIDERS: dict[str, dict[str, Any]] = {
+    "ollama": {"kind": "ollama", "base_url": "http://localhost:11434"},
+    "ollama_cloud": {
+        "kind": "ollama_cloud",
+        "base_url": "https://ollama.com",
+        "key_env": "OLLAMA_API_KEY",
+        "key_file": "/etc/lakehouse/ollama_cloud.env",
+    },
+    "openrouter": {
+        "kind": "openai",
+        "base_url": "https://openrouter.ai/api/v1",
+        "key_env": "OPENROUTER_API_KEY",
+        "key_file": "/etc/lakehouse/openrouter.env",
+    },
+    "opencode": {
+        "kind": "openai",
+        "base_url": "https://opencode.ai/zen/v1",
+        "key_env": "OPENCODE_API_KEY",
+        "key_file": "/etc/lakehouse/opencode.env",
+    },
+    "kimi": {
+        "kind": "openai",
+        "base_url": "https://api.kimi.com/coding/v1",
+        "key_env": "KIMI_API_KEY",
+        "key_file": "/etc/lakehouse/kimi.env",
+    },
+}
+
+
+class ConfigError(Exception):
+    """A configuration that chatd refuses to start with; the message is one line."""
+
+
+class ProviderConfig(BaseModel):
+    """One `[chatd.providers.<name>]` table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["ollama", "ollama_cloud", "openai", "mock"]
+    base_url: str = ""
+    key_env: str = ""
+    key_file: str = ""
+    timeout_secs: float | None = Field(default=None, gt=0)
+    enabled: Literal["auto"] | bool = "auto"
+    # mock kind
+    reply: str | None = None
+    latency_ms: int = Field(default=0, ge=0)
+    # resilience (SPEC §8)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    max_retry_after_secs: float = Field(default=30, ge=0)
+    max_concurrency: int = Field(default=0, ge=0)
+    queue_timeout_secs: float = Field(default=30, ge=0)
+    cooldown_failures: int = Field(default=5, ge=0)
+    cooldown_secs: float = Field(default=30, ge=0)
+
+    @property
+    def needs_key(self) -> bool:
+        """A provider needs a key when it names where to find one."""
+        return bool(self.key_env)
+
+
+class ChatdConfig(BaseModel):
+    """The `[chatd]` table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bind: str = "127.0.0.1:3220"
+    default_provider: str = "ollama"
+    timeout_secs: float = Field(default=180, gt=0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    app_url: str = ""
+    app_name: str = "chatd"
+    auth_tokens_env: str = ""
+    shutdown_grace_secs: float = Field(default=30, ge=0)
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_parses(cls, value: str) -> str:
+        parse_bind(value)
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _names_are_plain(cls, value: dict[str, ProviderConfig]) -> dict[str, ProviderConfig]:
+        for name in value:
+            if not PROVIDER_NAME.match(name):
+                raise ValueError(f"provider name {name!r} must match [a-z0-9_-]+")
+        return value
+
+    def host_port(self) -> tuple[str, int]:
+        return parse_bind(self.bind)
+
+    def timeout_for(self, provider: str) -> float:
+        return self.providers[provider].timeout_secs or self.timeout_secs
+
+
+class _EnvChatdConfig(ChatdConfig, BaseSettings):
+    """`ChatdConfig` with `CHATD_*` environment variables laid over the file's values."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CHATD_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)  # environment beats the file
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything chatd needs, resolved once at start-up."""
+
+    chatd: ChatdConfig
+    models: dict[str, list[str]] = field(default_factory=dict)
+    source: str = "built-in defaults"
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """`"host:port"` → `(host, port)`; raises ValueError on anything else."""
+    host, sep, port = bind.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:3220")
+    return host.strip("[]"), int(port)
+
+
+def resolve_key(provider: ProviderConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The provider's key: `$key_env`, else that name in the dotenv `key_file`, else ''."""
+    if not provider.key_env:
+        return ""
+    environ = os.environ if environ is None else environ
+    key = environ.get(provider.key_env, "").strip()
+    if key or not provider.key_file:
+        return key
+    try:
+        values = dotenv_values(provider.key_file)
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return (values.get(provider.key_env) or "").strip()
+
+
+def build_settings(
+    data: Mapping[str, Any] | None = None, *, use_env: bool = False, source: str = "dict"
+) -> Settings:
+    """Validate a parsed config document (the TOML's shape) into `Settings`.
+
+    Built-in providers are laid under the document's own tables, key by key.
+    Raises ConfigError with one line naming the offending key.
+    """
+    data = dict(data or {})
+    chatd = dict(data.get("chatd") or {})
+    providers = {name: dict(cfg) for name, cfg in BUILTIN_PROVIDERS.items()}
+    for name, table in (chatd.get("providers") or {}).items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"chatd.providers.{name}: must be a table")
+        providers[name] = {**providers.get(name, {}), **table}
+    chatd["providers"] = providers
+    try:
+        config = _EnvChatdConfig(**chatd) if use_env else ChatdConfig(**chatd)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, "chatd")) from None
+    if use_env:
+        config = ChatdConfig.model_validate(config.model_dump())
+    if config.default_provider not in config.providers:
+        raise ConfigError(
+            f"chatd.default_provider: {config.default_provider!r} is not a configured provider"
+        )
+    return Settings(chatd=config, models=_parse_models(data.get("models") or {}), source=source)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read the config file (`path`, `$LAKEHOUSE_CONFIG`, `./lakehouse.toml`) and the env."""
+    explicit = path or os.environ.get("LAKEHOUSE_CONFIG")
+    config_path = Path(explicit or DEFAULT_CONFIG_FILE)
+    data: dict[str, Any] = {}
+    source = "built-in defaults"
+    if config_path.is_file():
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: malformed TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{config_path}: cannot read: {exc.__class__.__name__}") from None
+        source = str(config_path)
+    elif explicit:
+        raise ConfigError(f"{config_path}: no such config file")
+    return build_settings(data, use_env=True, source=source)
+
+
+def _parse_models(models: Mapping[str, Any]) -> dict[str, list[str]]:
+    tiers: dict[str, list[str]] = {}
+    for alias, value in models.items():
+        targets = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) and t.strip() for t in targets)
+        ):
+            raise ConfigError(f"models.{alias}: must be a model ID or a non-empty list of them")
+        tiers[alias] = [t.strip() for t in targets]
+    return tiers
+
+
+def describe_validation_error(exc: ValidationError, prefix: str) -> str:
+    """One line naming the first bad key; never echoes the offending value."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    loc = ".".join(str(part) for part in (prefix, *first["loc"]))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = len(exc.errors()) - 1
+    return f"{loc}: {msg}" + (f" (and {more} more)" if more else "")

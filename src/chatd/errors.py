@@ -1,0 +1,136 @@
+"""chatd's errors: each knows its HTTP status and SPEC §3 `type`.
+
+Routes and providers raise these; one handler in `app.py` renders them as the
+OpenAI-style error envelope. Nothing else builds error JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QUOTE_LIMIT = 300
+
+
+def abbreviate(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """Cut `text` to at most `limit` characters, marking the cut with an ellipsis."""
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
+
+
+class ChatdError(Exception):
+    """Base of every error chatd answers with; subclasses pin status and type."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def envelope(self) -> dict[str, Any]:
+        """The SPEC §3 body: `{"error": {message, type, code, param, ...}}`."""
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "code": self.type,
+            "param": self.param,
+        }
+        error.update(self.extra)
+        return {"error": error}
+
+
+class InvalidRequest(ChatdError):
+    status = 400
+    type = "invalid_request"
+
+
+class Unauthorized(ChatdError):
+    status = 401
+    type = "unauthorized"
+
+
+class NotFound(ChatdError):
+    status = 404
+    type = "not_found"
+
+
+class ProviderNotFound(ChatdError):
+    status = 404
+    type = "provider_not_found"
+
+
+class MethodNotAllowed(ChatdError):
+    status = 405
+    type = "method_not_allowed"
+
+
+class PayloadTooLarge(ChatdError):
+    status = 413
+    type = "payload_too_large"
+
+
+class InternalError(ChatdError):
+    status = 500
+    type = "internal_error"
+
+
+class UpstreamError(ChatdError):
+    """The provider answered non-2xx, unparseable JSON, no choices, or was unreachable."""
+
+    status = 502
+    type = "upstream_error"
+
+    def __init__(
+        self,
+        provider: str,
+        detail: str,
+        *,
+        upstream_status: int | None = None,
+        body: str | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        message = f"{provider}: {detail}"
+        if upstream_status is not None:
+            message = f"{provider}: upstream answered {upstream_status}"
+            if detail:
+                message += f" ({detail})"
+        if body:
+            message += f": {abbreviate(body)}"
+        extra = {"upstream_status": upstream_status} if upstream_status is not None else None
+        headers = {"Retry-After": retry_after} if retry_after else None
+        super().__init__(message, extra=extra, headers=headers)
+        self.provider = provider
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+
+
+class ProviderDisabled(ChatdError):
+    status = 503
+    type = "provider_disabled"
+
+
+class ProviderOverloaded(ChatdError):
+    status = 503
+    type = "provider_overloaded"
+
+
+class ProviderCoolingDown(ChatdError):
+    status = 503
+    type = "provider_cooling_down"
+
+
+class UpstreamTimeout(ChatdError):
+    status = 504
+    type = "upstream_timeout"

@@ -1,0 +1,199 @@
+"""The Provider base class: one upstream, one pooled HTTP client, one wire format.
+
+A provider receives the upstream model name (the registry already stripped any
+prefix) and knows only how to speak to its upstream. Errors come out as the
+`chatd.errors` sentinels so the app can answer with the right status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+import orjson
+
+from ..config import ProviderConfig
+from ..errors import UpstreamError, UpstreamTimeout, abbreviate
+from ..types import ChatRequest, ChatResult, StreamEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Who chatd tells OpenAI-compatible vendors it is (`HTTP-Referer`, `X-Title`)."""
+
+    app_url: str = ""
+    app_name: str = "chatd"
+
+
+class Provider(ABC):
+    """One configured upstream. Safe for concurrent use; one instance per name."""
+
+    kind: ClassVar[str]
+
+    def __init__(
+        self,
+        name: str,
+        config: ProviderConfig,
+        *,
+        key: str = "",
+        timeout: float = 180.0,
+        attribution: Attribution | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        self.timeout = timeout
+        self.attribution = attribution or Attribution()
+        self._key = key
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def available(self) -> bool:
+        """False when the provider needs a key and none resolved (→ 503)."""
+        return bool(self._key) or not self.config.needs_key
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}"} if self._key else {}
+
+    async def start(self) -> None:
+        """Open the pooled client; called once from the app's lifespan."""
+        if self._client is None:
+            self._client = make_client(self.base_url, self.timeout, self.auth_headers())
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:  # not started through a lifespan (e.g. a unit test)
+            self._client = make_client(self.base_url, self.timeout, self.auth_headers())
+        return self._client
+
+    @abstractmethod
+    async def chat(self, request: ChatRequest, model: str) -> ChatResult:
+        """One non-streamed round trip."""
+
+    @abstractmethod
+    def stream(self, request: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
+        """Stream the answer; the last event has `done=True`."""
+
+    def describe(self) -> dict[str, Any]:
+        """The public listing entry: never a key, never a key's length."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "base_url": self.base_url,
+            "available": self.available,
+        }
+
+    # -- shared HTTP plumbing ------------------------------------------------
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        """POST `body` as JSON and return the parsed 2xx answer, or raise a sentinel."""
+        try:
+            response = await self.client.post(
+                path, content=orjson.dumps(body), headers=JSON_HEADERS
+            )
+        except httpx.TimeoutException:
+            raise self.timeout_error() from None
+        except httpx.HTTPError as exc:
+            raise self.unreachable(exc) from None
+        if response.status_code >= 300:
+            raise self.status_error(response.status_code, response.text, response.headers)
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                self.name, "unparseable JSON", body=self.redact(response.text)
+            ) from None
+
+    @contextlib.asynccontextmanager
+    async def open_stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+        """POST and yield the streaming response once its status is known to be 2xx."""
+        request = self.client.build_request(
+            "POST", path, content=orjson.dumps(body), headers=JSON_HEADERS
+        )
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise self.timeout_error() from None
+        except httpx.HTTPError as exc:
+            raise self.unreachable(exc) from None
+        try:
+            if response.status_code >= 300:
+                try:
+                    await response.aread()
+                    text = response.text
+                except httpx.HTTPError:
+                    text = ""
+                raise self.status_error(response.status_code, text, response.headers)
+            yield response
+        finally:
+            await response.aclose()
+
+    async def lines(self, response: httpx.Response) -> AsyncIterator[str]:
+        """The response's lines, with transport failures turned into sentinels."""
+        try:
+            async for line in response.aiter_lines():
+                yield line
+        except httpx.TimeoutException:
+            raise self.timeout_error() from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError(self.name, f"stream broke off: {type(exc).__name__}") from None
+
+    def timeout_error(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"{self.name}: no answer within {self.timeout:g}s")
+
+    def unreachable(self, exc: Exception) -> UpstreamError:
+        detail = abbreviate(self.redact(str(exc)), 120) or type(exc).__name__
+        return UpstreamError(self.name, f"could not reach upstream: {detail}")
+
+    def status_error(self, status: int, text: str, headers: httpx.Headers) -> UpstreamError:
+        return UpstreamError(
+            self.name,
+            "",
+            upstream_status=status,
+            body=self.redact(text),
+            retry_after=headers.get("retry-after"),
+        )
+
+    def bad_shape(self, what: str, data: Any) -> UpstreamError:
+        text = orjson.dumps(data).decode() if not isinstance(data, str) else data
+        return UpstreamError(self.name, what, body=self.redact(text))
+
+    def redact(self, text: str) -> str:
+        """Upstreams sometimes echo the credential back; never pass it on."""
+        if self._key and self._key in text:
+            text = text.replace(self._key, "***")
+        return text
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def make_client(base_url: str, timeout: float, headers: dict[str, str]) -> httpx.AsyncClient:
+    """The one pooled client a provider uses for the process's life."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers=headers,
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+        follow_redirects=False,
+    )
+
+
+def loads_line(provider: Provider, line: str) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise provider.bad_shape("unparseable stream line", line) from None
+
+
+def as_int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

@@ -1,0 +1,94 @@
+"""Local Ollama: `POST /api/chat` (SPEC §4)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..types import ChatRequest, ChatResult, StreamEvent
+from .base import Provider, as_int, loads_line
+
+
+def ollama_options(request: ChatRequest) -> dict[str, Any]:
+    options: dict[str, Any] = {"temperature": request.temperature}
+    if request.max_tokens is not None:
+        options["num_predict"] = request.max_tokens
+    return options
+
+
+def to_ollama_body(request: ChatRequest, model: str, *, stream: bool = False) -> dict[str, Any]:
+    """The /api/chat body; `think` is false unless the caller asked for reasoning."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "stream": stream,
+        "think": request.think,
+        "options": ollama_options(request),
+    }
+    if request.format == "json":
+        body["format"] = "json"
+    return body
+
+
+def parse_ollama_response(provider: Provider, data: Any, text_field: str) -> ChatResult:
+    """Read an /api/chat (text in `message`) or /api/generate (text at top level) answer."""
+    if not isinstance(data, dict):
+        raise provider.bad_shape("unexpected response shape", data)
+    source = data.get("message") if text_field == "message" else data
+    if not isinstance(source, dict):
+        raise provider.bad_shape("response has no message", data)
+    content = source.get("content" if text_field == "message" else "response")
+    if not isinstance(content, str):
+        raise provider.bad_shape("response has no content", data)
+    thinking = source.get("thinking")
+    return ChatResult(
+        content=content,
+        input_tokens=as_int(data.get("prompt_eval_count")),
+        output_tokens=as_int(data.get("eval_count")),
+        finish_reason=str(data.get("done_reason") or "stop"),
+        thinking=thinking if isinstance(thinking, str) and thinking else None,
+    )
+
+
+async def read_ndjson_stream(
+    provider: Provider, path: str, body: dict[str, Any], text_field: str
+) -> AsyncIterator[StreamEvent]:
+    """Relay Ollama's NDJSON stream as StreamEvents, one per upstream line."""
+    async with provider.open_stream(path, body) as response:
+        async for line in provider.lines(response):
+            if not line.strip():
+                continue
+            data = loads_line(provider, line)
+            if not isinstance(data, dict):
+                raise provider.bad_shape("unexpected stream line", data)
+            if "error" in data:
+                raise provider.bad_shape("upstream error mid-stream", str(data["error"]))
+            source = data.get("message") if text_field == "message" else data
+            source = source if isinstance(source, dict) else {}
+            text = source.get("content" if text_field == "message" else "response") or ""
+            thinking = source.get("thinking") or ""
+            if text or thinking:
+                yield StreamEvent(delta=text, thinking=thinking)
+            if data.get("done"):
+                yield StreamEvent(
+                    done=True,
+                    input_tokens=as_int(data.get("prompt_eval_count")),
+                    output_tokens=as_int(data.get("eval_count")),
+                    finish_reason=str(data.get("done_reason") or "stop"),
+                )
+                return
+    raise provider.bad_shape("stream ended before done", "")
+
+
+class OllamaProvider(Provider):
+    """A local (or self-hosted) Ollama server."""
+
+    kind = "ollama"
+
+    async def chat(self, request: ChatRequest, model: str) -> ChatResult:
+        data = await self.post_json("/api/chat", to_ollama_body(request, model))
+        return parse_ollama_response(self, data, "message")
+
+    def stream(self, request: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
+        body = to_ollama_body(request, model, stream=True)
+        return read_ndjson_stream(self, "/api/chat", body, "message")

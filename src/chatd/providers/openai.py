@@ -1,0 +1,105 @@
+"""The OpenAI-compatible family (OpenRouter, OpenCode, Kimi, and any added): `/chat/completions`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..types import ChatRequest, ChatResult, StreamEvent
+from .base import Provider, as_int, loads_line
+
+
+def to_openai_body(request: ChatRequest, model: str, *, stream: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "stream": stream,
+        "temperature": request.temperature,
+    }
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.format == "json":
+        body["response_format"] = {"type": "json_object"}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def parse_openai_response(provider: Provider, data: Any) -> ChatResult:
+    if not isinstance(data, dict):
+        raise provider.bad_shape("unexpected response shape", data)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise provider.bad_shape("zero choices", data)
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    thinking = message.get("reasoning_content") or message.get("reasoning")
+    return ChatResult(
+        content=message.get("content") or "",
+        input_tokens=as_int(usage.get("prompt_tokens")),
+        output_tokens=as_int(usage.get("completion_tokens")),
+        finish_reason=str(choice.get("finish_reason") or "stop"),
+        thinking=thinking if isinstance(thinking, str) and thinking else None,
+    )
+
+
+class OpenAIProvider(Provider):
+    """Any vendor speaking OpenAI Chat Completions."""
+
+    kind = "openai"
+
+    def auth_headers(self) -> dict[str, str]:
+        headers = super().auth_headers()
+        if self.attribution.app_url:
+            headers["HTTP-Referer"] = self.attribution.app_url
+        if self.attribution.app_name:
+            headers["X-Title"] = self.attribution.app_name
+        return headers
+
+    async def chat(self, request: ChatRequest, model: str) -> ChatResult:
+        data = await self.post_json("/chat/completions", to_openai_body(request, model))
+        return parse_openai_response(self, data)
+
+    async def stream(self, request: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
+        body = to_openai_body(request, model, stream=True)
+        finish_reason = ""
+        input_tokens = output_tokens = 0
+        async with self.open_stream("/chat/completions", body) as response:
+            async for data in sse_events(self, response):
+                if data is None:  # [DONE]
+                    yield StreamEvent(
+                        done=True,
+                        input_tokens=input_tokens,
+                        output_tokens=output_tokens,
+                        finish_reason=finish_reason or "stop",
+                    )
+                    return
+                if isinstance(data.get("error"), dict | str):
+                    raise self.bad_shape("upstream error mid-stream", str(data["error"]))
+                usage = data.get("usage")
+                if isinstance(usage, dict):
+                    input_tokens = as_int(usage.get("prompt_tokens")) or input_tokens
+                    output_tokens = as_int(usage.get("completion_tokens")) or output_tokens
+                for choice in data.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") or ""
+                    thinking = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                    if text or thinking:
+                        yield StreamEvent(delta=text, thinking=thinking)
+                    finish_reason = choice.get("finish_reason") or finish_reason
+        raise self.bad_shape("stream ended before [DONE]", "")
+
+
+async def sse_events(provider: Provider, response: Any) -> AsyncIterator[dict[str, Any] | None]:
+    """Parsed `data:` payloads of an SSE stream; `None` for `[DONE]`; comments skipped."""
+    async for line in provider.lines(response):
+        if not line.startswith("data:"):
+            continue  # blank separators, `: OPENROUTER PROCESSING` keep-alives, event names
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            yield None
+            return
+        data = loads_line(provider, payload)
+        if isinstance(data, dict):
+            yield data

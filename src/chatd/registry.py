@@ -1,0 +1,124 @@
+"""The registry: which provider serves a model name, and under which upstream name (SPEC §1).
+
+Resolution lives only here. Order: tier alias → `<provider>/<model>` prefix →
+`<model>:cloud` suffix → the default provider with the name unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .config import Settings, resolve_key
+from .errors import InvalidRequest, ProviderDisabled, ProviderNotFound
+from .providers import KINDS, Attribution, Provider
+
+CLOUD_SUFFIX = ":cloud"
+CLOUD_PROVIDER = "ollama_cloud"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one model name goes: the provider and the model name sent upstream."""
+
+    provider: Provider
+    model: str
+
+
+class Registry:
+    """Maps model names to registered providers."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, Provider],
+        *,
+        configured: Iterable[str],
+        default: str,
+        aliases: Mapping[str, list[str]] | None = None,
+    ) -> None:
+        self.providers = dict(sorted(providers.items()))
+        self.configured = frozenset(configured) | frozenset(providers)
+        self.default = default
+        self.aliases = dict(aliases or {})
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry:
+        """Register each configured provider per SPEC §2's `enabled` rules."""
+        chatd = settings.chatd
+        attribution = Attribution(app_url=chatd.app_url, app_name=chatd.app_name)
+        providers: dict[str, Provider] = {}
+        for name, config in chatd.providers.items():
+            if config.enabled is False:
+                continue
+            key = resolve_key(config)
+            if config.needs_key and not key and config.enabled == "auto":
+                continue
+            providers[name] = KINDS[config.kind](
+                name,
+                config,
+                key=key,
+                timeout=chatd.timeout_for(name),
+                attribution=attribution,
+            )
+        return cls(
+            providers,
+            configured=chatd.providers,
+            default=chatd.default_provider,
+            aliases=settings.models,
+        )
+
+    def targets(self, model: str) -> list[str]:
+        """The model names to try for `model`: an alias's targets in order, else itself."""
+        name = model.strip()
+        if not name:
+            raise InvalidRequest("model must be a non-empty string", param="model")
+        return self.aliases.get(name, [name])
+
+    def resolve(self, model: str) -> Route:
+        """The route for one (non-alias) model name; raises 400/404/503 sentinels."""
+        name = model.strip()
+        if not name:
+            raise InvalidRequest("model must be a non-empty string", param="model")
+        if name in self.aliases:
+            name = self.aliases[name][0]
+        prefix, slash, rest = name.partition("/")
+        if slash and prefix in self.configured:
+            if not rest:
+                raise InvalidRequest(
+                    f'model "{name}" names no model after the prefix', param="model"
+                )
+            return self._route(prefix, rest, name)
+        if name.endswith(CLOUD_SUFFIX) and len(name) > len(CLOUD_SUFFIX):
+            return self._route(CLOUD_PROVIDER, name[: -len(CLOUD_SUFFIX)], name)
+        return self._route(self.default, name, name)
+
+    def _route(self, provider_name: str, upstream_model: str, asked: str) -> Route:
+        provider = self.providers.get(provider_name)
+        if provider is None:
+            raise ProviderNotFound(
+                f'no registered provider for model "{asked}" '
+                f"({provider_name} is not registered)",
+                param="model",
+            )
+        if not provider.available:
+            raise ProviderDisabled(
+                f"provider {provider_name} is registered but has no key "
+                f"(set {provider.config.key_env or 'its key'})",
+                param="model",
+            )
+        return Route(provider, upstream_model)
+
+    def listing(self) -> dict[str, object]:
+        """The `/v1/chat/providers` body: registered providers sorted by name."""
+        return {
+            "default": self.default,
+            "providers": [p.describe() for p in self.providers.values()],
+        }
+
+    async def start(self) -> None:
+        for provider in self.providers.values():
+            await provider.start()
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()

@@ -1,0 +1,138 @@
+"""HTTP plumbing shared by the routes: body reading, JSON responses, errors, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ChatdError, InternalError, InvalidRequest, PayloadTooLarge
+
+REQUEST_ID_HEADER = b"x-request-id"
+SAFE_REQUEST_ID = re.compile(rb"^[\x21-\x7e]{1,128}$")
+JSON = "application/json"
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The caller disconnected before the answer was ready."""
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type=JSON)
+
+
+def error_response(error: ChatdError) -> Response:
+    return json_response(error.envelope(), error.status, error.headers or None)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it grows past `limit` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(model: type[M], body: bytes) -> M:
+    """Validate a JSON body into `model`, turning any failure into a clear 400."""
+    if not body.strip():
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise invalid_request(exc) from None
+
+
+def invalid_request(exc: ValidationError) -> InvalidRequest:
+    """One readable 400 from pydantic's first error; never echoes the input."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    if first["type"] in ("json_invalid", "json_type"):
+        return InvalidRequest("request body is not valid JSON")
+    loc = [str(p) for p in first["loc"]]
+    if not loc:
+        return InvalidRequest(f"request body: {first['msg']}")
+    param = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
+    msg = first["msg"]
+    if first["type"] == "missing":
+        msg = "is required"
+    return InvalidRequest(f"{param}: {msg}", param=param)
+
+
+async def until_disconnect(request: Request, work: Any) -> T:
+    """Await `work`, abandoning it (and raising ClientGone) if the caller hangs up first."""
+    task: asyncio.Future[T] = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    raise ClientGone
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class RequestContext:
+    """Pure ASGI middleware: request IDs on every response, and a last-resort 500.
+
+    Written as raw ASGI (not BaseHTTPMiddleware) so streams pass through unbuffered.
+    """
+
+    def __init__(self, app: ASGIApp, logger: Any) -> None:
+        self.app = app
+        self.logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (REQUEST_ID_HEADER, request_id.encode())
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            self.logger.exception("unhandled error serving %s %s", scope["method"], scope["path"])
+            if not started:
+                response = error_response(InternalError("internal error; see the server log"))
+                await response(scope, receive, send_with_id)
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER:
+            return value.decode("ascii") if SAFE_REQUEST_ID.match(value) else None
+    return None
