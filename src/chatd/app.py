@@ -31,6 +31,7 @@ from .web import (
     RequestContext,
     error_response,
     json_response,
+    note,
     parse_body,
     read_body,
     until_disconnect,
@@ -78,6 +79,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     async def chat(request: Request) -> Response:
         started = time.perf_counter()
         body = parse_body(ChatRequest, await read_body(request, max_body))
+        note(request, model=body.model)
         if body.stream:
             opened = await until_disconnect(request, dispatcher.stream(body))
             return StreamingResponse(
@@ -87,6 +89,14 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             )
         served = await until_disconnect(request, dispatcher.chat(body))
         result = served.result
+        note(
+            request,
+            provider=served.route.provider.name,
+            upstream_model=served.route.model,
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            attempts=served.attempts,
+        )
         answer: dict[str, Any] = {
             "model": served.route.model,
             "content": result.content,

@@ -22,6 +22,12 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 
+def note(request: Request, **fields: Any) -> None:
+    """Record facts about this request (model, provider, tokens, attempts, ttft_ms, ...)
+    for its one log line; kept in the ASGI scope's state under "log"."""
+    request.scope.setdefault("state", {}).setdefault("log", {}).update(fields)
+
+
 class ClientGone(Exception):
     """The caller disconnected before the answer was ready."""
 
