@@ -109,9 +109,8 @@ def describe_settings(settings: Settings) -> str:
         key = "n/a"
         if cfg.needs_key:
             key = f"{cfg.key_env} {'set' if resolve_key(cfg) else 'unset'}"
-        registered = (
-            cfg.enabled is True
-            or (cfg.enabled == "auto" and (not cfg.needs_key or key.endswith(" set")))
+        registered = cfg.enabled is True or (
+            cfg.enabled == "auto" and (not cfg.needs_key or key.endswith(" set"))
         )
         lines.append(
             f"  {name}: kind={cfg.kind} base_url={cfg.base_url or '-'} key={key} "

@@ -100,6 +100,7 @@ class UpstreamError(ChatdError):
         upstream_status: int | None = None,
         body: str | None = None,
         retry_after: str | None = None,
+        unreachable: bool = False,
     ) -> None:
         message = f"{provider}: {detail}"
         if upstream_status is not None:
@@ -114,6 +115,8 @@ class UpstreamError(ChatdError):
         self.provider = provider
         self.upstream_status = upstream_status
         self.retry_after = retry_after
+        # True for connection failures (retryable), False for bad JSON, zero choices, ...
+        self.unreachable = unreachable
 
 
 class ProviderDisabled(ChatdError):

@@ -96,8 +96,7 @@ class Registry:
         provider = self.providers.get(provider_name)
         if provider is None:
             raise ProviderNotFound(
-                f'no registered provider for model "{asked}" '
-                f"({provider_name} is not registered)",
+                f'no registered provider for model "{asked}" ({provider_name} is not registered)',
                 param="model",
             )
         if not provider.available:

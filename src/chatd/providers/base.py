@@ -145,14 +145,16 @@ class Provider(ABC):
         except httpx.TimeoutException:
             raise self.timeout_error() from None
         except httpx.HTTPError as exc:
-            raise UpstreamError(self.name, f"stream broke off: {type(exc).__name__}") from None
+            raise UpstreamError(
+                self.name, f"stream broke off: {type(exc).__name__}", unreachable=True
+            ) from None
 
     def timeout_error(self) -> UpstreamTimeout:
         return UpstreamTimeout(f"{self.name}: no answer within {self.timeout:g}s")
 
     def unreachable(self, exc: Exception) -> UpstreamError:
         detail = abbreviate(self.redact(str(exc)), 120) or type(exc).__name__
-        return UpstreamError(self.name, f"could not reach upstream: {detail}")
+        return UpstreamError(self.name, f"could not reach upstream: {detail}", unreachable=True)
 
     def status_error(self, status: int, text: str, headers: httpx.Headers) -> UpstreamError:
         return UpstreamError(

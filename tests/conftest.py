@@ -1,0 +1,29 @@
+"""Shared fixtures: isolated apps from Settings, and in-process HTTP clients for them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from chatd.app import create_app
+from chatd.config import Settings
+from tests.support import make_settings  # noqa: F401  (re-exported for tests)
+
+
+@pytest.fixture
+def app_client() -> Callable[..., Any]:
+    """`async with app_client(settings) as client:` — the app with its lifespan, over ASGI."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def open_client(settings: Settings, **kw: Any) -> AsyncIterator[httpx.AsyncClient]:
+        app = create_app(settings, **kw)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=transport, base_url="http://chatd") as client:
+                yield client
+
+    return open_client
