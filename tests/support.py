@@ -126,7 +126,11 @@ def make_settings(
     models: dict[str, Any] | None = None,
     **chatd: Any,
 ) -> Settings:
-    """Settings from a dict shaped like lakehouse.toml; the process env is not read."""
+    """Settings from a dict shaped like lakehouse.toml; the process env is not read.
+
+    Upstream calls use httpx's own transport so respx can intercept them.
+    """
+    chatd.setdefault("upstream_transport", "httpx")
     return build_settings(
         {"models": models or {}, "chatd": {**chatd, "providers": providers or {}}}
     )

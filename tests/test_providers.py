@@ -27,18 +27,21 @@ def request(**fields: Any) -> ChatRequest:
 
 
 def ollama() -> OllamaProvider:
-    return OllamaProvider("ollama", ProviderConfig(kind="ollama", base_url="http://ollama.test/"))
+    config = ProviderConfig(kind="ollama", base_url="http://ollama.test/")
+    return OllamaProvider("ollama", config, transport="httpx")
 
 
 def cloud() -> OllamaCloudProvider:
     config = ProviderConfig(kind="ollama_cloud", base_url="https://cloud.test", key_env="K")
-    return OllamaCloudProvider("ollama_cloud", config, key=KEY)
+    return OllamaCloudProvider("ollama_cloud", config, key=KEY, transport="httpx")
 
 
 def openai(app_url: str = "") -> OpenAIProvider:
     config = ProviderConfig(kind="openai", base_url="https://or.test/api/v1", key_env="K")
     attribution = Attribution(app_url=app_url, app_name="chatd")
-    return OpenAIProvider("openrouter", config, key=KEY, attribution=attribution, timeout=5)
+    return OpenAIProvider(
+        "openrouter", config, key=KEY, attribution=attribution, timeout=5, transport="httpx"
+    )
 
 
 def sent(route: respx.Route) -> tuple[dict[str, Any], httpx.Headers]:

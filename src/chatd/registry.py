@@ -59,6 +59,7 @@ class Registry:
                 key=key,
                 timeout=chatd.timeout_for(name),
                 attribution=attribution,
+                transport=chatd.upstream_transport,
             )
         return cls(
             providers,
