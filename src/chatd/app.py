@@ -11,11 +11,12 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
 from .config import Settings
-from .dispatch import Dispatcher, OpenStream
+from .dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream
 from .errors import (
     ChatdError,
     InternalError,
@@ -25,6 +26,7 @@ from .errors import (
     UpstreamError,
 )
 from .registry import Registry
+from .resilience import TIMEOUT_HEADER, parse_timeout_header
 from .types import ChatRequest, StreamEvent
 from .web import (
     ClientGone,
@@ -40,11 +42,41 @@ from .web import (
 log = logging.getLogger("chatd")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON Schema with its `$defs` inlined: inside an OpenAPI document a
+    `#/$defs/...` reference resolves against the whole document, where nothing is."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)
+
+
 CHAT_BODY_SCHEMA = {
+    "parameters": [
+        {
+            "name": "X-Chatd-Timeout-Ms",
+            "in": "header",
+            "required": False,
+            "description": "Lower the request's deadline (retries and fallbacks included).",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    ],
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": ChatRequest.model_json_schema()}},
-    }
+        "content": {"application/json": {"schema": inline_schema(ChatRequest)}},
+    },
 }
 
 
@@ -80,14 +112,15 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         started = time.perf_counter()
         body = parse_body(ChatRequest, await read_body(request, max_body))
         note(request, model=body.model)
+        budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
         if body.stream:
-            opened = await until_disconnect(request, dispatcher.stream(body))
+            opened = await until_disconnect(request, dispatcher.stream(body, budget))
             return StreamingResponse(
                 sse_events(opened, started),
                 media_type="text/event-stream",
-                headers=SSE_HEADERS,
+                headers={**SSE_HEADERS, ATTEMPTS_HEADER: str(opened.attempts)},
             )
-        served = await until_disconnect(request, dispatcher.chat(body))
+        served = await until_disconnect(request, dispatcher.chat(body, budget))
         result = served.result
         note(
             request,
@@ -108,7 +141,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         }
         if result.thinking:
             answer["thinking"] = result.thinking
-        return json_response(answer)
+        return json_response(answer, headers={ATTEMPTS_HEADER: str(served.attempts)})
 
     @app.get("/v1/chat/providers")
     async def providers() -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -71,8 +72,16 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
             os.environ[CONFIG_ENV] = os.path.abspath(args.config)
         uvicorn.run("chatd.cli:app_factory", factory=True, workers=args.workers, **common)
     else:
+        exit_zero_after_drain()
         uvicorn.run(create_app(settings), **common)
     return 0
+
+
+def exit_zero_after_drain() -> None:
+    """SIGTERM → uvicorn drains in-flight requests and streams (up to shutdown_grace_secs),
+    then re-raises the signal it caught under the handler that was there before it ran.
+    Make that handler a no-op so the drained process exits 0 (SPEC §8), not -15."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
 def app_factory() -> Any:

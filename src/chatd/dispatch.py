@@ -1,37 +1,70 @@
-"""The dispatcher: resolve a request's model, call the provider within its deadline.
+"""The dispatcher: resolve a request's model, call its provider(s) under SPEC §8's policy.
 
-This is the one place a chat request meets a provider, for both `/v1/chat` and the
-streaming path, so per-call policy (deadline, and later retries and fallbacks) lives here.
+This is the one place a chat request meets a provider — for `/v1/chat`, its streams and
+the OpenAI-compatible surface — so retries, fallback tiers, per-provider concurrency
+limits, cooldowns and the one deadline per request all live here (policy pieces in
+`resilience.py`).
+
+A stream is retried only until its first event arrives: nothing has gone to the caller
+before that, everything after it belongs to the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import (
+    ChatdError,
+    ProviderDisabled,
+    ProviderNotFound,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from .registry import Registry, Route
+from .resilience import Guard, backoff_delay, is_retryable, may_fall_back, parse_retry_after
 from .types import ChatRequest, ChatResult, StreamEvent
 
-
-@dataclass(slots=True)
-class Served:
-    """A finished call: what answered and what it said."""
-
-    route: Route
-    result: ChatResult
-    attempts: int = 1
+R = TypeVar("R")
+E = TypeVar("E")
+ATTEMPTS_HEADER = "X-Chatd-Attempts"
 
 
 @dataclass(slots=True)
-class OpenStream:
-    """A stream whose first event has arrived (so its HTTP status is settled)."""
+class Tally:
+    """What one request cost: upstream calls made, retries among them, targets moved past."""
+
+    attempts: int = 0
+    retries: int = 0
+    fallbacks: int = 0
+
+
+@dataclass(slots=True)
+class Served(Generic[R]):
+    """A finished call: what answered (provider and upstream model) and what it said."""
 
     route: Route
-    first: StreamEvent
-    rest: AsyncIterator[StreamEvent]
+    result: R
     attempts: int = 1
+    retries: int = 0
+    fallbacks: int = 0
+
+
+@dataclass(slots=True)
+class OpenStream(Generic[E]):
+    """A stream whose first event has arrived (so its HTTP status is settled).
+
+    Holds the provider's concurrency slot until closed: always `aclose()` it.
+    """
+
+    route: Route
+    first: E
+    rest: AsyncIterator[E]
+    attempts: int = 1
+    retries: int = 0
+    fallbacks: int = 0
 
     async def aclose(self) -> None:
         aclose = getattr(self.rest, "aclose", None)
@@ -40,45 +73,236 @@ class OpenStream:
 
 
 class Dispatcher:
-    """Turns a validated ChatRequest into a provider call."""
+    """Turns a validated request into provider calls: retries, fallbacks, limits, deadline."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(
+        self, registry: Registry, *, backoff: Callable[[int], float] = backoff_delay
+    ) -> None:
         self.registry = registry
+        self.backoff = backoff  # seconds before the n-th retry (0-based) absent a Retry-After
+        self.guards: dict[str, Guard] = {}
 
-    async def chat(self, request: ChatRequest, budget: float | None = None) -> Served:
-        route = self.registry.resolve(request.model)
-        timeout = budget if budget is not None else route.provider.timeout
-        try:
-            async with asyncio.timeout(timeout):
-                result = await route.provider.chat(request, route.model)
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"{route.provider.name}: no answer within {timeout:g}s"
-            ) from None
-        return Served(route, result)
+    def guard(self, provider_name: str) -> Guard:
+        """The provider's limiter and breaker, made on first use and kept for the app's life."""
+        guard = self.guards.get(provider_name)
+        if guard is None:
+            provider = self.registry.providers[provider_name]
+            guard = self.guards[provider_name] = Guard(provider_name, provider.config)
+        return guard
 
-    async def stream(self, request: ChatRequest, budget: float | None = None) -> OpenStream:
+    async def chat(self, request: ChatRequest, budget: float | None = None) -> Served[ChatResult]:
+        """One non-streamed answer for `request.model`."""
+        return await self.call(
+            request.model, lambda route: route.provider.chat(request, route.model), budget
+        )
+
+    async def stream(
+        self, request: ChatRequest, budget: float | None = None
+    ) -> OpenStream[StreamEvent]:
         """Start the stream and wait for its first event within the deadline."""
-        route = self.registry.resolve(request.model)
-        timeout = budget if budget is not None else route.provider.timeout
-        events = aiter(route.provider.stream(request, route.model))
-        try:
-            async with asyncio.timeout(timeout):
+        return await self.open(
+            request.model, lambda route: route.provider.stream(request, route.model), budget
+        )
+
+    async def call(
+        self,
+        model: str,
+        send: Callable[[Route], Awaitable[R]],
+        budget: float | None = None,
+    ) -> Served[R]:
+        """Run `send(route)` for `model`'s targets under the policy; any result type."""
+
+        async def attempt(route: Route, guard: Guard) -> R:
+            try:
+                result = await send(route)
+            finally:
+                guard.limiter.release()
+            return result
+
+        route, result, tally = await self._run(model, attempt, budget)
+        return Served(route, result, tally.attempts, tally.retries, tally.fallbacks)
+
+    async def open(
+        self,
+        model: str,
+        start: Callable[[Route], AsyncIterator[E]],
+        budget: float | None = None,
+    ) -> OpenStream[E]:
+        """Open `start(route)` for `model`'s targets under the policy, up to its first event."""
+
+        async def attempt(route: Route, guard: Guard) -> tuple[E, AsyncIterator[E]]:
+            events: AsyncIterator[E] | None = None
+            try:
+                events = aiter(start(route))
                 first = await anext(events)
-        except TimeoutError:
-            await _aclose(events)
-            raise UpstreamTimeout(
-                f"{route.provider.name}: no first token within {timeout:g}s"
-            ) from None
+            except StopAsyncIteration:
+                guard.limiter.release()
+                raise UpstreamError(route.provider.name, "stream ended without an answer") from None
+            except BaseException:
+                guard.limiter.release()
+                if events is not None:
+                    await _aclose(events)
+                raise
+            return first, GuardedEvents(events, guard)
+
+        route, (first, rest), tally = await self._run(model, attempt, budget)
+        return OpenStream(route, first, rest, tally.attempts, tally.retries, tally.fallbacks)
+
+    # -- the policy ------------------------------------------------------------
+
+    async def _run(
+        self,
+        model: str,
+        attempt: Callable[[Route, Guard], Awaitable[Any]],
+        budget: float | None,
+    ) -> tuple[Route, Any, Tally]:
+        """Try each target in order; return the first success or raise the telling error."""
+        targets = self.registry.targets(model)
+        loop = asyncio.get_running_loop()
+        tally = Tally()
+        deadline: float | None = None
+        errors: list[ChatdError] = []
+        for index, target in enumerate(targets):
+            if index:
+                if deadline is not None and loop.time() >= deadline:
+                    break
+                tally.fallbacks += 1
+            try:
+                route = self.registry.resolve(target)
+            except (ProviderNotFound, ProviderDisabled) as exc:
+                errors.append(exc)
+                continue
+            if deadline is None:  # the budget: the first target's timeout, or the caller's
+                timeout = route.provider.timeout
+                deadline = loop.time() + (min(timeout, budget) if budget else timeout)
+            try:
+                result = await self._try_target(route, attempt, deadline, tally)
+            except ChatdError as exc:
+                if not may_fall_back(exc):
+                    raise _with_tally(exc, tally) from None
+                errors.append(exc)
+                continue
+            return route, result, tally
+        raise _with_tally(_most_telling(errors), tally) from None
+
+    async def _try_target(
+        self,
+        route: Route,
+        attempt: Callable[[Route, Guard], Awaitable[Any]],
+        deadline: float,
+        tally: Tally,
+    ) -> Any:
+        """One target with its retries, each call inside the request's deadline."""
+        loop = asyncio.get_running_loop()
+        name = route.provider.name
+        guard = self.guard(name)
+        last: ChatdError | None = None
+        for retry in range(guard.max_retries + 1):
+            try:
+                guard.breaker.check()
+            except ChatdError:
+                if last is not None:  # tripped by our own failures: report the real one
+                    raise last from None
+                raise
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise UpstreamTimeout(f"{name}: request deadline passed") from None
+            await guard.limiter.acquire(within=remaining)
+            tally.attempts += 1
+            remaining = deadline - loop.time()
+            try:
+                async with asyncio.timeout_at(deadline) as window:
+                    result = await attempt(route, guard)
+            except TimeoutError:
+                if not window.expired():
+                    raise
+                # Only a stall that had the provider's whole timeout counts against it,
+                # not one cut short by a caller's tighter X-Chatd-Timeout-Ms.
+                if remaining >= 0.95 * route.provider.timeout:
+                    guard.record(UpstreamTimeout(name))
+                raise UpstreamTimeout(f"{name}: no answer within the request's deadline") from None
+            except (UpstreamError, UpstreamTimeout) as exc:
+                guard.record(exc)
+                last = exc
+            else:
+                guard.record(None)
+                return result
+            if not is_retryable(last) or retry == guard.max_retries:
+                raise last
+            delay = self._retry_delay(last, guard, retry)
+            if delay is None or loop.time() + delay >= deadline:
+                raise last
+            await asyncio.sleep(delay)
+            tally.retries += 1
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retry_delay(self, error: ChatdError, guard: Guard, retry: int) -> float | None:
+        """The wait before the next try: the upstream's Retry-After, else backoff; None
+        when the upstream asks for longer than `max_retry_after_secs`."""
+        hint = parse_retry_after(error.retry_after if isinstance(error, UpstreamError) else None)
+        if hint is None:
+            return self.backoff(retry)
+        if hint > guard.max_retry_after:
+            return None
+        return hint
+
+
+class GuardedEvents(AsyncIterator[E]):
+    """The rest of a stream: feeds the provider's breaker and frees its slot when done."""
+
+    def __init__(self, events: AsyncIterator[E], guard: Guard) -> None:
+        self._events = events
+        self._guard = guard
+        self._closed = False
+
+    def __aiter__(self) -> GuardedEvents[E]:
+        return self
+
+    async def __anext__(self) -> E:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            return await anext(self._events)
         except StopAsyncIteration:
-            raise UpstreamError(route.provider.name, "stream ended without an answer") from None
-        except BaseException:
-            await _aclose(events)
+            await self.aclose()
             raise
-        return OpenStream(route, first, events)
+        except (UpstreamError, UpstreamTimeout) as exc:
+            self._guard.record(exc)
+            await self.aclose()
+            raise
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await _aclose(self._events)
+        finally:
+            self._guard.limiter.release()
 
 
-async def _aclose(events: AsyncIterator[StreamEvent]) -> None:
+def _most_telling(errors: list[ChatdError]) -> ChatdError:
+    """The error to answer with when every target failed: the last one an upstream call
+    (or a provider guard) produced, else the last resolution error."""
+    for error in reversed(errors):
+        if not isinstance(error, ProviderNotFound | ProviderDisabled):
+            return error
+    return errors[-1]
+
+
+def _with_tally(error: ChatdError, tally: Tally) -> ChatdError:
+    """Attach the request's cost to its error: the header and attributes for the log."""
+    error.headers[ATTEMPTS_HEADER] = str(tally.attempts)
+    error.attempts = tally.attempts  # type: ignore[attr-defined]
+    error.retries = tally.retries  # type: ignore[attr-defined]
+    error.fallbacks = tally.fallbacks  # type: ignore[attr-defined]
+    return error
+
+
+async def _aclose(events: AsyncIterator[Any]) -> None:
     aclose = getattr(events, "aclose", None)
     if aclose is not None:
         await aclose()

@@ -1,0 +1,267 @@
+"""Bad input never breaks the service (issue #4): schemathesis over chatd's own OpenAPI
+schema against a real process whose upstreams are `mock` providers, plus hand-made
+hostile bodies. Every answer is a success or a SPEC §3 error envelope; never a 500.
+
+Size: `CHATD_FUZZ_EXAMPLES` examples per operation (default 300, about 500 requests
+in all); `scripts/fuzz.sh` runs it with ≥1,000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from chatd.app import create_app
+from chatd.config import build_settings
+from tests.support import ChatdProcess, provider_toml
+
+EXAMPLES = int(os.environ.get("CHATD_FUZZ_EXAMPLES", "300"))
+MAX_BODY = 1_048_576
+ERROR_TYPES = {
+    400: {"invalid_request"},
+    404: {"provider_not_found", "not_found"},
+    405: {"method_not_allowed"},
+    413: {"payload_too_large"},
+    503: {"provider_disabled", "provider_overloaded", "provider_cooling_down"},
+}
+CONFIG = (
+    f"""
+[models]
+hot = "fake/echo"
+tiered = ["nowhere:cloud", "fake/echo"]
+
+[chatd]
+default_provider = "fake"
+max_body_bytes = {MAX_BODY}
+"""
+    + provider_toml("fake", "mock")
+    + provider_toml("other", "mock", reply="fixed answer")
+    + provider_toml("ollama", "ollama", enabled=False)
+)
+SENT: list[int] = []
+
+
+@pytest.fixture(scope="module")
+def chatd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatdProcess]:
+    tmp: Path = tmp_path_factory.mktemp("fuzz")
+    with ChatdProcess(CONFIG, tmp) as process:
+        yield process
+        assert "Traceback" not in process.log(), process.log()[-3000:]
+
+
+def fuzz_schema() -> Any:
+    """chatd's own OpenAPI document, built from the same config at collection time (the
+    lazy fixture loader does not work with this pytest); `test_schema_is_the_served_one`
+    checks it is the one the process serves."""
+    import tomllib
+
+    settings_ = build_settings(tomllib.loads(CONFIG))
+    schema = schemathesis.openapi.from_dict(create_app(settings_).openapi())
+    schema.config.generation.update(
+        modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
+        max_examples=EXAMPLES,
+    )
+    return schema.include(path_regex=r"^/v1/chat")
+
+
+def assert_well_formed(status: int, content_type: str, body: bytes) -> None:
+    """A success, or the SPEC §3 envelope with a status and type from its table."""
+    assert status < 500, (status, body[:500])
+    if status == 200:
+        if content_type.startswith("text/event-stream"):
+            assert body.startswith(b"data: "), body[:200]
+        else:
+            assert isinstance(orjson.loads(body), dict)
+        return
+    assert content_type.startswith("application/json"), (status, content_type, body[:200])
+    error = orjson.loads(body)["error"]
+    assert set(error) >= {"message", "type", "code", "param"}, error
+    assert error["code"] == error["type"], error
+    assert error["type"] in ERROR_TYPES.get(status, set()), (status, error)
+
+
+fuzzed = fuzz_schema()
+
+
+def test_schema_is_the_served_one(chatd: ChatdProcess) -> None:
+    served = httpx.get(f"{chatd.url}/openapi.json", timeout=10).json()
+    assert served["paths"] == fuzzed.raw_schema["paths"]
+
+
+@fuzzed.parametrize()
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
+def test_generated_requests_get_a_success_or_a_clean_error(case: Any, chatd: ChatdProcess) -> None:
+    response = case.call(base_url=chatd.url, timeout=10)
+    SENT.append(response.status_code)
+    content_type = (response.headers.get("content-type") or [""])[0]
+    assert_well_formed(response.status_code, content_type, response.content)
+
+
+def test_fuzz_volume_is_reported() -> None:
+    """Runs after the fuzz test: shows how many requests the generator sent."""
+    print(f"\nfuzz: {len(SENT)} generated requests, statuses {sorted(set(SENT))}")
+    assert len(SENT) >= min(EXAMPLES, 100)
+
+
+# -- hand-made hostile bodies ---------------------------------------------------------
+
+
+def post(chatd: ChatdProcess, content: bytes, content_type: str | None = "application/json"):
+    headers = {"Content-Type": content_type} if content_type else {}
+    return httpx.post(f"{chatd.url}/v1/chat", content=content, headers=headers, timeout=30)
+
+
+def assert_clean_4xx(response: httpx.Response, status: int | None = None) -> None:
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    if status is not None:
+        assert response.status_code == status, response.text[:300]
+    assert_well_formed(
+        response.status_code, response.headers.get("content-type", ""), response.content
+    )
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_deeply_nested_body_is_a_clean_400(chatd: ChatdProcess, depth: int) -> None:
+    assert_clean_4xx(post(chatd, b"[" * depth), 400)
+    nested = b'{"model": "x", "messages": ' + b"[" * depth + b"]" * depth + b"}"
+    expected = 400 if len(nested) <= MAX_BODY else 413
+    assert_clean_4xx(post(chatd, nested), expected)
+
+
+def test_deep_object_nesting_inside_an_ignored_field_is_harmless(chatd: ChatdProcess) -> None:
+    depth = 20_000
+    extra = b'{"a":' * depth + b"1" + b"}" * depth
+    body = b'{"model":"hot","messages":[{"role":"user","content":"hi"}],"x":' + extra + b"}"
+    response = post(chatd, body)
+    assert response.status_code in (200, 400, 413), response.text[:300]
+    assert_well_formed(
+        response.status_code, response.headers.get("content-type", ""), response.content
+    )
+
+
+def test_huge_string_near_the_body_limit_is_answered(chatd: ChatdProcess) -> None:
+    words = ("word " * ((MAX_BODY - 200) // 5)).strip()
+    body = orjson.dumps({"model": "hot", "messages": [{"role": "user", "content": words}]})
+    assert len(body) <= MAX_BODY
+    response = post(chatd, body)
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["content"] == words
+
+
+def test_huge_string_past_the_body_limit_is_413(chatd: ChatdProcess) -> None:
+    body = orjson.dumps({"model": "hot", "messages": [{"role": "user", "content": "x" * MAX_BODY}]})
+    assert_clean_4xx(post(chatd, body), 413)
+
+
+def test_huge_model_name_is_a_clean_answer(chatd: ChatdProcess) -> None:
+    body = orjson.dumps({"model": "a" * 60_000, "messages": [{"role": "user", "content": "hi"}]})
+    response = post(chatd, body)
+    assert response.status_code == 200  # an unknown bare name goes to the default (mock)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "hot", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        b'{"model": "\xc3\x28", "messages": [{"role": "user", "content": "hi"}]}',
+        b"\xef\xbb\xbf{}",
+        b'{"model": "hot", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        b"\x00\x00\x00",
+    ],
+)
+def test_invalid_utf8_and_odd_bytes_are_a_clean_400(chatd: ChatdProcess, body: bytes) -> None:
+    response = post(chatd, body)
+    if response.status_code == 200:  # a lone surrogate escape may be accepted as text
+        assert body.endswith(b'"\\ud800"}]}')
+        return
+    assert_clean_4xx(response, 400)
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        (b"model=hot&messages=hi", "application/x-www-form-urlencoded"),
+        (b"just some words", "text/plain"),
+        (
+            b"--b\r\nContent-Disposition: form-data; name=x\r\n\r\n1\r\n--b--\r\n",
+            "multipart/form-data; boundary=b",
+        ),  # fmt: skip
+        (b"<chat/>", "application/xml"),
+        (b"", None),
+        (b"\x89PNG\r\n", "image/png"),
+    ],
+)
+def test_wrong_content_types_get_a_clean_4xx(
+    chatd: ChatdProcess, content: bytes, content_type: str | None
+) -> None:
+    assert_clean_4xx(post(chatd, content, content_type))
+
+
+def test_a_valid_json_body_sent_as_text_plain_is_still_read(chatd: ChatdProcess) -> None:
+    """Like OpenAI's API, chatd reads the body as JSON whatever its declared type."""
+    body = orjson.dumps({"model": "hot", "messages": [{"role": "user", "content": "hi"}]})
+    response = post(chatd, body, "text/plain")
+    assert response.status_code in (200, 415)
+    assert_well_formed(
+        response.status_code, response.headers.get("content-type", ""), response.content
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [],
+        "a string",
+        12,
+        None,
+        {"model": None, "messages": [{"role": "user", "content": "hi"}]},
+        {"model": "hot", "messages": [{"role": "user", "content": ["a", "list"]}]},
+        {"model": "hot", "messages": [{"role": "wizard", "content": "hi"}]},
+        {"model": "hot", "messages": "hi"},
+        {"model": "hot", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+        {"model": "hot", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e309},
+        {"model": "hot", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2**80},
+        {"model": "   ", "messages": [{"role": "user", "content": "hi"}]},
+        {"model": "fake/", "messages": [{"role": "user", "content": "hi"}]},
+    ],
+)
+def test_wrong_shapes_get_a_clean_400(chatd: ChatdProcess, payload: Any) -> None:
+    content = json.dumps(payload).encode()
+    if payload and isinstance(payload, dict) and payload.get("max_tokens") == 1e309:
+        content = content.replace(b"Infinity", b"1e309")
+    assert_clean_4xx(post(chatd, content), 400)
+
+
+def test_duplicate_keys_and_nan_are_handled(chatd: ChatdProcess) -> None:
+    body = b'{"model":"hot","model":"hot","messages":[{"role":"user","content":"hi"}],'
+    for tail in (b'"temperature": NaN}', b'"temperature": Infinity}', b'"temperature": 1}'):
+        response = post(chatd, body + tail)
+        assert response.status_code in (200, 400), response.text[:300]
+        assert_well_formed(
+            response.status_code, response.headers.get("content-type", ""), response.content
+        )
+
+
+def test_wrong_methods_and_routes_stay_in_the_envelope(chatd: ChatdProcess) -> None:
+    for method, path, status in [
+        ("GET", "/v1/chat", 405),
+        ("DELETE", "/v1/chat/providers", 405),
+        ("POST", "/v1/nothing", 404),
+        ("GET", "/%ff%fe", 404),
+    ]:
+        response = httpx.request(method, f"{chatd.url}{path}", timeout=10)
+        assert_clean_4xx(response, status)
