@@ -32,6 +32,8 @@ ERROR_TYPES = {
     405: {"method_not_allowed"},
     413: {"payload_too_large"},
     503: {"provider_disabled", "provider_overloaded", "provider_cooling_down"},
+    # a generated X-Chatd-Timeout-Ms of a millisecond or two is a real, honest 504
+    504: {"upstream_timeout"},
 }
 CONFIG = (
     f"""
@@ -75,7 +77,7 @@ def fuzz_schema() -> Any:
 
 def assert_well_formed(status: int, content_type: str, body: bytes) -> None:
     """A success, or the SPEC §3 envelope with a status and type from its table."""
-    assert status < 500, (status, body[:500])
+    assert status != 500, (status, body[:500])
     if status == 200:
         if content_type.startswith("text/event-stream"):
             assert body.startswith(b"data: "), body[:200]

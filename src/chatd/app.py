@@ -25,10 +25,12 @@ from .errors import (
     NotFound,
     UpstreamError,
 )
+from .openai_api import install_openai_routes
 from .registry import Registry
 from .resilience import TIMEOUT_HEADER, parse_timeout_header
 from .types import ChatRequest, StreamEvent
 from .web import (
+    SSE_HEADERS,
     ClientGone,
     RequestContext,
     error_response,
@@ -40,8 +42,6 @@ from .web import (
 )
 
 log = logging.getLogger("chatd")
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -142,6 +142,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         if result.thinking:
             answer["thinking"] = result.thinking
         return json_response(answer, headers={ATTEMPTS_HEADER: str(served.attempts)})
+
+    install_openai_routes(app, dispatcher, registry, settings)
 
     @app.get("/v1/chat/providers")
     async def providers() -> Response:

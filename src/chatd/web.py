@@ -18,6 +18,8 @@ from .errors import ChatdError, InternalError, InvalidRequest, PayloadTooLarge
 REQUEST_ID_HEADER = b"x-request-id"
 SAFE_REQUEST_ID = re.compile(rb"^[\x21-\x7e]{1,128}$")
 JSON = "application/json"
+# What keeps a stream a stream through caches and reverse proxies (nginx reads the second).
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 

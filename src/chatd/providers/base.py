@@ -18,6 +18,7 @@ import orjson
 
 from ..config import ProviderConfig
 from ..errors import UpstreamError, UpstreamTimeout, abbreviate
+from ..openai_compat import chunks, completion, to_chat_request, wants_usage
 from ..types import ChatRequest, ChatResult, StreamEvent
 
 
@@ -89,6 +90,19 @@ class Provider(ABC):
     def stream(self, request: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         """Stream the answer; the last event has `done=True`."""
 
+    async def complete(self, body: dict[str, Any], model: str) -> dict[str, Any]:
+        """SPEC §7: one `chat.completion` for a checked OpenAI-shaped body."""
+        return completion(await self.chat(to_chat_request(body, model), model), model)
+
+    def complete_stream(self, body: dict[str, Any], model: str) -> AsyncIterator[dict[str, Any]]:
+        """SPEC §7: `chat.completion.chunk`s (the route adds `data: [DONE]`)."""
+        events = self.stream(to_chat_request(body, model), model)
+        return chunks(events, model, wants_usage(body))
+
+    async def list_models(self) -> list[str]:
+        """The upstream's model names, for `GET /v1/models`; none by default."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         """The public listing entry: never a key, never a key's length."""
         return {
@@ -116,6 +130,19 @@ class Provider(ABC):
             raise UpstreamError(
                 self.name, "unparseable JSON", body=self.redact(response.text)
             ) from None
+
+    async def get_json(self, path: str, wait: float = 3.0) -> Any:
+        """GET a small JSON document (model lists, probes) with a short timeout."""
+        try:
+            response = await self.client.get(path, timeout=min(wait, self.timeout))
+        except httpx.HTTPError as exc:
+            raise self.timeout_error() if is_timeout(exc) else self.unreachable(exc) from None
+        if response.status_code >= 300:
+            raise self.status_error(response.status_code, response.text, response.headers)
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(self.name, "unparseable JSON", body="") from None
 
     @contextlib.asynccontextmanager
     async def open_stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..openai_compat import chunks, completion, to_ollama_chat, wants_usage
 from ..types import ChatRequest, ChatResult, StreamEvent
 from .base import Provider, as_int, loads_line
 
@@ -92,3 +93,22 @@ class OllamaProvider(Provider):
     def stream(self, request: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         body = to_ollama_body(request, model, stream=True)
         return read_ndjson_stream(self, "/api/chat", body, "message")
+
+    async def complete(self, body: dict[str, Any], model: str) -> dict[str, Any]:
+        data = await self.post_json("/api/chat", to_ollama_chat(body, model, stream=False))
+        return completion(parse_ollama_response(self, data, "message"), model)
+
+    def complete_stream(self, body: dict[str, Any], model: str) -> AsyncIterator[dict[str, Any]]:
+        upstream = to_ollama_chat(body, model, stream=True)
+        events = read_ndjson_stream(self, "/api/chat", upstream, "message")
+        return chunks(events, model, wants_usage(body))
+
+    async def list_models(self) -> list[str]:
+        return ollama_tags(await self.get_json("/api/tags"))
+
+
+def ollama_tags(data: Any) -> list[str]:
+    models = data.get("models") if isinstance(data, dict) else None
+    return [
+        m["name"] for m in models or () if isinstance(m, dict) and isinstance(m.get("name"), str)
+    ]

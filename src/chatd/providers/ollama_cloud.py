@@ -5,9 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from ..openai_compat import (
+    as_messages,
+    chunks,
+    completion,
+    ollama_format,
+    ollama_think,
+    options_from_openai,
+    wants_usage,
+)
 from ..types import ChatRequest, ChatResult, Message, StreamEvent
 from .base import Provider
-from .ollama import ollama_options, parse_ollama_response, read_ndjson_stream
+from .ollama import ollama_options, ollama_tags, parse_ollama_response, read_ndjson_stream
 
 SPEAKERS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
 
@@ -41,6 +50,21 @@ def to_generate_body(request: ChatRequest, model: str, *, stream: bool = False) 
     return body
 
 
+def generate_body_from_openai(body: dict[str, Any], model: str, *, stream: bool) -> dict[str, Any]:
+    """An /api/generate body for an OpenAI-shaped request (SPEC §7's translation)."""
+    system, prompt = flatten_messages(as_messages(body))
+    out: dict[str, Any] = {"model": model, "prompt": prompt}
+    if system:
+        out["system"] = system
+    out["stream"] = stream
+    out["think"] = ollama_think(body)
+    out["options"] = options_from_openai(body)
+    fmt = ollama_format(body)
+    if fmt is not None:
+        out["format"] = fmt
+    return out
+
+
 class OllamaCloudProvider(Provider):
     """ollama.com's own API (model names without a `:cloud` tag)."""
 
@@ -53,3 +77,16 @@ class OllamaCloudProvider(Provider):
     def stream(self, request: ChatRequest, model: str) -> AsyncIterator[StreamEvent]:
         body = to_generate_body(request, model, stream=True)
         return read_ndjson_stream(self, "/api/generate", body, "response")
+
+    async def complete(self, body: dict[str, Any], model: str) -> dict[str, Any]:
+        upstream = generate_body_from_openai(body, model, stream=False)
+        data = await self.post_json("/api/generate", upstream)
+        return completion(parse_ollama_response(self, data, "response"), model)
+
+    def complete_stream(self, body: dict[str, Any], model: str) -> AsyncIterator[dict[str, Any]]:
+        upstream = generate_body_from_openai(body, model, stream=True)
+        events = read_ndjson_stream(self, "/api/generate", upstream, "response")
+        return chunks(events, model, wants_usage(body))
+
+    async def list_models(self) -> list[str]:
+        return ollama_tags(await self.get_json("/api/tags"))

@@ -90,6 +90,34 @@ class OpenAIProvider(Provider):
                     finish_reason = choice.get("finish_reason") or finish_reason
         raise self.bad_shape("stream ended before [DONE]", "")
 
+    async def complete(self, body: dict[str, Any], model: str) -> dict[str, Any]:
+        """SPEC §7: the caller's body as sent but for `model`; the answer as received."""
+        data = await self.post_json("/chat/completions", {**body, "model": model})
+        if not isinstance(data, dict):
+            raise self.bad_shape("unexpected response shape", data)
+        if not isinstance(data.get("choices"), list) or not data["choices"]:
+            raise self.bad_shape("zero choices", data)
+        return data
+
+    async def complete_stream(
+        self, body: dict[str, Any], model: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        async with self.open_stream("/chat/completions", {**body, "model": model}) as response:
+            async for data in sse_events(self, response):
+                if data is None:
+                    return
+                if isinstance(data.get("error"), dict | str):
+                    raise self.bad_shape("upstream error mid-stream", str(data["error"]))
+                yield data
+        raise self.bad_shape("stream ended before [DONE]", "")
+
+    async def list_models(self) -> list[str]:
+        data = await self.get_json("/models")
+        items = data.get("data") if isinstance(data, dict) else None
+        return [
+            d["id"] for d in items or () if isinstance(d, dict) and isinstance(d.get("id"), str)
+        ]
+
 
 async def sse_events(provider: Provider, response: Any) -> AsyncIterator[dict[str, Any] | None]:
     """Parsed `data:` payloads of an SSE stream; `None` for `[DONE]`; comments skipped."""

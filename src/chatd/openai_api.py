@@ -1,0 +1,252 @@
+"""The OpenAI-compatible surface (SPEC §7): `POST /v1/chat/completions`, `GET /v1/models`.
+
+Routing, retries, fallbacks and limits are the dispatcher's, exactly as for /v1/chat.
+What differs is the shape: openai-kind providers get the caller's body with only `model`
+rewritten and answer as they like; the others are translated (`openai_compat.py`).
+Which provider and upstream model served is told in `X-Chatd-Provider` / `X-Chatd-Model`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from fastapi import FastAPI, Request
+from starlette.responses import Response, StreamingResponse
+
+from .config import Settings
+from .dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream, Served
+from .errors import ChatdError, InternalError, InvalidRequest
+from .openai_compat import ROLES, check_body
+from .registry import Registry
+from .resilience import TIMEOUT_HEADER, parse_timeout_header
+from .web import SSE_HEADERS, json_response, note, read_body, until_disconnect
+
+log = logging.getLogger("chatd")
+
+DONE = b"data: [DONE]\n\n"
+MODELS_TTL_SECS = 30.0
+MODELS_WAIT_SECS = 3.0
+COMPLETIONS_SCHEMA: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "X-Chatd-Timeout-Ms",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "messages"],
+                    "properties": {
+                        "model": {"type": "string", "minLength": 1},
+                        "messages": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["role"],
+                                "properties": {
+                                    "role": {"type": "string", "enum": sorted(ROLES)},
+                                    "content": {
+                                        "anyOf": [
+                                            {"type": "string"},
+                                            {"type": "array"},
+                                            {"type": "null"},
+                                        ]
+                                    },
+                                },
+                            },
+                        },
+                        "stream": {"type": "boolean"},
+                        "temperature": {"type": "number"},
+                        "top_p": {"type": "number"},
+                        "max_tokens": {"type": "integer", "minimum": 1},
+                        "stop": {"anyOf": [{"type": "string"}, {"type": "array"}]},
+                        "seed": {"type": "integer"},
+                    },
+                }
+            }
+        },
+    },
+}
+
+
+def install_openai_routes(
+    app: FastAPI, dispatcher: Dispatcher, registry: Registry, settings: Settings
+) -> None:
+    max_body = settings.chatd.max_body_bytes
+    catalog = ModelCatalog(registry, list(settings.models))
+
+    @app.post("/v1/chat/completions", openapi_extra=COMPLETIONS_SCHEMA)
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        body = check_body(loads_body(await read_body(request, max_body)))
+        model: str = body["model"]
+        note(request, model=model)
+        budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        if body.get("stream"):
+            opened = await until_disconnect(
+                request,
+                dispatcher.open(
+                    model, lambda route: route.provider.complete_stream(body, route.model), budget
+                ),
+            )
+            note(
+                request,
+                provider=opened.route.provider.name,
+                upstream_model=opened.route.model,
+                attempts=opened.attempts,
+            )
+            return StreamingResponse(
+                chunk_stream(request, opened, started),
+                media_type="text/event-stream",
+                headers={**SSE_HEADERS, **served_headers(opened)},
+            )
+        served = await until_disconnect(
+            request,
+            dispatcher.call(
+                model, lambda route: route.provider.complete(body, route.model), budget
+            ),
+        )
+        usage = served.result.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        note(
+            request,
+            provider=served.route.provider.name,
+            upstream_model=served.route.model,
+            input_tokens=usage.get("prompt_tokens", 0),
+            output_tokens=usage.get("completion_tokens", 0),
+            attempts=served.attempts,
+        )
+        return json_response(served.result, headers=served_headers(served))
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return json_response(await catalog.listing())
+
+
+def loads_body(raw: bytes) -> Any:
+    if not raw.strip():
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("request body is not valid JSON") from None
+
+
+def served_headers(served: Served[Any] | OpenStream[Any]) -> dict[str, str]:
+    return {
+        ATTEMPTS_HEADER: str(served.attempts),
+        "X-Chatd-Provider": served.route.provider.name,
+        "X-Chatd-Model": header_safe(served.route.model),
+    }
+
+
+def header_safe(value: str) -> str:
+    """Model names are the caller's text; a header takes printable ASCII only."""
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe="/:@._-+~")
+
+
+def has_text(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (
+            delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
+        ):
+            return True
+    return False
+
+
+async def chunk_stream(
+    request: Request, opened: OpenStream[dict[str, Any]], started: float
+) -> AsyncIterator[bytes]:
+    """`data: <chunk>` events as they come, then `data: [DONE]`, or one error event."""
+    chunk: dict[str, Any] | None = opened.first
+    timed = False
+    try:
+        while chunk is not None:
+            if not timed and has_text(chunk):
+                timed = True
+                note(request, ttft_ms=round((time.perf_counter() - started) * 1000))
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                note(
+                    request,
+                    input_tokens=usage.get("prompt_tokens", 0),
+                    output_tokens=usage.get("completion_tokens", 0),
+                )
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            chunk = await anext(opened.rest, None)
+        yield DONE
+    except ChatdError as exc:
+        note(request, error=exc.type)
+        yield b"data: " + orjson.dumps(exc.envelope()) + b"\n\n"
+    except Exception:
+        log.exception("stream from %s failed", opened.route.provider.name)
+        note(request, error="internal_error")
+        error = InternalError("internal error during stream")
+        yield b"data: " + orjson.dumps(error.envelope()) + b"\n\n"
+    finally:
+        await opened.aclose()
+
+
+class ModelCatalog:
+    """`GET /v1/models`: tier aliases, then what each registered provider lists, with
+    ids carrying the provider prefix. Asked at most every MODELS_TTL_SECS; a provider
+    that fails or is slow is left out of that listing."""
+
+    def __init__(self, registry: Registry, aliases: list[str]) -> None:
+        self.registry = registry
+        self.aliases = sorted(aliases)
+        self._cached: dict[str, Any] | None = None
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def listing(self) -> dict[str, Any]:
+        if self._fresh():
+            assert self._cached is not None
+            return self._cached
+        async with self._lock:
+            if not self._fresh():
+                self._cached = await self._build()
+                self._at = time.monotonic()
+            assert self._cached is not None
+            return self._cached
+
+    def _fresh(self) -> bool:
+        return self._cached is not None and time.monotonic() - self._at < MODELS_TTL_SECS
+
+    async def _build(self) -> dict[str, Any]:
+        providers = [p for p in self.registry.providers.values() if p.available]
+        answers = await asyncio.gather(*(self._ask(p) for p in providers))
+        data = [model_entry(alias, "chatd") for alias in self.aliases]
+        for provider, names in zip(providers, answers, strict=True):
+            data.extend(model_entry(f"{provider.name}/{name}", provider.name) for name in names)
+        return {"object": "list", "data": data}
+
+    async def _ask(self, provider: Any) -> list[str]:
+        try:
+            async with asyncio.timeout(MODELS_WAIT_SECS):
+                return await provider.list_models()
+        except (ChatdError, TimeoutError) as exc:
+            log.info("/v1/models: %s left out: %s", provider.name, getattr(exc, "message", exc))
+        except Exception:
+            log.exception("/v1/models: %s left out", provider.name)
+        return []
+
+
+def model_entry(ident: str, owner: str) -> dict[str, Any]:
+    return {"id": ident, "object": "model", "created": 0, "owned_by": owner}
