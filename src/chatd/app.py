@@ -26,6 +26,7 @@ from .errors import (
     UpstreamError,
 )
 from .openai_api import install_openai_routes
+from .operations import Operations
 from .registry import Registry
 from .resilience import TIMEOUT_HEADER, parse_timeout_header
 from .types import ChatRequest, StreamEvent
@@ -83,7 +84,8 @@ CHAT_BODY_SCHEMA = {
 def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     """Build an isolated chatd app; providers' clients open and close with its lifespan."""
     registry = registry or Registry.from_settings(settings)
-    dispatcher = Dispatcher(registry)
+    ops = Operations(settings, registry)  # SPEC §9: metrics, request log, /ready, auth
+    dispatcher = Dispatcher(registry, observer=ops.metrics)
     max_body = settings.chatd.max_body_bytes
 
     @asynccontextmanager
@@ -93,6 +95,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             yield
         finally:
             await registry.aclose()
+            await ops.aclose()
 
     app = FastAPI(
         title="chatd",
@@ -104,8 +107,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.dispatcher = dispatcher
+    app.state.operations = ops
     install_error_handlers(app)
-    app.add_middleware(RequestContext, logger=log)
+    app.add_middleware(RequestContext, logger=log, authorize=ops.authorize, finished=ops.finished)
+    ops.install(app)
 
     @app.post("/v1/chat", openapi_extra=CHAT_BODY_SCHEMA)
     async def chat(request: Request) -> Response:
@@ -115,8 +120,14 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
         if body.stream:
             opened = await until_disconnect(request, dispatcher.stream(body, budget))
+            note(
+                request,
+                provider=opened.route.provider.name,
+                upstream_model=opened.route.model,
+                attempts=opened.attempts,
+            )
             return StreamingResponse(
-                sse_events(opened, started),
+                sse_events(opened, started, request),
                 media_type="text/event-stream",
                 headers={**SSE_HEADERS, ATTEMPTS_HEADER: str(opened.attempts)},
             )
@@ -147,7 +158,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     @app.get("/v1/chat/providers")
     async def providers() -> Response:
-        return json_response(registry.listing())
+        return json_response(ops.listing())
 
     @app.get("/health")
     async def health() -> Response:
@@ -156,13 +167,18 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     return app
 
 
-async def sse_events(opened: OpenStream, started: float) -> AsyncIterator[bytes]:
-    """SPEC §6 events: deltas and thinking as they come, then `done` (or one `error`)."""
+async def sse_events(
+    opened: OpenStream, started: float, request: Request | None = None
+) -> AsyncIterator[bytes]:
+    """SPEC §6 events: deltas and thinking as they come, then `done` (or one `error`).
+    Given the request, its log line learns the stream's ttft, tokens and any error."""
     ttft_ms: int | None = None
     event: StreamEvent | None = opened.first
+    facts: dict[str, Any] = {"error": "client_gone"}  # unless the stream gets to its end
     try:
         while event is not None:
             if event.done:
+                facts = {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens}
                 yield sse(
                     {
                         "done": True,
@@ -183,13 +199,18 @@ async def sse_events(opened: OpenStream, started: float) -> AsyncIterator[bytes]
             if event.delta:
                 yield sse({"delta": event.delta})
             event = await anext(opened.rest, None)
+        facts = {"error": UpstreamError.type}
         yield sse(error_event("stream ended before done", opened))
     except ChatdError as exc:
+        facts = {"error": exc.type}
         yield sse(exc.envelope())
     except Exception:
+        facts = {"error": InternalError.type}
         log.exception("stream from %s failed", opened.route.provider.name)
         yield sse(InternalError("internal error during stream").envelope())
     finally:
+        if request is not None:
+            note(request, ttft_ms=ttft_ms, **facts)
         await opened.aclose()
 
 
@@ -208,10 +229,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def chatd_error(request: Request, exc: ChatdError) -> Response:
         if exc.status >= 500:
             log.warning("%s: %s", exc.type, exc.message)
-        return error_response(exc)
+        return error_response(exc, request)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> Response:
+        note(request, error="client_gone")
         return Response(status_code=499)  # nobody is listening; recorded in the log only
 
     @app.exception_handler(StarletteHTTPException)
@@ -227,7 +249,7 @@ def install_error_handlers(app: FastAPI) -> None:
             error = InvalidRequest(str(exc.detail))
         else:
             error = InternalError(str(exc.detail))
-        return error_response(error)
+        return error_response(error, request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -235,4 +257,4 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return error_response(InvalidRequest(message, param=param))
+        return error_response(InvalidRequest(message, param=param), request)

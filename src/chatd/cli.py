@@ -5,14 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any
 
+from .auth import auth_tokens, check_auth_config
 from .config import ConfigError, Settings, load_settings, parse_bind, resolve_key
+from .requestlog import LOG_FORMATS, formatter
 
 CONFIG_ENV = "LAKEHOUSE_CONFIG"
-BIND_OVERRIDE_ENV = "CHATD__CLI_BIND"
+# How `--workers N` tells the worker processes what the command line said.
+LOG_LEVEL_ENV = "CHATD_LOG_LEVEL"
+LOG_FORMAT_ENV = "CHATD_LOG_FORMAT"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         type=str.lower,
     )
+    parser.add_argument(
+        "--log-format",
+        default="json",
+        choices=LOG_FORMATS,
+        type=str.lower,
+        help="stderr log lines: one JSON object each (default), or text for a terminal",
+    )
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes")
     return parser
 
@@ -36,11 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
+        check_auth_config(settings)
         if args.bind:
             try:
                 parse_bind(args.bind)
             except ValueError as exc:
                 raise ConfigError(f"--bind: {exc}") from None
+        if args.workers < 1:
+            raise ConfigError("--workers: must be 1 or more")
     except ConfigError as exc:
         print(f"chatd: config error: {exc}", file=sys.stderr)
         return 2
@@ -57,7 +74,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
 
     bind = args.bind or settings.chatd.bind
     host, port = parse_bind(bind)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     common: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -67,10 +84,19 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         "server_header": False,
     }
     if args.workers > 1:
-        # Each worker process builds its own app from the same config file.
+        # Each worker process builds its own app from the same config file, logs as told,
+        # and writes its metrics where /metrics (in any worker) can sum them: a fresh
+        # directory, so no earlier run's counts leak in.
         if args.config:
             os.environ[CONFIG_ENV] = os.path.abspath(args.config)
-        uvicorn.run("chatd.cli:app_factory", factory=True, workers=args.workers, **common)
+        os.environ[LOG_LEVEL_ENV] = args.log_level
+        os.environ[LOG_FORMAT_ENV] = args.log_format
+        metrics_dir = tempfile.mkdtemp(prefix="chatd-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        try:
+            uvicorn.run("chatd.cli:app_factory", factory=True, workers=args.workers, **common)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         exit_zero_after_drain()
         uvicorn.run(create_app(settings), **common)
@@ -88,13 +114,14 @@ def app_factory() -> Any:
     """Used by `--workers N`: every worker loads the settings itself."""
     from .app import create_app
 
-    configure_logging(os.environ.get("CHATD_LOG_LEVEL", "info"))
+    configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"), os.environ.get(LOG_FORMAT_ENV, "json"))
     return create_app(load_settings())
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, log_format: str = "json") -> None:
+    """chatd's lines (one per request, plus warnings and errors) go to stderr."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(formatter(log_format))
     logger = logging.getLogger("chatd")
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
@@ -110,6 +137,11 @@ def describe_settings(settings: Settings) -> str:
         f"default_provider: {chatd.default_provider}",
         f"timeout_secs: {chatd.timeout_secs:g}",
         f"max_body_bytes: {chatd.max_body_bytes}",
+        f"shutdown_grace_secs: {chatd.shutdown_grace_secs:g}",
+        f"upstream_transport: {chatd.upstream_transport}",
+        f"app_name: {chatd.app_name}",
+        f"app_url: {chatd.app_url or '-'}",
+        f"auth: {describe_auth(settings)}",
         "models:",
     ]
     lines += [f"  {alias} = {', '.join(targets)}" for alias, targets in settings.models.items()]
@@ -123,6 +155,15 @@ def describe_settings(settings: Settings) -> str:
         )
         lines.append(
             f"  {name}: kind={cfg.kind} base_url={cfg.base_url or '-'} key={key} "
-            f"enabled={cfg.enabled} registered={'yes' if registered else 'no'}"
+            f"enabled={cfg.enabled} registered={'yes' if registered else 'no'} "
+            f"timeout_secs={chatd.timeout_for(name):g}"
         )
     return "\n".join(lines)
+
+
+def describe_auth(settings: Settings) -> str:
+    """Inbound auth as check-config shows it: on/off and where the tokens come from."""
+    tokens = auth_tokens(settings)
+    if tokens is None:
+        return "off"
+    return f"bearer tokens from {settings.chatd.auth_tokens_env} ({'set' if tokens else 'unset'})"

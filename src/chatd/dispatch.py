@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from .errors import (
@@ -72,14 +73,38 @@ class OpenStream(Generic[E]):
             await aclose()
 
 
+class Observer:
+    """What the dispatcher reports as it works (metrics.py listens); no-ops here."""
+
+    def upstream_call(self, provider: str, seconds: float) -> None:
+        """One upstream call ended (for a stream: its first event came), however it ended."""
+
+    def busy(self, provider: str, calls: int) -> None:
+        """The provider now has `calls` upstream calls (or open streams) in flight."""
+
+    def retried(self, provider: str) -> None:
+        """A call to `provider` is being retried."""
+
+    def fell_back(self) -> None:
+        """A request moved on to its next fallback target."""
+
+    def cooled_down(self, provider: str) -> None:
+        """`provider`'s breaker tripped: a cooldown began."""
+
+
 class Dispatcher:
     """Turns a validated request into provider calls: retries, fallbacks, limits, deadline."""
 
     def __init__(
-        self, registry: Registry, *, backoff: Callable[[int], float] = backoff_delay
+        self,
+        registry: Registry,
+        *,
+        backoff: Callable[[int], float] = backoff_delay,
+        observer: Observer | None = None,
     ) -> None:
         self.registry = registry
         self.backoff = backoff  # seconds before the n-th retry (0-based) absent a Retry-After
+        self.observer = observer or Observer()
         self.guards: dict[str, Guard] = {}
 
     def guard(self, provider_name: str) -> Guard:
@@ -87,7 +112,12 @@ class Dispatcher:
         guard = self.guards.get(provider_name)
         if guard is None:
             provider = self.registry.providers[provider_name]
-            guard = self.guards[provider_name] = Guard(provider_name, provider.config)
+            guard = self.guards[provider_name] = Guard(
+                provider_name,
+                provider.config,
+                on_busy=partial(self.observer.busy, provider_name),
+                on_trip=partial(self.observer.cooled_down, provider_name),
+            )
         return guard
 
     async def chat(self, request: ChatRequest, budget: float | None = None) -> Served[ChatResult]:
@@ -167,6 +197,7 @@ class Dispatcher:
                 if deadline is not None and loop.time() >= deadline:
                     break
                 tally.fallbacks += 1
+                self.observer.fell_back()
             try:
                 route = self.registry.resolve(target)
             except (ProviderNotFound, ProviderDisabled) as exc:
@@ -178,6 +209,8 @@ class Dispatcher:
             try:
                 result = await self._try_target(route, attempt, deadline, tally)
             except ChatdError as exc:
+                if getattr(exc, "provider", None) is None:  # for the request log and metrics
+                    exc.provider = route.provider.name  # type: ignore[attr-defined]
                 if not may_fall_back(exc):
                     raise _with_tally(exc, tally) from None
                 errors.append(exc)
@@ -209,7 +242,8 @@ class Dispatcher:
                 raise UpstreamTimeout(f"{name}: request deadline passed") from None
             await guard.limiter.acquire(within=remaining)
             tally.attempts += 1
-            remaining = deadline - loop.time()
+            called = loop.time()
+            remaining = deadline - called
             try:
                 async with asyncio.timeout_at(deadline) as window:
                     result = await attempt(route, guard)
@@ -227,6 +261,8 @@ class Dispatcher:
             else:
                 guard.record(None)
                 return result
+            finally:
+                self.observer.upstream_call(name, loop.time() - called)
             if not is_retryable(last) or retry == guard.max_retries:
                 raise last
             delay = self._retry_delay(last, guard, retry)
@@ -234,6 +270,7 @@ class Dispatcher:
                 raise last
             await asyncio.sleep(delay)
             tally.retries += 1
+            self.observer.retried(name)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _retry_delay(self, error: ChatdError, guard: Guard, retry: int) -> float | None:

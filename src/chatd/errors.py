@@ -119,6 +119,13 @@ class UpstreamError(ChatdError):
         self.unreachable = unreachable
 
 
+class NotReady(ChatdError):
+    """`GET /ready`: chatd cannot serve its default provider (SPEC §9)."""
+
+    status = 503
+    type = "not_ready"
+
+
 class ProviderDisabled(ChatdError):
     status = 503
     type = "provider_disabled"

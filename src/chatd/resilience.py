@@ -112,14 +112,26 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 class Limiter:
     """At most `max_concurrency` upstream calls at once (0 = unlimited); the rest queue."""
 
-    def __init__(self, provider: str, max_concurrency: int, queue_timeout: float) -> None:
+    def __init__(
+        self,
+        provider: str,
+        max_concurrency: int,
+        queue_timeout: float,
+        on_busy: Callable[[int], None] | None = None,
+    ) -> None:
         self.provider = provider
         self.max_concurrency = max_concurrency
         self.queue_timeout = queue_timeout
+        self.busy = 0  # calls holding a slot (counted even when unlimited)
+        self.on_busy = on_busy  # told the new `busy` after every change (metrics)
         self._slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
     async def acquire(self, within: float | None = None) -> None:
         """Take a slot, waiting up to `queue_timeout` (or `within`, if shorter); else 503."""
+        await self._take(within)
+        self._count(1)
+
+    async def _take(self, within: float | None) -> None:
         if self._slots is None:
             return
         wait = self.queue_timeout if within is None else min(self.queue_timeout, within)
@@ -142,6 +154,12 @@ class Limiter:
     def release(self) -> None:
         if self._slots is not None:
             self._slots.release()
+        self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        self.busy += delta
+        if self.on_busy is not None:
+            self.on_busy(self.busy)
 
 
 class Breaker:
@@ -157,6 +175,7 @@ class Breaker:
         failures: int,
         cooldown: float,
         clock: Callable[[], float] = time.monotonic,
+        on_trip: Callable[[], None] | None = None,
     ) -> None:
         self.provider = provider
         self.threshold = failures
@@ -165,6 +184,7 @@ class Breaker:
         self.consecutive = 0
         self.open_until = 0.0
         self.trips = 0
+        self.on_trip = on_trip  # told of every cooldown that starts (metrics)
 
     @property
     def enabled(self) -> bool:
@@ -193,16 +213,29 @@ class Breaker:
         if self.enabled and self.consecutive >= self.threshold and self.remaining() == 0:
             self.open_until = self.clock() + self.cooldown
             self.trips += 1
+            if self.on_trip is not None:
+                self.on_trip()
 
 
 class Guard:
     """One provider's limiter, breaker and retry settings."""
 
-    def __init__(self, provider: str, config: ProviderConfig) -> None:
+    def __init__(
+        self,
+        provider: str,
+        config: ProviderConfig,
+        *,
+        on_busy: Callable[[int], None] | None = None,
+        on_trip: Callable[[], None] | None = None,
+    ) -> None:
         self.max_retries = config.max_retries
         self.max_retry_after = config.max_retry_after_secs
-        self.limiter = Limiter(provider, config.max_concurrency, config.queue_timeout_secs)
-        self.breaker = Breaker(provider, config.cooldown_failures, config.cooldown_secs)
+        self.limiter = Limiter(
+            provider, config.max_concurrency, config.queue_timeout_secs, on_busy=on_busy
+        )
+        self.breaker = Breaker(
+            provider, config.cooldown_failures, config.cooldown_secs, on_trip=on_trip
+        )
 
     def record(self, error: BaseException | None) -> None:
         """Feed one call's outcome to the breaker: None is a success."""

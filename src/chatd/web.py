@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,8 +40,23 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(body), status_code=status, headers=headers, media_type=JSON)
 
 
-def error_response(error: ChatdError) -> Response:
+def error_response(error: ChatdError, request: Request | None = None) -> Response:
+    """The §3 envelope for `error`; given the request, its log line learns the error too."""
+    if request is not None:
+        note_error(request.scope, error)
     return json_response(error.envelope(), error.status, error.headers or None)
+
+
+def note_error(scope: Scope, error: ChatdError) -> None:
+    """Record an error's type (and, from the dispatcher, its provider and attempts)."""
+    facts = scope.setdefault("state", {}).setdefault("log", {})
+    facts["error"] = error.type
+    provider = getattr(error, "provider", None)
+    if provider is not None:
+        facts.setdefault("provider", provider)
+    attempts = getattr(error, "attempts", None)
+    if attempts is not None:
+        facts["attempts"] = attempts
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -49,11 +66,14 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the caller hung up mid-body: a 499 like any other, not a 500
+        raise ClientGone from None
     return b"".join(chunks)
 
 
@@ -105,38 +125,58 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 
 class RequestContext:
-    """Pure ASGI middleware: request IDs on every response, and a last-resort 500.
+    """Pure ASGI middleware: request IDs on every response, inbound auth, a last-resort
+    500, and, once the response has ended (a stream too), `finished(scope, status, secs)`
+    for the request's log line and metrics.
 
     Written as raw ASGI (not BaseHTTPMiddleware) so streams pass through unbuffered.
     """
 
-    def __init__(self, app: ASGIApp, logger: Any) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        logger: Any,
+        authorize: Callable[[Scope], ChatdError | None] | None = None,
+        finished: Callable[[Scope, int, float], None] | None = None,
+    ) -> None:
         self.app = app
         self.logger = logger
+        self.authorize = authorize  # returns the error to refuse the request with, or None
+        self.finished = finished
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        began = time.perf_counter()
         request_id = _incoming_request_id(scope) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         header = (REQUEST_ID_HEADER, request_id.encode())
-        started = False
+        status = 0  # 0 until the response starts
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
+                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            refusal = self.authorize(scope) if self.authorize is not None else None
+            if refusal is not None:
+                note_error(scope, refusal)
+                await error_response(refusal)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
         except Exception:
             self.logger.exception("unhandled error serving %s %s", scope["method"], scope["path"])
-            if not started:
-                response = error_response(InternalError("internal error; see the server log"))
-                await response(scope, receive, send_with_id)
+            if not status:
+                error = InternalError("internal error; see the server log")
+                note_error(scope, error)
+                await error_response(error)(scope, receive, send_with_id)
+        finally:
+            if self.finished is not None:
+                self.finished(scope, status, time.perf_counter() - began)
 
 
 def _incoming_request_id(scope: Scope) -> str | None:
