@@ -290,6 +290,36 @@ def test_a_stream_that_breaks_off_ends_with_one_error_event(
     assert only_call(fake, kind.path)  # never retried once bytes went to the caller
 
 
+@pytest.mark.parametrize("kind", UPSTREAM_KINDS, ids=KIND_IDS)
+def test_an_upstream_error_mid_stream_ends_with_one_error_event(
+    chatd: ChatdProcess, fake: FakeUpstream, kind: Kind
+) -> None:
+    # "errmid": 3 pieces, then the upstream's own error line (Ollama NDJSON / OpenAI SSE)
+    streamed = stream_chat(chatd.url, kind.model("errmid"))
+
+    assert_sse_headers(streamed)
+    assert ANSWER.startswith(streamed.text) and streamed.text
+    assert streamed.of("done") == []
+    inner = assert_envelope(streamed.last)
+    assert inner["type"] == "upstream_error"
+    assert "upstream overloaded" in inner["message"]
+    assert only_call(fake, kind.path)
+
+
+def test_a_stream_that_stalls_past_the_timeout_ends_with_a_timeout_event(
+    chatd: ChatdProcess, fake: FakeUpstream
+) -> None:
+    # "stall-1500": 3 pieces, then 1.5 s of silence; hangy's timeout_secs is 0.4
+    streamed = stream_chat(chatd.url, "hangy/stall-1500")
+
+    assert_sse_headers(streamed)
+    assert streamed.text and streamed.of("done") == []
+    inner = assert_envelope(streamed.last)
+    assert inner["type"] == "upstream_timeout", inner
+    assert streamed.events[-1][0] < 1.4  # cut at the timeout, not at the end of the stall
+    assert only_call(fake, "/api/chat")
+
+
 def expect(status: int, type_: str) -> dict[str, Any]:
     return {"status": status, "type": type_}
 

@@ -18,22 +18,29 @@ The model name picks a behaviour (the part after the last `/` for OpenAI paths):
     flaky-<n>           503 for the first <n> calls since reset(), then a normal answer
     reset               the connection is reset before any answer
     break               a stream (or body) that stops half way, connection dropped
+    stall-<ms>          a stream that sends 3 pieces, then nothing for <ms>, then the rest
+    errmid              a stream that sends 3 pieces, then the upstream's own error line
     badjson             200 with a body that is not JSON
     nochoices           200 with zero choices (OpenAI) / no message (Ollama)
     big                 a long answer (≈200 KB)
     think               an answer with reasoning text
 
 Every request is recorded in `calls` (path, parsed JSON, lower-cased headers), with the
-time the server saw the client go away, if it did, in `disconnected_at`.
+time the server saw the client go away, if it did, in `disconnected_at`. The server also
+counts, under its lock, the requests being answered right now (`in_flight`) and the client
+connections it is serving (`open_connections`), with their peaks and the connections
+accepted in all, for leak checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -149,6 +156,10 @@ class Handler(BaseHTTPRequestHandler):
     # -- routing -------------------------------------------------------------------
 
     def do_GET(self) -> None:
+        with self.server.counting_request():
+            self.serve_get()
+
+    def serve_get(self) -> None:
         call = self.record(b"")
         if self.path.startswith("/api/tags"):
             self.send_json(200, {"models": [{"name": m, "model": m} for m in self.server.tags]})
@@ -160,6 +171,10 @@ class Handler(BaseHTTPRequestHandler):
         call.finished_at = time.monotonic()
 
     def do_POST(self) -> None:
+        with self.server.counting_request():
+            self.serve_post()
+
+    def serve_post(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         call = self.record(raw)
@@ -244,7 +259,7 @@ class Handler(BaseHTTPRequestHandler):
         thinking = THINKING if kind == "think" or body.get("think") is True else ""
         delay = n / 1000 if kind == "slow" else 0.0
         if stream:
-            self.stream_answer(call, dialect, model, text, thinking, delay, broken=kind == "break")
+            self.stream_answer(call, dialect, model, text, thinking, delay, kind=kind, n=n)
         else:
             if delay and self.sleep_watching(delay, call):
                 return
@@ -315,7 +330,8 @@ class Handler(BaseHTTPRequestHandler):
         thinking: str,
         delay: float,
         *,
-        broken: bool,
+        kind: str,
+        n: int,
     ) -> None:
         pieces = words(text)
         thoughts = words(thinking) if thinking else []
@@ -328,9 +344,19 @@ class Handler(BaseHTTPRequestHandler):
             self.chunk(b": OPENROUTER PROCESSING\n\n")
             self.chunk(sse(chunk_body(model, {"role": "assistant", "content": ""}, None)))
         for i, piece in enumerate(thoughts + pieces):
-            if broken and i == 3:
+            if kind == "break" and i == 3:
                 self.drop(reset=False)
                 raise ClientGone  # not the client, but nothing more can be sent
+            if kind == "stall" and i == 3 and self.sleep_watching(n / 1000, call):
+                raise ClientGone
+            if kind == "errmid" and i == 3:
+                if openai:
+                    error = {"message": "upstream overloaded", "code": 502}
+                    self.chunk(sse({**chunk_body(model, {}, "error"), "error": error}))
+                else:
+                    self.chunk(ndjson({"error": "upstream overloaded"}))
+                self.end_chunked()
+                return
             if gap and self.sleep_watching(gap, call):
                 raise ClientGone
             is_thought = i < len(thoughts)
@@ -401,6 +427,34 @@ class FakeServer(ThreadingHTTPServer):
         self.calls: list[Call] = []
         self.flaky_seen: dict[str, int] = {}
         self.tags = ["qwen3.5:latest", "llama3.2:latest"]
+        # Leak checks (read under `lock`): requests being answered, connections being served.
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.open_connections = 0
+        self.peak_connections = 0
+        self.accepted_connections = 0
+
+    @contextlib.contextmanager
+    def counting_request(self) -> Iterator[None]:
+        with self.lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self.lock:
+            self.accepted_connections += 1
+            self.open_connections += 1
+            self.peak_connections = max(self.peak_connections, self.open_connections)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self.open_connections -= 1
 
 
 class FakeUpstream:
@@ -424,6 +478,17 @@ class FakeUpstream:
         with self.server.lock:
             self.server.calls.clear()
             self.server.flaky_seen.clear()
+
+    def counters(self) -> dict[str, int]:
+        """In-flight requests and open client connections now, and their peaks."""
+        with self.server.lock:
+            return {
+                "in_flight": self.server.in_flight,
+                "peak_in_flight": self.server.peak_in_flight,
+                "open_connections": self.server.open_connections,
+                "peak_connections": self.server.peak_connections,
+                "accepted_connections": self.server.accepted_connections,
+            }
 
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout

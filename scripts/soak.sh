@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The full-size bounded soak (issue 4): a real chatd against fake upstreams that randomly
+# answer 200, 429 or 500, hang past the 1 s deadline, reset the connection or break a
+# stream, with callers that hang up. Prints the report (requests, statuses, wall time,
+# req/s, chatd's RSS before and after, its connections to the fakes) and exits non-zero
+# on any lost, duplicated or malformed answer, leaked connection, or RSS growth over
+# SOAK_MAX_RSS_GROWTH_MB (default 30). The test command runs the same driver at 600.
+#   scripts/soak.sh [--requests N] [--concurrency C] [--seed S] [--json]
+#   SOAK_REQUESTS=20000 SOAK_CONCURRENCY=100 scripts/soak.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[[ -x .venv/bin/python ]] || { python3 -m venv .venv; }
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+SOAK_REQUESTS="${SOAK_REQUESTS:-5000}" SOAK_CONCURRENCY="${SOAK_CONCURRENCY:-50}" \
+  exec .venv/bin/python -m tests.soak "$@"
