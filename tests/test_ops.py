@@ -336,3 +336,12 @@ async def test_ready_with_probe_reports_each_provider(app_client: Callable[..., 
     assert body["providers"]["mock"]["reachable"] is True
     assert body["providers"]["dead"]["reachable"] is False
     assert body["providers"]["dead"]["error"] == "connection failed"
+
+
+def test_the_server_log_never_gets_the_upstream_body() -> None:
+    from chatd.errors import UpstreamError
+
+    error = UpstreamError("openrouter", "", upstream_status=500, body="echo: my secret prompt")
+    assert "my secret prompt" in error.message  # the caller sees the quote
+    assert "my secret prompt" not in error.summary  # the 5xx warning logs only this
+    assert error.summary == "openrouter: upstream answered 500"

@@ -228,7 +228,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ChatdError)
     async def chatd_error(request: Request, exc: ChatdError) -> Response:
         if exc.status >= 500:
-            log.warning("%s: %s", exc.type, exc.message)
+            log.warning("%s: %s", exc.type, getattr(exc, "summary", exc.message))
         return error_response(exc, request)
 
     @app.exception_handler(ClientGone)

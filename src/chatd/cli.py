@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import logging.handlers
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -118,12 +121,31 @@ def app_factory() -> Any:
     return create_app(load_settings())
 
 
+class OffLoopHandler(logging.handlers.QueueHandler):
+    """Hands records to a queue as they are: formatting and the write to stderr happen on
+    the listener's thread, so a slow terminal, pipe or disk never stalls the event loop."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
 def configure_logging(level: str, log_format: str = "json") -> None:
-    """chatd's lines (one per request, plus warnings and errors) go to stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter(log_format))
+    """chatd's lines (one per request, plus warnings and errors) go to stderr, written
+    by a background thread; flushed at exit."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(formatter(log_format))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, stream)
+    _listener.start()
+    atexit.register(_listener.stop)
     logger = logging.getLogger("chatd")
-    logger.handlers[:] = [handler]
+    logger.handlers[:] = [OffLoopHandler(records)]
     logger.setLevel(level.upper())
     logger.propagate = False
 

@@ -107,6 +107,9 @@ class UpstreamError(ChatdError):
             message = f"{provider}: upstream answered {upstream_status}"
             if detail:
                 message += f" ({detail})"
+        # What the server log may say: the upstream's body can quote the caller's prompt,
+        # so it goes to the caller (abbreviated) and never to the log.
+        self.summary = message
         if body:
             message += f": {abbreviate(body)}"
         extra = {"upstream_status": upstream_status} if upstream_status is not None else None

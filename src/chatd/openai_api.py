@@ -191,6 +191,9 @@ async def chunk_stream(
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
             chunk = await anext(opened.rest, None)
         yield DONE
+    except asyncio.CancelledError:  # the caller went away: Starlette cancels the stream
+        note(request, error="client_gone")
+        raise
     except ChatdError as exc:
         note(request, error=exc.type)
         yield b"data: " + orjson.dumps(exc.envelope()) + b"\n\n"
