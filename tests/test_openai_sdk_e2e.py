@@ -244,3 +244,60 @@ def test_image_parts_to_an_ollama_kind_are_a_clear_400(client: openai.OpenAI) ->
             model="ollama/ok", messages=[{"role": "user", "content": [image]}]
         )
     assert caught.value.body["param"] == "messages[0].content[0]"  # type: ignore[index]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_ollama_tool_calls_come_back_in_openai_shape(
+    client: openai.OpenAI, fake: FakeUpstream
+) -> None:
+    answer = client.chat.completions.create(
+        model="ollama/tool",
+        messages=USER,
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]  # type: ignore[index]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert fake.calls_to("/api/chat")[-1].json["tools"] == [WEATHER_TOOL]
+
+    # the conversation goes on: the call and its result are translated back for Ollama
+    client.chat.completions.create(
+        model="ollama/ok",
+        messages=[
+            *USER,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+        ],  # type: ignore[list-item]
+    )
+    sent = fake.calls_to("/api/chat")[-1].json["messages"]
+    assert sent[1] == {
+        "role": "assistant", "content": "",
+        "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+    }  # fmt: skip
+    assert sent[2] == {"role": "tool", "content": '{"temp": 21}', "tool_name": "get_weather"}
+
+
+def test_ollama_tool_calls_stream_in_openai_shape(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="ollama/tool",
+        messages=USER,
+        tools=[WEATHER_TOOL],
+        stream=True,  # type: ignore[list-item]
+    )
+    chunks = [c for c in stream if c.choices]
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].index == 0
+    assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}  # type: ignore[union-attr,arg-type]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
+
 from .errors import InvalidRequest
 from .types import ChatRequest, ChatResult, Message, StreamEvent
 
@@ -106,12 +108,66 @@ def text_of(content: Any, where: str) -> str:
     return "".join(texts)
 
 
-def ollama_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    out = []
+def ollama_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Messages for /api/chat: roles Ollama knows, text content, tool calls and results."""
+    out: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool_call_id -> function name, for the tool results
     for i, m in enumerate(body["messages"]):
         role = m["role"]
         role = "system" if role == "developer" else "tool" if role == "function" else role
-        out.append({"role": role, "content": text_of(m.get("content"), f"messages[{i}]")})
+        message: dict[str, Any] = {
+            "role": role,
+            "content": text_of(m.get("content"), f"messages[{i}]"),
+        }
+        calls = m.get("tool_calls")
+        if role == "assistant" and isinstance(calls, list) and calls:
+            message["tool_calls"] = [ollama_tool_call(call, names) for call in calls]
+        if role == "tool":
+            name = m.get("name") or names.get(str(m.get("tool_call_id")))
+            if isinstance(name, str) and name:
+                message["tool_name"] = name
+        out.append(message)
+    return out
+
+
+def ollama_tool_call(call: Any, names: dict[str, str]) -> dict[str, Any]:
+    """An OpenAI tool call (arguments as a JSON string) as Ollama's (arguments an object)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    function = function if isinstance(function, dict) else {}
+    name = str(function.get("name") or "")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = orjson.loads(arguments or "{}")
+        except orjson.JSONDecodeError:
+            raise InvalidRequest(
+                "tool_calls[].function.arguments: must be a JSON string", param="messages"
+            ) from None
+    if isinstance(call, dict) and call.get("id"):
+        names[str(call["id"])] = name
+    return {"function": {"name": name, "arguments": arguments or {}}}
+
+
+def openai_tool_calls(calls: list[dict[str, Any]], *, streamed: bool) -> list[dict[str, Any]]:
+    """Ollama's tool calls as OpenAI's: ids made up, arguments as a JSON string."""
+    out = []
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        function = function if isinstance(function, dict) else {}
+        arguments = function.get("arguments", {})
+        entry: dict[str, Any] = {
+            "id": "call_" + uuid.uuid4().hex[:24],
+            "type": "function",
+            "function": {
+                "name": str(function.get("name") or ""),
+                "arguments": arguments
+                if isinstance(arguments, str)
+                else orjson.dumps(arguments).decode(),
+            },
+        }
+        if streamed:
+            entry["index"] = index
+        out.append(entry)
     return out
 
 
@@ -219,6 +275,10 @@ def completion(result: ChatResult, model: str) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": result.content}
     if result.thinking:
         message["reasoning_content"] = result.thinking
+    finish = finish_reason(result.finish_reason)
+    if result.tool_calls:
+        message["tool_calls"] = openai_tool_calls(result.tool_calls, streamed=False)
+        finish = "tool_calls"
     return {
         "id": completion_id(),
         "object": "chat.completion",
@@ -228,7 +288,7 @@ def completion(result: ChatResult, model: str) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": message,
-                "finish_reason": finish_reason(result.finish_reason),
+                "finish_reason": finish,
                 "logprobs": None,
             }
         ],
@@ -253,9 +313,10 @@ async def chunks(
         }
 
     first = True
+    called = False
     async for event in events:
         if event.done:
-            yield chunk({}, finish_reason(event.finish_reason))
+            yield chunk({}, "tool_calls" if called else finish_reason(event.finish_reason))
             if include_usage:
                 yield {
                     **chunk({}),
@@ -269,4 +330,7 @@ async def chunks(
             delta["reasoning_content"] = event.thinking
         if event.delta:
             delta["content"] = event.delta
+        if event.extra.get("tool_calls"):
+            delta["tool_calls"] = openai_tool_calls(event.extra["tool_calls"], streamed=True)
+            called = True
         yield chunk(delta)

@@ -42,6 +42,7 @@ class ChatResult:
     output_tokens: int = 0
     finish_reason: str = ""
     thinking: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # Ollama's, as sent (OpenAI surface)
 
 
 @dataclass(slots=True)

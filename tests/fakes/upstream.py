@@ -24,6 +24,7 @@ The model name picks a behaviour (the part after the last `/` for OpenAI paths):
     nochoices           200 with zero choices (OpenAI) / no message (Ollama)
     big                 a long answer (≈200 KB)
     think               an answer with reasoning text
+    tool                (/api/chat) a call of the request's first tool, arguments {"city": "Paris"}
 
 Every request is recorded in `calls` (path, parsed JSON, lower-cased headers), with the
 time the server saw the client go away, if it did, in `disconnected_at`. The server also
@@ -255,6 +256,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(200, {"model": model, "done": True})
             return
 
+        elif kind == "tool" and dialect == "chat":
+            self.answer_tool_call(model, body, stream)
+            return
+
         text = ANSWER * 4000 if kind == "big" else ANSWER
         thinking = THINKING if kind == "think" or body.get("think") is True else ""
         delay = n / 1000 if kind == "slow" else 0.0
@@ -273,6 +278,24 @@ class Handler(BaseHTTPRequestHandler):
                 self.drop(reset=False)
                 return
             self.send_json(200, self.whole(dialect, model, text, thinking, body))
+
+    def answer_tool_call(self, model: str, body: dict[str, Any], stream: bool) -> None:
+        """Ollama's tool-call answer: arguments as an object, empty content."""
+        tools = body.get("tools") or [{}]
+        name = ((tools[0] or {}).get("function") or {}).get("name", "none")
+        call = {"function": {"name": name, "arguments": {"city": "Paris"}}}
+        message = {"role": "assistant", "content": "", "tool_calls": [call]}
+        final = {
+            "model": model, "done": True, "done_reason": "stop",
+            "prompt_eval_count": 7, "eval_count": 5,
+        }  # fmt: skip
+        if not stream:
+            self.send_json(200, {**final, "message": message})
+            return
+        self.start_chunked("application/x-ndjson")
+        self.chunk(ndjson({"model": model, "message": message, "done": False}))
+        self.chunk(ndjson({**final, "message": {"role": "assistant", "content": ""}}))
+        self.end_chunked()
 
     def send_error_body(
         self, dialect: str, status: int, message: str, headers: dict[str, str]

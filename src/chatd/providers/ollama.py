@@ -42,12 +42,14 @@ def parse_ollama_response(provider: Provider, data: Any, text_field: str) -> Cha
     if not isinstance(content, str):
         raise provider.bad_shape("response has no content", data)
     thinking = source.get("thinking")
+    tool_calls = source.get("tool_calls")
     return ChatResult(
         content=content,
         input_tokens=as_int(data.get("prompt_eval_count")),
         output_tokens=as_int(data.get("eval_count")),
         finish_reason=str(data.get("done_reason") or "stop"),
         thinking=thinking if isinstance(thinking, str) and thinking else None,
+        tool_calls=tool_calls if isinstance(tool_calls, list) and tool_calls else None,
     )
 
 
@@ -70,6 +72,9 @@ async def read_ndjson_stream(
             thinking = source.get("thinking") or ""
             if text or thinking:
                 yield StreamEvent(delta=text, thinking=thinking)
+            tool_calls = source.get("tool_calls")
+            if isinstance(tool_calls, list) and tool_calls:
+                yield StreamEvent(extra={"tool_calls": tool_calls})
             if data.get("done"):
                 yield StreamEvent(
                     done=True,
