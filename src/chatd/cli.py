@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import logging
 import logging.handlers
 import os
@@ -85,6 +86,10 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         "access_log": False,  # chatd writes its own one-line-per-request log
         "timeout_graceful_shutdown": settings.chatd.shutdown_grace_secs,
         "server_header": False,
+        # What "auto" picks when installed (uvicorn[standard]); said outright so that a
+        # missing one fails loudly instead of quietly serving slower.
+        "loop": "uvloop",
+        "http": "httptools",
     }
     if args.workers > 1:
         # Each worker process builds its own app from the same config file, logs as told,
@@ -102,7 +107,9 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         exit_zero_after_drain()
-        uvicorn.run(create_app(settings), **common)
+        app = create_app(settings)
+        settle_heap()
+        uvicorn.run(app, **common)
     return 0
 
 
@@ -118,7 +125,22 @@ def app_factory() -> Any:
     from .app import create_app
 
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"), os.environ.get(LOG_FORMAT_ENV, "json"))
-    return create_app(load_settings())
+    app = create_app(load_settings())
+    settle_heap()
+    return app
+
+
+def settle_heap() -> None:
+    """Tune the cyclic GC for serving (bench/, c=32: it took 10-16% of the CPU; now ~0).
+
+    Startup leaves ~65k long-lived objects (modules, the app, its schemas): freeze them,
+    so a full collection walks only what requests made (unfrozen: ~34 ms a pass). A
+    request leaves no reference cycles behind (see providers.base.READ), so a young
+    collection every 700 allocations only re-scans in-flight requests: every 10,000.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000)
 
 
 class OffLoopHandler(logging.handlers.QueueHandler):

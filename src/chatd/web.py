@@ -103,20 +103,23 @@ def invalid_request(exc: ValidationError) -> InvalidRequest:
 
 
 async def until_disconnect(request: Request, work: Any) -> T:
-    """Await `work`, abandoning it (and raising ClientGone) if the caller hangs up first."""
-    task: asyncio.Future[T] = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    """Await `work`, abandoning it (and raising ClientGone) if the caller hangs up first.
+
+    `work` runs in a task of its own (shallow: resuming it does not walk the ASGI
+    middleware's coroutines); a watcher task cancels it when `http.disconnect` arrives.
+    """
+    loop = asyncio.get_running_loop()
+    task: asyncio.Task[T] = loop.create_task(work)
+    watcher = loop.create_task(_wait_disconnect(request.receive))
+    watcher.add_done_callback(lambda _: task.cancel())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        watcher.cancel()
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientGone from None
         raise
-    if task.done():
+    finally:
         watcher.cancel()
-        return task.result()
-    task.cancel()
-    raise ClientGone
 
 
 async def _wait_disconnect(receive: Receive) -> None:
