@@ -8,6 +8,7 @@ exceptions from chatd's error envelope.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -301,3 +302,24 @@ def test_ollama_tool_calls_stream_in_openai_shape(client: openai.OpenAI) -> None
     assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
     assert json.loads(calls[0].function.arguments) == {"city": "Paris"}  # type: ignore[union-attr,arg-type]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    ("model", "path"),
+    [("ollama/slow-5000", "/api/chat"), ("openrouter/slow-5000", "/v1/chat/completions")],
+)
+def test_a_caller_leaving_a_completions_stream_closes_the_upstream(
+    chatd: ChatdProcess, fake: FakeUpstream, model: str, path: str
+) -> None:
+    body = {"model": model, "messages": USER, "stream": True}
+    client = httpx.Client(timeout=20)
+    with client.stream("POST", chatd.url + "/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                break
+    client.close()
+    closed_at = time.monotonic()
+    [call] = fake.calls_to(path)
+    assert fake.wait_for(lambda: call.disconnected_at is not None, timeout=3.0)
+    assert call.disconnected_at is not None and call.disconnected_at - closed_at < 2.0
+    assert call.finished_at is not None and call.finished_at - call.started_at < 4.5
