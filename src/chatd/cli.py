@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatd: config error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
-        print(describe_settings(settings))
+        try:
+            print(describe_settings(settings), flush=True)
+        except BrokenPipeError:  # `chatd check-config | head`: the reader left, that is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return serve(settings, args)
 
@@ -199,7 +202,7 @@ def describe_settings(settings: Settings) -> str:
         )
         lines.append(
             f"  {name}: kind={cfg.kind} base_url={cfg.base_url or '-'} key={key} "
-            f"enabled={cfg.enabled} registered={'yes' if registered else 'no'} "
+            f"enabled={str(cfg.enabled).lower()} registered={'yes' if registered else 'no'} "
             f"timeout_secs={chatd.timeout_for(name):g}"
         )
     return "\n".join(lines)
