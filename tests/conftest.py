@@ -1,8 +1,8 @@
-"""Shared fixtures: isolated apps from Settings, and in-process HTTP clients for them."""
+"""Shared fixtures: isolated apps from Settings, in-process clients, the fake upstream."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -10,6 +10,7 @@ import pytest
 
 from chatd.app import create_app
 from chatd.config import Settings
+from tests.fakes.upstream import FakeUpstream
 from tests.support import make_settings  # noqa: F401  (re-exported for tests)
 
 
@@ -27,3 +28,10 @@ def app_client() -> Callable[..., Any]:
                 yield client
 
     return open_client
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeUpstream]:
+    """A real fake Ollama + OpenAI upstream on 127.0.0.1, one per test module."""
+    with FakeUpstream() as upstream:
+        yield upstream

@@ -88,12 +88,6 @@ http {{
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def chatd(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatdProcess]:
     config = "[chatd]\ntimeout_secs = 15\n\n" + provider_toml(
         "ollama", "ollama", fake.url, max_retries=0, cooldown_failures=0

@@ -23,12 +23,6 @@ USER = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def chatd(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatdProcess]:
     config = (
         '[models]\nhot = "ollama/ok"\nsmart = ["nowhere:cloud", "openrouter/ok"]\n\n'
@@ -37,6 +31,7 @@ def chatd(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
         + provider_toml("openrouter", "openai", fake.url + "/v1")
         + provider_toml("kimi", "openai", fake.url + "/v1", enabled=False)
         + provider_toml("echo", "mock")
+        + provider_toml("dead", "ollama", "http://127.0.0.1:9")  # nothing listens there
     )
     env = {"OPENROUTER_API_KEY": KEY}
     with ChatdProcess(config, tmp_path_factory.mktemp("sdk"), env=env) as process:
@@ -130,6 +125,14 @@ def test_models_lists_aliases_and_each_providers_models(client: openai.OpenAI) -
     assert "ollama/qwen3.5:latest" in ids  # from the fake's /api/tags
     assert "openrouter/qwen3.5:latest" in ids  # from the fake's /v1/models
     assert not any(i.startswith("kimi/") for i in ids)  # not registered
+    assert not any(i.startswith("dead/") for i in ids)  # its upstream failed: left out
+
+
+def test_models_are_cached_briefly(client: openai.OpenAI, fake: FakeUpstream) -> None:
+    first = [m.id for m in client.models.list()]
+    fake.reset()
+    assert [m.id for m in client.models.list()] == first
+    assert fake.calls == []  # answered from the cache, the upstreams not asked again
 
 
 def test_unregistered_provider_raises_not_found(client: openai.OpenAI) -> None:

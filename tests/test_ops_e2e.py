@@ -31,12 +31,6 @@ LOG_FIELDS = {
 DEAD = "http://127.0.0.1:9"  # nothing listens on the discard port
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
 def config_for(fake: FakeUpstream) -> str:
     return (
         """

@@ -209,7 +209,7 @@ async def test_retries_transient_failures_then_serves() -> None:
     a = Scripted("a", status(503), unreachable(), "ok", max_retries=2)
     served = await dispatcher(a).chat(ask())
     assert served.result.content == "ok"
-    assert (a.calls, served.attempts, served.retries, served.fallbacks) == (3, 3, 2, 0)
+    assert (a.calls, served.attempts, served.tally.retries, served.tally.fallbacks) == (3, 3, 2, 0)
 
 
 async def test_gives_up_after_max_retries_with_the_last_error() -> None:
@@ -286,7 +286,7 @@ async def test_fallback_moves_on_after_retries_and_names_who_served() -> None:
     served = await dispatcher(a, b, tiers={"t": ["a/m1", "b/m2"]}).chat(ask("t"))
     assert (served.route.provider.name, served.route.model) == ("b", "m2")
     assert served.result.content == "from b"
-    assert (served.attempts, served.retries, served.fallbacks) == (3, 1, 1)
+    assert (served.attempts, served.tally.retries, served.tally.fallbacks) == (3, 1, 1)
 
 
 async def test_fallback_moves_past_unregistered_and_disabled_targets() -> None:
@@ -295,7 +295,7 @@ async def test_fallback_moves_past_unregistered_and_disabled_targets() -> None:
     d = dispatcher(b, keyless, tiers={"t": ["absent/x", "k/y", "b/z"]})
     served = await d.chat(ask("t"))
     assert served.route.provider.name == "b"
-    assert (served.attempts, served.fallbacks) == (1, 2)
+    assert (served.attempts, served.tally.fallbacks) == (1, 2)
     assert keyless.calls == 0
 
 
@@ -372,7 +372,7 @@ async def test_stream_is_retried_before_its_first_event_and_holds_its_slot() -> 
     d = dispatcher(a)
     opened = await d.stream(ask())
     assert opened.first.delta == "hello"
-    assert (opened.attempts, opened.retries) == (2, 1)
+    assert (opened.attempts, opened.tally.retries) == (2, 1)
     with pytest.raises(ProviderOverloaded):
         await d.guard("a").limiter.acquire(within=0.01)
     assert [e.done async for e in opened.rest] == [True]
@@ -396,5 +396,5 @@ async def test_stream_falls_back_when_the_first_target_cannot_start() -> None:
     b = Scripted("b", "from b")
     opened = await dispatcher(a, b, tiers={"t": ["a/m", "b/m"]}).stream(ask("t"))
     assert opened.route.provider.name == "b"
-    assert (opened.first.delta, opened.attempts, opened.fallbacks) == ("from b", 2, 1)
+    assert (opened.first.delta, opened.attempts, opened.tally.fallbacks) == ("from b", 2, 1)
     await opened.aclose()

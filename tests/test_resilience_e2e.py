@@ -23,12 +23,6 @@ from tests.support import ChatdProcess, provider_toml
 USER = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
 def config_for(fake: FakeUpstream) -> str:
     return (
         """

@@ -18,20 +18,12 @@ PLANTED_KEY = "sk-planted-never-print-me-4242"
 
 
 @pytest.fixture(scope="module")
-def fake_ollama() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def chatd(
-    fake_ollama: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ChatdProcess]:
+def chatd(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatdProcess]:
     config = (
         '[models]\nhot = "qwen3.5:latest"\n\n[chatd]\ntimeout_secs = 10\n\n'
-        + provider_toml("ollama", "ollama", fake_ollama.url)
+        + provider_toml("ollama", "ollama", fake.url)
         # a keyed provider registered by its key: the key must never be printed anywhere
-        + provider_toml("openrouter", "openai", fake_ollama.url + "/v1")
+        + provider_toml("openrouter", "openai", fake.url + "/v1")
     )
     env = {"OPENROUTER_API_KEY": PLANTED_KEY}
     with ChatdProcess(config, tmp_path_factory.mktemp("smoke"), env=env) as proc:
@@ -48,15 +40,15 @@ def run_smoke(url: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_smoke_script_passes_6_of_6(chatd: ChatdProcess, fake_ollama: FakeUpstream) -> None:
-    fake_ollama.reset()
+def test_smoke_script_passes_6_of_6(chatd: ChatdProcess, fake: FakeUpstream) -> None:
+    fake.reset()
     proc = run_smoke(chatd.url, CHATD_SMOKE_PROVIDERS="ollama,openrouter")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "6/6 PASS", proc.stdout
     assert sum(line.startswith("PASS ") for line in lines) == 6
     # check 3 reached the upstream with the prefix stripped; check 5 unrewritten
-    models = [c.json["model"] for c in fake_ollama.calls_to("/api/chat")]
+    models = [c.json["model"] for c in fake.calls_to("/api/chat")]
     assert "qwen3.5:latest" in models
     assert "ollama/qwen3.5:latest" not in models
     assert "unknown/qwen3.5:latest" in models
@@ -90,14 +82,14 @@ def test_real_process_answers_through_fake_ollama(chatd: ChatdProcess) -> None:
 
 
 def test_openai_kind_sends_the_key_upstream_but_never_prints_it(
-    chatd: ChatdProcess, fake_ollama: FakeUpstream
+    chatd: ChatdProcess, fake: FakeUpstream
 ) -> None:
     response = httpx.post(
         chatd.url + "/v1/chat",
         json={"model": "openrouter/vendor/model", "messages": [{"role": "user", "content": "x"}]},
     )
     assert response.status_code == 200, response.text
-    call = fake_ollama.calls_to("/v1/chat/completions")[-1]
+    call = fake.calls_to("/v1/chat/completions")[-1]
     assert call.json["model"] == "vendor/model"
     assert call.headers["authorization"] == f"Bearer {PLANTED_KEY}"
     # an upstream failure on the keyed provider: the error body must not carry the key

@@ -53,12 +53,6 @@ KIND_IDS = [k.kind for k in UPSTREAM_KINDS]
 KINDS = UPSTREAM_KINDS
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
 def quick(**keys: Any) -> dict[str, Any]:
     """No retries, no cooldown: one upstream call per request, failures don't accumulate."""
     return {"max_retries": 0, "cooldown_failures": 0, **keys}
@@ -272,12 +266,17 @@ def test_first_delta_reaches_the_caller_before_the_upstream_finishes(
 # -- errors ------------------------------------------------------------------------------
 
 
+# "break": 3 chunks, then the connection drops; "errmid": 3 chunks, then the upstream's
+# own error line (Ollama NDJSON / OpenAI SSE), whose message the error event passes on
+MID_STREAM_FAULTS = {"break": "stream broke off", "errmid": "upstream overloaded"}
+
+
+@pytest.mark.parametrize("fault", MID_STREAM_FAULTS)
 @pytest.mark.parametrize("kind", UPSTREAM_KINDS, ids=KIND_IDS)
-def test_a_stream_that_breaks_off_ends_with_one_error_event(
-    chatd: ChatdProcess, fake: FakeUpstream, kind: Kind
+def test_a_stream_that_fails_mid_way_ends_with_one_error_event(
+    chatd: ChatdProcess, fake: FakeUpstream, kind: Kind, fault: str
 ) -> None:
-    # "break": the fake sends 3 chunks, then drops the connection mid-stream
-    streamed = stream_chat(chatd.url, kind.model("break"))
+    streamed = stream_chat(chatd.url, kind.model(fault))
 
     assert_sse_headers(streamed)  # the status was settled by the first delta: 200
     assert_sse_framing(streamed)
@@ -287,23 +286,8 @@ def test_a_stream_that_breaks_off_ends_with_one_error_event(
     assert len(streamed.of("error")) == 1
     inner = assert_envelope(streamed.last)  # the error is the final event
     assert inner["type"] == "upstream_error", inner
+    assert MID_STREAM_FAULTS[fault] in inner["message"], inner
     assert only_call(fake, kind.path)  # never retried once bytes went to the caller
-
-
-@pytest.mark.parametrize("kind", UPSTREAM_KINDS, ids=KIND_IDS)
-def test_an_upstream_error_mid_stream_ends_with_one_error_event(
-    chatd: ChatdProcess, fake: FakeUpstream, kind: Kind
-) -> None:
-    # "errmid": 3 pieces, then the upstream's own error line (Ollama NDJSON / OpenAI SSE)
-    streamed = stream_chat(chatd.url, kind.model("errmid"))
-
-    assert_sse_headers(streamed)
-    assert ANSWER.startswith(streamed.text) and streamed.text
-    assert streamed.of("done") == []
-    inner = assert_envelope(streamed.last)
-    assert inner["type"] == "upstream_error"
-    assert "upstream overloaded" in inner["message"]
-    assert only_call(fake, kind.path)
 
 
 def test_a_stream_that_stalls_past_the_timeout_ends_with_a_timeout_event(

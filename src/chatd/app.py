@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
@@ -37,8 +36,10 @@ from .web import (
     error_response,
     json_response,
     note,
+    note_served,
     parse_body,
     read_body,
+    sse,
     until_disconnect,
 )
 
@@ -120,12 +121,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
         if body.stream:
             opened = await until_disconnect(request, dispatcher.stream(body, budget))
-            note(
-                request,
-                provider=opened.route.provider.name,
-                upstream_model=opened.route.model,
-                attempts=opened.attempts,
-            )
+            note_served(request, opened)
             return StreamingResponse(
                 sse_events(opened, started, request),
                 media_type="text/event-stream",
@@ -133,14 +129,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             )
         served = await until_disconnect(request, dispatcher.chat(body, budget))
         result = served.result
-        note(
-            request,
-            provider=served.route.provider.name,
-            upstream_model=served.route.model,
-            input_tokens=result.input_tokens,
-            output_tokens=result.output_tokens,
-            attempts=served.attempts,
-        )
+        note_served(request, served)
+        note(request, input_tokens=result.input_tokens, output_tokens=result.output_tokens)
         answer: dict[str, Any] = {
             "model": served.route.model,
             "content": result.content,
@@ -216,10 +206,6 @@ async def sse_events(
 
 def error_event(message: str, opened: OpenStream) -> dict[str, Any]:
     return UpstreamError(opened.route.provider.name, message).envelope()
-
-
-def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
 def install_error_handlers(app: FastAPI) -> None:

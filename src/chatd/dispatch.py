@@ -48,9 +48,11 @@ class Served(Generic[R]):
 
     route: Route
     result: R
-    attempts: int = 1
-    retries: int = 0
-    fallbacks: int = 0
+    tally: Tally
+
+    @property
+    def attempts(self) -> int:
+        return self.tally.attempts
 
 
 @dataclass(slots=True)
@@ -63,9 +65,11 @@ class OpenStream(Generic[E]):
     route: Route
     first: E
     rest: AsyncIterator[E]
-    attempts: int = 1
-    retries: int = 0
-    fallbacks: int = 0
+    tally: Tally
+
+    @property
+    def attempts(self) -> int:
+        return self.tally.attempts
 
     async def aclose(self) -> None:
         aclose = getattr(self.rest, "aclose", None)
@@ -150,7 +154,7 @@ class Dispatcher:
             return result
 
         route, result, tally = await self._run(model, attempt, budget)
-        return Served(route, result, tally.attempts, tally.retries, tally.fallbacks)
+        return Served(route, result, tally)
 
     async def open(
         self,
@@ -176,7 +180,7 @@ class Dispatcher:
             return first, GuardedEvents(events, guard)
 
         route, (first, rest), tally = await self._run(model, attempt, budget)
-        return OpenStream(route, first, rest, tally.attempts, tally.retries, tally.fallbacks)
+        return OpenStream(route, first, rest, tally)
 
     # -- the policy ------------------------------------------------------------
 
@@ -331,11 +335,9 @@ def _most_telling(errors: list[ChatdError]) -> ChatdError:
 
 
 def _with_tally(error: ChatdError, tally: Tally) -> ChatdError:
-    """Attach the request's cost to its error: the header and attributes for the log."""
+    """Attach the request's cost to its error: the header, and `attempts` for the log."""
     error.headers[ATTEMPTS_HEADER] = str(tally.attempts)
     error.attempts = tally.attempts  # type: ignore[attr-defined]
-    error.retries = tally.retries  # type: ignore[attr-defined]
-    error.fallbacks = tally.fallbacks  # type: ignore[attr-defined]
     return error
 
 

@@ -25,7 +25,15 @@ from .errors import ChatdError, InternalError, InvalidRequest
 from .openai_compat import ROLES, check_body
 from .registry import Registry
 from .resilience import TIMEOUT_HEADER, parse_timeout_header
-from .web import SSE_HEADERS, json_response, note, read_body, until_disconnect
+from .web import (
+    SSE_HEADERS,
+    json_response,
+    note,
+    note_served,
+    read_body,
+    sse,
+    until_disconnect,
+)
 
 log = logging.getLogger("chatd")
 
@@ -102,12 +110,7 @@ def install_openai_routes(
                     model, lambda route: route.provider.complete_stream(body, route.model), budget
                 ),
             )
-            note(
-                request,
-                provider=opened.route.provider.name,
-                upstream_model=opened.route.model,
-                attempts=opened.attempts,
-            )
+            note_served(request, opened)
             return StreamingResponse(
                 chunk_stream(request, opened, started),
                 media_type="text/event-stream",
@@ -121,13 +124,11 @@ def install_openai_routes(
         )
         usage = served.result.get("usage")
         usage = usage if isinstance(usage, dict) else {}
+        note_served(request, served)
         note(
             request,
-            provider=served.route.provider.name,
-            upstream_model=served.route.model,
             input_tokens=usage.get("prompt_tokens", 0),
             output_tokens=usage.get("completion_tokens", 0),
-            attempts=served.attempts,
         )
         return json_response(served.result, headers=served_headers(served))
 
@@ -188,7 +189,7 @@ async def chunk_stream(
                     input_tokens=usage.get("prompt_tokens", 0),
                     output_tokens=usage.get("completion_tokens", 0),
                 )
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            yield sse(chunk)
             chunk = await anext(opened.rest, None)
         yield DONE
     except asyncio.CancelledError:  # the caller went away: Starlette cancels the stream
@@ -196,12 +197,11 @@ async def chunk_stream(
         raise
     except ChatdError as exc:
         note(request, error=exc.type)
-        yield b"data: " + orjson.dumps(exc.envelope()) + b"\n\n"
+        yield sse(exc.envelope())
     except Exception:
         log.exception("stream from %s failed", opened.route.provider.name)
         note(request, error="internal_error")
-        error = InternalError("internal error during stream")
-        yield b"data: " + orjson.dumps(error.envelope()) + b"\n\n"
+        yield sse(InternalError("internal error during stream").envelope())
     finally:
         await opened.aclose()
 

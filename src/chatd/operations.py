@@ -28,8 +28,6 @@ from .requestlog import REQUEST_LOGGER, log_request, request_line
 from .web import error_response, json_response
 
 PROBE_TIMEOUT_SECS = 2.0
-# What a reachability probe asks each kind (SPEC §9); the mock kind has no upstream.
-PROBE_PATHS = {"ollama": "/api/tags", "ollama_cloud": "/api/tags", "openai": "/models"}
 CLIENT_GONE = "client_gone"  # the error noted when the caller disconnected first
 UNMATCHED = "unmatched"  # the route label of paths no route serves (bounded cardinality)
 
@@ -142,7 +140,7 @@ class Operations:
     async def probe(self, name: str) -> dict[str, Any]:
         """One provider: reachable if its upstream answered at all, within the timeout."""
         provider = self.registry.providers[name]
-        path = PROBE_PATHS.get(provider.kind)
+        path = provider.models_path  # what a probe asks: the cheapest listing it has
         if path is None:  # mock: nothing to reach
             return {"reachable": True, "available": provider.available}
         started = time.perf_counter()

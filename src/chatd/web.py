@@ -32,6 +32,21 @@ def note(request: Request, **fields: Any) -> None:
     request.scope.setdefault("state", {}).setdefault("log", {}).update(fields)
 
 
+def note_served(request: Request, served: Any) -> None:
+    """Record who answered: a dispatcher `Served` or `OpenStream` (route and attempts)."""
+    note(
+        request,
+        provider=served.route.provider.name,
+        upstream_model=served.route.model,
+        attempts=served.attempts,
+    )
+
+
+def sse(data: Any) -> bytes:
+    """One Server-Sent Event: `data: <json>` and the blank line that ends it."""
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
 class ClientGone(Exception):
     """The caller disconnected before the answer was ready."""
 

@@ -34,6 +34,8 @@ class Provider(ABC):
     """One configured upstream. Safe for concurrent use; one instance per name."""
 
     kind: ClassVar[str]
+    # Where the upstream lists its models: `GET /v1/models` and `/ready?probe=1` ask it.
+    models_path: ClassVar[str | None] = None
 
     def __init__(
         self,

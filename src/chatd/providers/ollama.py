@@ -90,6 +90,7 @@ class OllamaProvider(Provider):
     """A local (or self-hosted) Ollama server."""
 
     kind = "ollama"
+    models_path = "/api/tags"
 
     async def chat(self, request: ChatRequest, model: str) -> ChatResult:
         data = await self.post_json("/api/chat", to_ollama_body(request, model))
@@ -109,7 +110,7 @@ class OllamaProvider(Provider):
         return chunks(events, model, wants_usage(body))
 
     async def list_models(self) -> list[str]:
-        return ollama_tags(await self.get_json("/api/tags"))
+        return ollama_tags(await self.get_json(self.models_path))
 
 
 def ollama_tags(data: Any) -> list[str]:

@@ -69,6 +69,7 @@ class OllamaCloudProvider(Provider):
     """ollama.com's own API (model names without a `:cloud` tag)."""
 
     kind = "ollama_cloud"
+    models_path = "/api/tags"
 
     async def chat(self, request: ChatRequest, model: str) -> ChatResult:
         data = await self.post_json("/api/generate", to_generate_body(request, model))
@@ -89,4 +90,4 @@ class OllamaCloudProvider(Provider):
         return chunks(events, model, wants_usage(body))
 
     async def list_models(self) -> list[str]:
-        return ollama_tags(await self.get_json("/api/tags"))
+        return ollama_tags(await self.get_json(self.models_path))

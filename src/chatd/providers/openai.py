@@ -48,6 +48,7 @@ class OpenAIProvider(Provider):
     """Any vendor speaking OpenAI Chat Completions."""
 
     kind = "openai"
+    models_path = "/models"
 
     def auth_headers(self) -> dict[str, str]:
         headers = super().auth_headers()
@@ -112,7 +113,7 @@ class OpenAIProvider(Provider):
         raise self.bad_shape("stream ended before [DONE]", "")
 
     async def list_models(self) -> list[str]:
-        data = await self.get_json("/models")
+        data = await self.get_json(self.models_path)
         items = data.get("data") if isinstance(data, dict) else None
         return [
             d["id"] for d in items or () if isinstance(d, dict) and isinstance(d.get("id"), str)
