@@ -22,10 +22,12 @@ from hypothesis import HealthCheck, settings
 
 from chatd.app import create_app
 from chatd.config import build_settings
+from tests.fakes.upstream import FakeUpstream
 from tests.support import ChatdProcess, provider_toml
 
 EXAMPLES = int(os.environ.get("CHATD_FUZZ_EXAMPLES", "300"))
 MAX_BODY = 1_048_576
+CONTRACT_CHECKS = Path(__file__).resolve().parent.parent / "schemathesis.toml"
 ERROR_TYPES = {
     400: {"invalid_request"},
     404: {"provider_not_found", "not_found"},
@@ -35,27 +37,35 @@ ERROR_TYPES = {
     # a generated X-Chatd-Timeout-Ms of a millisecond or two is a real, honest 504
     504: {"upstream_timeout"},
 }
-CONFIG = (
-    f"""
+
+
+def config(upstream: str) -> str:
+    """Bare model names go to a real fake OpenAI-compatible upstream that answers any
+    model (so a schema-valid request gets a 200); aliases and prefixes reach mocks."""
+    return (
+        f"""
 [models]
-hot = "fake/echo"
-tiered = ["nowhere:cloud", "fake/echo"]
+hot = "echo/x"
+tiered = ["nowhere:cloud", "echo/x"]
 
 [chatd]
 default_provider = "fake"
 max_body_bytes = {MAX_BODY}
 """
-    + provider_toml("fake", "mock")
-    + provider_toml("other", "mock", reply="fixed answer")
-    + provider_toml("ollama", "ollama", enabled=False)
-)
+        + provider_toml("fake", "openai", upstream)
+        + provider_toml("echo", "mock")
+        + provider_toml("other", "mock", reply="fixed answer")
+        + provider_toml("ollama", "ollama", enabled=False)
+    )
+
+
 SENT: list[int] = []
 
 
 @pytest.fixture(scope="module")
-def chatd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatdProcess]:
+def chatd(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iterator[ChatdProcess]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
-    with ChatdProcess(CONFIG, tmp) as process:
+    with ChatdProcess(config(fake.url + "/v1"), tmp) as process:
         yield process
         assert "Traceback" not in process.log(), process.log()[-3000:]
 
@@ -63,16 +73,17 @@ def chatd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatdProcess]:
 def fuzz_schema() -> Any:
     """chatd's own OpenAPI document, built from the same config at collection time (the
     lazy fixture loader does not work with this pytest); `test_schema_is_the_served_one`
-    checks it is the one the process serves."""
+    checks it is the one the process serves. Every route, every check."""
     import tomllib
 
-    settings_ = build_settings(tomllib.loads(CONFIG))
-    schema = schemathesis.openapi.from_dict(create_app(settings_).openapi())
+    settings_ = build_settings(tomllib.loads(config("http://127.0.0.1:9/v1")))
+    checks = schemathesis.Config.from_path(CONTRACT_CHECKS)
+    schema = schemathesis.openapi.from_dict(create_app(settings_).openapi(), config=checks)
     schema.config.generation.update(
         modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
         max_examples=EXAMPLES,
     )
-    return schema.include(path_regex=r"^/v1/chat")
+    return schema
 
 
 def assert_well_formed(status: int, content_type: str, body: bytes) -> None:
@@ -96,7 +107,13 @@ fuzzed = fuzz_schema()
 
 def test_schema_is_the_served_one(chatd: ChatdProcess) -> None:
     served = httpx.get(f"{chatd.url}/openapi.json", timeout=10).json()
-    assert served["paths"] == fuzzed.raw_schema["paths"]
+    assert served == fuzzed.raw_schema
+
+
+def test_every_route_is_fuzzed() -> None:
+    paths = set(fuzzed.raw_schema["paths"])
+    assert {"/v1/chat", "/v1/chat/completions", "/v1/models", "/v1/chat/providers"} <= paths
+    assert {"/health", "/ready"} <= paths
 
 
 @fuzzed.parametrize()
@@ -106,8 +123,11 @@ def test_schema_is_the_served_one(chatd: ChatdProcess) -> None:
     suppress_health_check=list(HealthCheck),
     print_blob=True,
 )
-def test_generated_requests_get_a_success_or_a_clean_error(case: Any, chatd: ChatdProcess) -> None:
-    response = case.call(base_url=chatd.url, timeout=10)
+def test_generated_requests_pass_every_contract_check(case: Any, chatd: ChatdProcess) -> None:
+    """All of schemathesis's checks: no undocumented status, header or content type, the
+    body matches its documented schema, schema-valid data is accepted and invalid data
+    refused, wrong methods are 405s; and chatd's own: the §3 envelope and type table."""
+    response = case.call_and_validate(base_url=chatd.url, timeout=10)
     SENT.append(response.status_code)
     content_type = (response.headers.get("content-type") or [""])[0]
     assert_well_formed(response.status_code, content_type, response.content)

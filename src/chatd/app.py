@@ -10,11 +10,20 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
 from .config import Settings
+from .contract import (
+    MODEL_CALL,
+    ChatResponse,
+    Health,
+    ProviderListing,
+    error_responses,
+    install_openapi,
+    model_call,
+    ok,
+)
 from .dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream
 from .errors import (
     ChatdError,
@@ -46,42 +55,6 @@ from .web import (
 log = logging.getLogger("chatd")
 
 
-def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's JSON Schema with its `$defs` inlined: inside an OpenAPI document a
-    `#/$defs/...` reference resolves against the whole document, where nothing is."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return inline(defs[ref.removeprefix("#/$defs/")])
-            return {key: inline(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [inline(value) for value in node]
-        return node
-
-    return inline(schema)
-
-
-CHAT_BODY_SCHEMA = {
-    "parameters": [
-        {
-            "name": "X-Chatd-Timeout-Ms",
-            "in": "header",
-            "required": False,
-            "description": "Lower the request's deadline (retries and fallbacks included).",
-            "schema": {"type": "integer", "minimum": 1},
-        }
-    ],
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": inline_schema(ChatRequest)}},
-    },
-}
-
-
 def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     """Build an isolated chatd app; providers' clients open and close with its lifespan."""
     registry = registry or Registry.from_settings(settings)
@@ -110,10 +83,24 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.dispatcher = dispatcher
     app.state.operations = ops
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(RequestContext, logger=log, authorize=ops.authorize, finished=ops.finished)
     ops.install(app)
 
-    @app.post("/v1/chat", openapi_extra=CHAT_BODY_SCHEMA)
+    @app.post(
+        "/v1/chat",
+        operation_id="chat",
+        openapi_extra=model_call("ChatRequest"),
+        responses={
+            **ok(
+                ChatResponse,
+                "The answer, or with `stream`: SSE events",
+                stream=True,
+                extra_headers=(ATTEMPTS_HEADER,),
+            ),
+            **error_responses(*MODEL_CALL),
+        },
+    )
     async def chat(request: Request) -> Response:
         started = time.perf_counter()
         body = parse_body(ChatRequest, await read_body(request, max_body))
@@ -146,11 +133,19 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     install_openai_routes(app, dispatcher, registry, settings)
 
-    @app.get("/v1/chat/providers")
+    @app.get(
+        "/v1/chat/providers",
+        operation_id="listProviders",
+        responses={**ok(ProviderListing, "The registered providers"), **error_responses(401)},
+    )
     async def providers() -> Response:
         return json_response(ops.listing())
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        operation_id="health",
+        responses={**ok(Health, "The process serves"), **error_responses()},
+    )
     async def health() -> Response:
         return json_response({"status": "ok"})
 

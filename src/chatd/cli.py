@@ -89,6 +89,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         "access_log": False,  # chatd writes its own one-line-per-request log
         "timeout_graceful_shutdown": settings.chatd.shutdown_grace_secs,
         "server_header": False,
+        "log_config": None,  # uvicorn's loggers write through chatd's (configure_logging)
         # What "auto" picks when installed (uvicorn[standard]); said outright so that a
         # missing one fails loudly instead of quietly serving slower.
         "loop": "uvloop",
@@ -169,10 +170,22 @@ def configure_logging(level: str, log_format: str = "json") -> None:
     _listener = logging.handlers.QueueListener(records, stream)
     _listener.start()
     atexit.register(_listener.stop)
+    handler = OffLoopHandler(records)
     logger = logging.getLogger("chatd")
-    logger.handlers[:] = [OffLoopHandler(records)]
+    logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    # Everything else on stderr takes the same format: uvicorn's own lines (start-up,
+    # shutdown, its errors), other libraries' warnings, Python's warnings.
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        other = logging.getLogger(name)
+        other.handlers.clear()
+        other.propagate = True
+    logging.getLogger("uvicorn").setLevel(level.upper())
+    logging.captureWarnings(True)
 
 
 def describe_settings(settings: Settings) -> str:

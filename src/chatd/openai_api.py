@@ -20,9 +20,10 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
 from .config import Settings
+from .contract import MODEL_CALL, ChatCompletion, ModelList, error_responses, model_call, ok
 from .dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream, Served
 from .errors import ChatdError, InternalError, InvalidRequest
-from .openai_compat import ROLES, check_body
+from .openai_compat import check_body
 from .registry import Registry
 from .resilience import TIMEOUT_HEADER, parse_timeout_header
 from .web import (
@@ -40,54 +41,6 @@ log = logging.getLogger("chatd")
 DONE = b"data: [DONE]\n\n"
 MODELS_TTL_SECS = 30.0
 MODELS_WAIT_SECS = 3.0
-COMPLETIONS_SCHEMA: dict[str, Any] = {
-    "parameters": [
-        {
-            "name": "X-Chatd-Timeout-Ms",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "integer", "minimum": 1},
-        }
-    ],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model", "messages"],
-                    "properties": {
-                        "model": {"type": "string", "minLength": 1},
-                        "messages": {
-                            "type": "array",
-                            "minItems": 1,
-                            "items": {
-                                "type": "object",
-                                "required": ["role"],
-                                "properties": {
-                                    "role": {"type": "string", "enum": sorted(ROLES)},
-                                    "content": {
-                                        "anyOf": [
-                                            {"type": "string"},
-                                            {"type": "array"},
-                                            {"type": "null"},
-                                        ]
-                                    },
-                                },
-                            },
-                        },
-                        "stream": {"type": "boolean"},
-                        "temperature": {"type": "number"},
-                        "top_p": {"type": "number"},
-                        "max_tokens": {"type": "integer", "minimum": 1},
-                        "stop": {"anyOf": [{"type": "string"}, {"type": "array"}]},
-                        "seed": {"type": "integer"},
-                    },
-                }
-            }
-        },
-    },
-}
 
 
 def install_openai_routes(
@@ -96,7 +49,20 @@ def install_openai_routes(
     max_body = settings.chatd.max_body_bytes
     catalog = ModelCatalog(registry, list(settings.models))
 
-    @app.post("/v1/chat/completions", openapi_extra=COMPLETIONS_SCHEMA)
+    @app.post(
+        "/v1/chat/completions",
+        operation_id="createChatCompletion",
+        openapi_extra=model_call("ChatCompletionRequest"),
+        responses={
+            **ok(
+                ChatCompletion,
+                "A chat.completion, or with `stream`: chat.completion.chunk events",
+                stream=True,
+                extra_headers=(ATTEMPTS_HEADER,),
+            ),
+            **error_responses(*MODEL_CALL),
+        },
+    )
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
         body = check_body(loads_body(await read_body(request, max_body)))
@@ -132,7 +98,14 @@ def install_openai_routes(
         )
         return json_response(served.result, headers=served_headers(served))
 
-    @app.get("/v1/models")
+    @app.get(
+        "/v1/models",
+        operation_id="listModels",
+        responses={
+            **ok(ModelList, "Tier aliases and each provider's models"),
+            **error_responses(401),
+        },
+    )
     async def models() -> Response:
         return json_response(await catalog.listing())
 

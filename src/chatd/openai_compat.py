@@ -21,6 +21,12 @@ from .types import ChatRequest, ChatResult, Message, StreamEvent
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
+# What upstreams can take: token limits are int32 (as on /v1/chat), a seed is int64.
+INTEGER_RANGES = {
+    "max_tokens": (1, 2**31 - 1),
+    "max_completion_tokens": (1, 2**31 - 1),
+    "seed": (-(2**63), 2**63 - 1),
+}
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
 
 
@@ -53,17 +59,24 @@ def check_body(body: Any) -> dict[str, Any]:
                 f"messages[{i}].content: must be a string, an array of parts, or null",
                 param=f"messages[{i}].content",
             )
+        if isinstance(content, list):
+            check_parts(content, f"messages[{i}].content")
     for key in NUMBER_FIELDS:
         value = body.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise InvalidRequest(f"{key}: must be a number", param=key)
+    temperature = body.get("temperature")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise InvalidRequest("temperature: must be between 0 and 2", param="temperature")
     for key in ("max_tokens", "max_completion_tokens", "seed"):
         value = body.get(key)
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            body[key] = value = int(value)  # JSON's 64.0 is the integer 64
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise InvalidRequest(f"{key}: must be an integer", param=key)
-    for key in ("max_tokens", "max_completion_tokens"):
-        if body.get(key) is not None and body[key] < 1:
-            raise InvalidRequest(f"{key}: must be at least 1", param=key)
+    for key, (low, high) in INTEGER_RANGES.items():
+        if body.get(key) is not None and not low <= body[key] <= high:
+            raise InvalidRequest(f"{key}: must be between {low} and {high}", param=key)
     stop = body.get("stop")
     if stop is not None and not (
         isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
@@ -76,6 +89,17 @@ def check_body(body: Any) -> dict[str, Any]:
         if value is not None and not isinstance(value, dict):
             raise InvalidRequest(f"{key}: must be an object", param=key)
     return body
+
+
+def check_parts(parts: list[Any], where: str) -> None:
+    """Content parts are objects naming their `type` (a text part's `text` a string)."""
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidRequest(
+                f"{where}[{j}]: must be an object with a string type", param=f"{where}[{j}]"
+            )
+        if "text" in part and not isinstance(part["text"], str):
+            raise InvalidRequest(f"{where}[{j}].text: must be a string", param=f"{where}[{j}].text")
 
 
 def wants_usage(body: dict[str, Any]) -> bool:
@@ -96,8 +120,6 @@ def text_of(content: Any, where: str) -> str:
     for j, part in enumerate(content):
         if isinstance(part, dict) and str(part.get("type")) in TEXT_PART_TYPES:
             texts.append(str(part.get("text") or ""))
-        elif isinstance(part, str):
-            texts.append(part)
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise InvalidRequest(

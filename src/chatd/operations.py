@@ -20,9 +20,10 @@ from starlette.types import Scope
 
 from .auth import BearerAuth, auth_tokens
 from .config import Settings
+from .contract import Readiness, error_responses, ok
 from .errors import NotReady
 from .metrics import CONTENT_TYPE, NO_PROVIDER, Metrics, ProviderStats
-from .providers.base import is_timeout
+from .providers.base import describe_failure, is_timeout
 from .registry import Registry
 from .requestlog import REQUEST_LOGGER, log_request, request_line
 from .web import error_response, json_response
@@ -57,7 +58,11 @@ class Operations:
         async def metrics() -> Response:
             return Response(await self.metrics.exposition(), media_type=CONTENT_TYPE)
 
-        @app.get("/ready")
+        @app.get(
+            "/ready",
+            operation_id="ready",
+            responses={**ok(Readiness, "Ready to serve"), **error_responses(503)},
+        )
         async def ready(request: Request, probe: str | None = None) -> Response:
             return await self.readiness(request, probe not in (None, "", "0", "false"))
 
@@ -151,7 +156,7 @@ class Operations:
         except TimeoutError:
             result["error"] = "timeout"
         except httpx.HTTPError as exc:
-            result["error"] = "timeout" if is_timeout(exc) else describe_failure(exc)
+            result["error"] = "timeout" if is_timeout(exc) else probe_failure(exc, provider)
         except Exception as exc:  # whatever the transport raised, the answer is "no"
             result["error"] = type(exc).__name__
         else:
@@ -166,8 +171,8 @@ class Operations:
         self.metrics.close()
 
 
-def describe_failure(exc: httpx.HTTPError) -> str:
+def probe_failure(exc: httpx.HTTPError, provider: Any) -> str:
     """A short, credential-free reason (the transport may call a refusal a ConnectTimeout)."""
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return "connection failed"
-    return type(exc).__name__
+    return describe_failure(exc, provider.client.base_url)

@@ -96,13 +96,15 @@ def parse_timeout_header(value: str | None) -> float | None:
     positive integer."""
     if value is None:
         return None
-    text = value.strip()
-    if not text.isdigit() or int(text) <= 0:
+    text = value.strip().lstrip("0")
+    if not (text.isascii() and text.isdigit()):  # "²" is a digit to str.isdigit, not to int
         raise InvalidRequest(
             "X-Chatd-Timeout-Ms must be a positive integer (milliseconds)",
             param="X-Chatd-Timeout-Ms",
         )
-    return int(text) / 1000
+    # Past thirty thousand years the figure means "no tighter deadline"; int() of
+    # thousands of digits would refuse to convert at all.
+    return int(text) / 1000 if len(text) <= 15 else 1e12
 
 
 def retry_after_header(seconds: float) -> dict[str, str]:

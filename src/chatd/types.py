@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 Role = Literal["system", "user", "assistant", "tool"]
+
+
+def integral(value: Any) -> Any:
+    """JSON has one number type: `64.0` is the integer 64 (JSON Schema says so too);
+    `1.5` stays a float and strict validation refuses it."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
 
 
 class Message(BaseModel):
@@ -24,10 +32,12 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    model: str
+    # Trimmed and checked by the registry (its 400 names the model); the schema says so.
+    model: str = Field(json_schema_extra={"minLength": 1, "pattern": r"\S"})
     messages: list[Message] = Field(min_length=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)  # upstreams take int32
+    # upstreams take int32
+    max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1), BeforeValidator(integral)] | None = None
     format: Literal["", "json"] = ""
     think: bool = False
     stream: bool = False

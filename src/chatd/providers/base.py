@@ -8,6 +8,9 @@ prefix) and knows only how to speak to its upstream. Errors come out as the
 from __future__ import annotations
 
 import contextlib
+import errno
+import socket
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ import httpx
 import orjson
 
 from ..config import ProviderConfig
-from ..errors import UpstreamError, UpstreamTimeout, abbreviate
+from ..errors import UpstreamError, UpstreamTimeout
 from ..openai_compat import chunks, completion, to_chat_request, wants_usage
 from ..types import ChatRequest, ChatResult, StreamEvent
 
@@ -190,15 +193,16 @@ class Provider(ABC):
         except httpx.HTTPError as exc:
             if is_timeout(exc):
                 raise self.timeout_error() from None
+            detail = describe_failure(exc, self.client.base_url)
             raise UpstreamError(
-                self.name, f"stream broke off: {type(exc).__name__}", unreachable=True
+                self.name, f"stream broke off: {detail}", unreachable=True
             ) from None
 
     def timeout_error(self) -> UpstreamTimeout:
         return UpstreamTimeout(f"{self.name}: no answer within {self.timeout:g}s")
 
     def unreachable(self, exc: Exception) -> UpstreamError:
-        detail = abbreviate(self.redact(str(exc)), 120) or type(exc).__name__
+        detail = describe_failure(exc, self.client.base_url)
         return UpstreamError(self.name, f"could not reach upstream: {detail}", unreachable=True)
 
     def status_error(self, status: int, text: str, headers: httpx.Headers) -> UpstreamError:
@@ -279,6 +283,39 @@ def is_timeout(exc: httpx.HTTPError) -> bool:
     if cause is not None and type(cause).__module__.startswith("aiohttp"):
         return isinstance(cause, TimeoutError)
     return isinstance(exc, httpx.TimeoutException)
+
+
+def describe_failure(exc: BaseException, url: httpx.URL) -> str:
+    """What went wrong on the wire, in words an operator can act on and naming the
+    upstream's host: never a transport's class names or internals (`ssl:default`)."""
+    where = f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for cause in chain:
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve host {url.host}"
+        if isinstance(cause, ConnectionRefusedError):
+            return f"connection refused by {where}"
+        if isinstance(cause, ConnectionResetError | BrokenPipeError):
+            return f"connection reset by {where}"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake with {where} failed"
+        if isinstance(cause, TimeoutError):
+            return f"timed out talking to {where}"
+        if isinstance(cause, OSError) and cause.errno in UNREACHABLE_ERRNOS:
+            return f"no route to {where}"
+    names = " ".join(type(cause).__name__ for cause in chain)
+    if "Disconnect" in names or "RemoteProtocol" in names or "Payload" in names:
+        return f"{where} closed the connection"
+    if "Connect" in names:
+        return f"could not connect to {where}"
+    return f"connection to {where} failed"
+
+
+UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL})
 
 
 def loads_line(provider: Provider, line: str) -> Any:

@@ -1,0 +1,358 @@
+"""The published contract: what `/openapi.json` says each route takes and answers.
+
+Routes read their bodies themselves (for speed, strict typing and the §3 errors), so
+FastAPI cannot infer their schemas; they declare them here instead. Every status a route
+can answer is documented, errors as the one §3 envelope (`ErrorResponse`), with the
+headers a caller acts on. Generated clients (openapi-python-client) and contract tests
+(schemathesis) read this document, so it must match what the code does: a constraint
+the code enforces is in the schema, and the schema promises nothing the code refuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field
+
+from .types import ChatRequest
+
+# -- errors ------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    """SPEC §3: what went wrong; `code` repeats `type`, `param` names the bad field."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message: str
+    type: str = Field(
+        description="invalid_request, unauthorized, forbidden, not_found, provider_not_found, "
+        "method_not_allowed, payload_too_large, rate_limited, budget_exceeded, "
+        "upstream_error, provider_disabled, provider_overloaded, provider_cooling_down, "
+        "not_ready, upstream_timeout, internal_error"
+    )
+    code: str
+    param: str | None
+    upstream_status: int | None = Field(
+        default=None, description="The upstream's HTTP status, when it answered one (502)."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """Every error, on every route (SPEC §3)."""
+
+    error: ErrorDetail
+
+
+ERROR_STATUSES: dict[int, str] = {
+    400: "invalid_request: bad JSON, a missing or wrong field (`param` names it)",
+    401: "unauthorized: inbound auth is on and the bearer token is missing or wrong",
+    403: "forbidden: the caller may not use this model",
+    404: "provider_not_found: the model resolves to a provider that is not registered",
+    405: "method_not_allowed: a wrong method on this route",
+    413: "payload_too_large: the body is over `max_body_bytes`",
+    429: "rate_limited or budget_exceeded: the caller is over its limits",
+    500: "internal_error: a bug (logged with its traceback, answered without one)",
+    502: "upstream_error: the provider answered non-2xx or nonsense, or could not be reached",
+    503: "provider_disabled, provider_overloaded or provider_cooling_down",
+    504: "upstream_timeout: no answer within the request's deadline",
+}
+
+HEADERS: dict[str, dict[str, Any]] = {
+    "X-Request-ID": {
+        "description": "The caller's request ID if it sent a valid one, else a new one.",
+        "schema": {"type": "string"},
+    },
+    "X-Chatd-Attempts": {
+        "description": "Upstream calls the request took, retries and fallbacks included.",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before asking again.",
+        "schema": {"type": "string"},
+    },
+    "WWW-Authenticate": {"description": "`Bearer`.", "schema": {"type": "string"}},
+    "Allow": {"description": "The methods this route takes.", "schema": {"type": "string"}},
+}
+STATUS_HEADERS: dict[int, tuple[str, ...]] = {
+    401: ("WWW-Authenticate",),
+    405: ("Allow",),
+    429: ("Retry-After",),
+    502: ("Retry-After", "X-Chatd-Attempts"),
+    503: ("Retry-After", "X-Chatd-Attempts"),
+    504: ("X-Chatd-Attempts",),
+}
+
+# What every route can answer whatever it does: a bug, a wrong method, an unknown path
+# under it is the router's 404 (documented on the router, not per route).
+ALWAYS = (405, 500)
+# Routes under /v1 when inbound auth is on.
+PROTECTED = (401,)
+# A route that reads a body and calls a provider through the dispatcher.
+MODEL_CALL = (400, 401, 403, 404, 405, 413, 429, 500, 502, 503, 504)
+
+
+def headers(*names: str) -> dict[str, Any]:
+    return {name: HEADERS[name] for name in names}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` entries for these error statuses, each the §3 envelope."""
+    return {
+        status: {
+            "model": ErrorResponse,
+            "description": ERROR_STATUSES[status],
+            "headers": headers("X-Request-ID", *STATUS_HEADERS.get(status, ())),
+        }
+        for status in sorted(set(statuses) | set(ALWAYS))
+    }
+
+
+def ok(
+    model: type[BaseModel] | None,
+    description: str,
+    *,
+    stream: bool = False,
+    extra_headers: tuple[str, ...] = (),
+) -> dict[int | str, dict[str, Any]]:
+    """The 200 entry: JSON of `model`, and `text/event-stream` when the route streams."""
+    entry: dict[str, Any] = {
+        "description": description,
+        "headers": headers("X-Request-ID", *extra_headers),
+    }
+    if model is not None:
+        entry["model"] = model
+    if stream:
+        entry["content"] = {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "description": "One Server-Sent Event: `data: <json>`.",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }
+            }
+        }
+    return {200: entry}
+
+
+def json_body(schema_name: str) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its JSON body itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}
+            },
+        }
+    }
+
+
+TIMEOUT_PARAMETER = {
+    "name": "X-Chatd-Timeout-Ms",
+    "in": "header",
+    "required": False,
+    "description": "Lower the request's deadline, in milliseconds (retries and fallbacks "
+    "included).",
+    "schema": {"type": "integer", "minimum": 1},
+}
+
+
+def model_call(schema_name: str) -> dict[str, Any]:
+    """`openapi_extra` for a route that calls a provider: its body and the timeout header."""
+    return {**json_body(schema_name), "parameters": [TIMEOUT_PARAMETER]}
+
+
+# -- bodies ------------------------------------------------------------------------------
+
+
+class ChatResponse(BaseModel):
+    """`POST /v1/chat`'s answer (SPEC §3)."""
+
+    model: str = Field(description="The model sent upstream (prefix stripped).")
+    content: str
+    input_tokens: int
+    output_tokens: int
+    finish_reason: str
+    provider: str
+    latency_ms: int
+    thinking: str | None = Field(default=None, description="Reasoning text, when returned.")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: str
+    default: str
+    providers: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="With ?probe=1: each registered provider's reachability."
+    )
+
+
+class ProviderEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    kind: str
+    base_url: str
+    available: bool
+    requests: int
+    errors: int
+    p50_latency_ms: float | None
+
+
+class ProviderListing(BaseModel):
+    default: str
+    providers: list[ProviderEntry]
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: str
+    data: list[ModelEntry]
+
+
+class ChatCompletion(BaseModel):
+    """An OpenAI `chat.completion`; from openai-kind vendors, relayed as they sent it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    object: str | None = None
+    created: int | None = None
+    model: str | None = None
+    choices: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+
+
+# The OpenAI Chat Completions request as chatd checks it (openai_compat.check_body):
+# only what chatd reads or translates is constrained; other fields pass through to
+# openai-kind vendors, which judge them.
+PART = "#/components/schemas/ContentPart"
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+CHAT_COMPLETION_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "title": "ChatCompletionRequest",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "pattern": r"\S"},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role"],
+                "properties": {
+                    "role": {
+                        "type": "string",
+                        "enum": ["assistant", "developer", "function", "system", "tool", "user"],
+                    },
+                    "content": {
+                        "description": "A string, or an array of content parts (only text "
+                        "parts can go to Ollama and mock providers: others are a 400).",
+                        "anyOf": [
+                            {"type": "string"},
+                            {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/ContentPart"},
+                            },
+                            {"type": "null"},
+                        ],
+                    },
+                },
+            },
+        },
+        "stream": {"type": "boolean"},
+        # null is "not set" for every optional field chatd reads (OpenAI's SDKs send it)
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": nullable({"type": "number"}),
+        "frequency_penalty": nullable({"type": "number"}),
+        "presence_penalty": nullable({"type": "number"}),
+        "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 2**31 - 1}),
+        "max_completion_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 2**31 - 1}),
+        "seed": nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}),
+        "stop": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}},
+                {"type": "null"},
+            ]
+        },
+        "response_format": nullable({"type": "object"}),
+        "stream_options": nullable({"type": "object"}),
+    },
+}
+
+CONTENT_PART: dict[str, Any] = {
+    "type": "object",
+    "title": "ContentPart",
+    "description": '`{"type": "text", "text": ...}`, or any other part an '
+    "openai-kind vendor takes (images, audio).",
+    "required": ["type"],
+    "properties": {"type": {"type": "string"}, "text": {"type": "string"}},
+}
+
+REQUEST_SCHEMAS: dict[str, Any] = {
+    "ChatCompletionRequest": CHAT_COMPLETION_REQUEST,
+    "ContentPart": CONTENT_PART,
+}
+
+
+def request_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A pydantic request model's JSON Schema with its `$defs` moved to the components."""
+    return model.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+def install_openapi(app: FastAPI, extra_schemas: dict[str, Any] | None = None) -> None:
+    """Serve an OpenAPI document that also holds the request schemas routes refer to."""
+    schemas: dict[str, Any] = dict(REQUEST_SCHEMAS)
+    chat = request_schema(ChatRequest)
+    schemas.update(chat.pop("$defs", {}))
+    schemas["ChatRequest"] = chat
+    schemas.update(extra_schemas or {})
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=DESCRIPTION,
+                routes=app.routes,
+            )
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            # FastAPI documents a 422 wherever it validates a parameter; chatd answers
+            # those as 400 invalid_request (documented), never 422.
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+            for name, schema in schemas.items():
+                components.setdefault(name, schema)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+DESCRIPTION = (
+    "One address for every LLM a platform calls. Errors on every route are the "
+    "`ErrorResponse` envelope (SPEC §3); an unknown path is `404 not_found`."
+)
