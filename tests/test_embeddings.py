@@ -377,3 +377,32 @@ async def test_the_route_is_in_the_openapi_document(app_client: Any) -> None:
     assert schema["properties"]["encoding_format"]["enum"] == ["float", "base64"]
     for status in ("200", "400", "404", "413", "502", "503", "504"):
         assert status in operation["responses"]
+
+
+@respx.mock
+async def test_ollama_cloud_embeds_through_api_embed_with_its_key(
+    app_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUD_EMBED_KEY", "cloud-secret")
+    settings = make_settings(
+        {
+            "ollama": {"kind": "ollama", "base_url": OLLAMA},
+            "ollama_cloud": {
+                "kind": "ollama_cloud",
+                "base_url": "http://cloud.test",
+                "key_env": "CLOUD_EMBED_KEY",
+            },
+        }
+    )
+    route = respx.post("http://cloud.test/api/embed").mock(side_effect=ollama_embed)
+    response = await post(app_client, {"model": "embeddinggemma:cloud", "input": "abc"}, settings)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "embeddinggemma"
+    assert response.json()["data"][0]["embedding"] == [3.0, 0.0]
+    request = route.calls[0].request
+    assert request.headers["authorization"] == "Bearer cloud-secret"
+    assert orjson.loads(request.content) == {
+        "model": "embeddinggemma",
+        "input": ["abc"],
+        "truncate": True,
+    }

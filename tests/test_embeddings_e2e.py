@@ -220,3 +220,14 @@ def test_metrics_and_the_log_line_count_embeddings_under_their_route(
     assert line["upstream_model"] == "anything"
     assert line["input_tokens"] == 5 and line["output_tokens"] == 0
     assert line["status"] == 200
+
+
+def test_the_callers_deadline_bounds_every_batch(chatd: ChatdProcess, fake: FakeUpstream) -> None:
+    body = {"model": "brittle/slow-3000", "input": [f"t{i}" for i in range(600)]}
+    started = time.monotonic()
+    response = httpx.post(
+        f"{chatd.url}/v1/embeddings", json=body, headers={"X-Chatd-Timeout-Ms": "500"}, timeout=30
+    )
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["type"] == "upstream_timeout"
+    assert time.monotonic() - started < 2.5
