@@ -8,6 +8,7 @@ files under `/stream`, served to a POST by the `error_page 405 =200 $uri` trick.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 WORDS = (
@@ -37,6 +38,18 @@ OPENAI_CHAT = {
         }
     ],
     "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16},
+}
+
+
+# One embedding of a typical size (768 dimensions), as Ollama's /api/embed and an OpenAI
+# vendor's /v1/embeddings answer it for a one-string input.
+VECTOR = [round(math.sin(i * 0.37) * 0.05, 8) for i in range(768)]
+OLLAMA_EMBED = {"model": "bench", "embeddings": [VECTOR], "prompt_eval_count": 4}
+OPENAI_EMBED = {
+    "object": "list",
+    "data": [{"object": "embedding", "index": 0, "embedding": VECTOR}],
+    "model": "text-embedding-3-small",
+    "usage": {"prompt_tokens": 4, "total_tokens": 4},
 }
 
 
@@ -128,6 +141,10 @@ def nginx_config(out: Path, port: int) -> str:
             ),
             _file_location(
                 out / "static", "/stream/v1/chat/completions", "text/event-stream", openai_sse()
+            ),
+            _file_location(out / "static", "/api/embed", "application/json", _dump(OLLAMA_EMBED)),
+            _file_location(
+                out / "static", "/v1/embeddings", "application/json", _dump(OPENAI_EMBED)
             ),
         ]
     )

@@ -25,6 +25,7 @@ from .contract import (
     ok,
 )
 from .dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream
+from .embeddings import install_embeddings_routes
 from .errors import (
     ChatdError,
     InternalError,
@@ -132,6 +133,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         return json_response(answer, headers={ATTEMPTS_HEADER: str(served.attempts)})
 
     install_openai_routes(app, dispatcher, registry, settings)
+    install_embeddings_routes(app, dispatcher, settings)
 
     @app.get(
         "/v1/chat/providers",

@@ -75,6 +75,8 @@ class ProviderConfig(BaseModel):
     queue_timeout_secs: float = Field(default=30, ge=0)
     cooldown_failures: int = Field(default=5, ge=0)
     cooldown_secs: float = Field(default=30, ge=0)
+    # embeddings (SPEC §11): most inputs sent upstream in one call
+    embed_batch: int = Field(default=256, ge=1)
 
     @property
     def needs_key(self) -> bool:

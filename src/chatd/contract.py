@@ -300,6 +300,53 @@ CHAT_COMPLETION_REQUEST: dict[str, Any] = {
     },
 }
 
+MAX_INPUTS = 2048  # SPEC §11
+MAX_DIMENSIONS = 65_536  # well past any model's; bounds the mock's work
+EMBEDDINGS_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "title": "EmbeddingsRequest",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "pattern": r"\S"},
+        "input": {
+            "description": "A string, or a list of strings (token-id arrays are refused).",
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_INPUTS,
+                    "items": {"type": "string", "minLength": 1},
+                },
+            ],
+        },
+        "encoding_format": nullable({"type": "string", "enum": ["float", "base64"]}),
+        "dimensions": nullable({"type": "integer", "minimum": 1, "maximum": MAX_DIMENSIONS}),
+        "user": {"description": "Ignored."},
+    },
+}
+
+
+class Embedding(BaseModel):
+    object: str
+    index: int
+    embedding: list[float] | str = Field(description="Floats, or base64 of float32 LE.")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    """`POST /v1/embeddings`'s answer (SPEC §11), `data` in input order."""
+
+    object: str
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 CONTENT_PART: dict[str, Any] = {
     "type": "object",
     "title": "ContentPart",
@@ -312,6 +359,7 @@ CONTENT_PART: dict[str, Any] = {
 REQUEST_SCHEMAS: dict[str, Any] = {
     "ChatCompletionRequest": CHAT_COMPLETION_REQUEST,
     "ContentPart": CONTENT_PART,
+    "EmbeddingsRequest": EMBEDDINGS_REQUEST,
 }
 
 

@@ -69,3 +69,11 @@ class StreamEvent:
     output_tokens: int = 0
     finish_reason: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EmbedResult:
+    """What a provider returns for one embeddings call: a vector per input, in order."""
+
+    vectors: list[list[float]]
+    input_tokens: int = 0

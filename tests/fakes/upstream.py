@@ -7,6 +7,12 @@ One server answers both dialects, by path:
   and gets Ollama's own 404: `{"error":"model \\"X\\" not found, try pulling it first"}`.
 - OpenAI: `POST /v1/chat/completions` (JSON, or SSE with a `: OPENROUTER PROCESSING`
   keep-alive, a usage chunk when asked for, and `data: [DONE]`), `GET /v1/models`.
+- Embeddings: `POST /api/embed` (Ollama) and `POST /v1/embeddings` (OpenAI, floats, or
+  base64 when asked): `fake_vector(text, dimensions)` per input (4 dimensions unless
+  `dimensions` is sent), a token per word. An input `!reset` resets that call's
+  connection. `embed_in_flight` / `peak_embed_in_flight` count embedding calls from
+  arrival until just before their answer is written (so a client that got an answer
+  can never see its call still counted); `reset_peaks()` zeroes the peaks.
 
 The model name picks a behaviour (the part after the last `/` for OpenAI paths):
 
@@ -25,6 +31,8 @@ The model name picks a behaviour (the part after the last `/` for OpenAI paths):
     big                 a long answer (≈200 KB)
     think               an answer with reasoning text
     tool                (/api/chat) a call of the request's first tool, arguments {"city": "Paris"}
+    wrongcount          (embeddings) one vector fewer than inputs
+    ragged              (embeddings) the second vector is one element short
 
 Every request is recorded in `calls` (path, parsed JSON, lower-cased headers), with the
 time the server saw the client go away, if it did, in `disconnected_at`. The server also
@@ -35,7 +43,9 @@ accepted in all, for leak checks.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import socket
 import struct
@@ -64,6 +74,16 @@ class Call:
 
 class ClientGone(Exception):
     pass
+
+
+def fake_vector(text: str, dimensions: int = 4) -> list[float]:
+    """The fake's embedding of `text`: hash bytes as float32-exact values in [-1, 1)."""
+    raw = b""
+    counter = 0
+    while len(raw) < dimensions:
+        raw += hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        counter += 1
+    return [(b - 128) / 128 for b in raw[:dimensions]]
 
 
 def behaviour(model: str) -> tuple[str, int]:
@@ -214,13 +234,17 @@ class Handler(BaseHTTPRequestHandler):
             dialect = "generate"
         elif self.path.startswith("/v1/chat/completions"):
             dialect = "openai"
+        elif self.path.startswith("/api/embed"):
+            dialect = "embed"
+        elif self.path.startswith("/v1/embeddings"):
+            dialect = "openai_embed"
         else:
             self.send_json(404, {"error": f"no route {self.path}"})
             return
         if not isinstance(call.json, dict) or not model:
             self.send_json(400, {"error": "missing model"})
             return
-        if dialect != "openai" and ("/" in model or model.startswith("missing")):
+        if not dialect.startswith("openai") and ("/" in model or model.startswith("missing")):
             self.send_json(404, {"error": f'model "{model}" not found, try pulling it first'})
             return
 
@@ -258,6 +282,9 @@ class Handler(BaseHTTPRequestHandler):
 
         elif kind == "tool" and dialect == "chat":
             self.answer_tool_call(model, body, stream)
+            return
+        if dialect in ("embed", "openai_embed"):
+            self.answer_embed(call, dialect, model, body, kind, n)
             return
 
         text = ANSWER * 4000 if kind == "big" else ANSWER
@@ -297,10 +324,61 @@ class Handler(BaseHTTPRequestHandler):
         self.chunk(ndjson({**final, "message": {"role": "assistant", "content": ""}}))
         self.end_chunked()
 
+    def answer_embed(
+        self, call: Call, dialect: str, model: str, body: dict[str, Any], kind: str, n: int
+    ) -> None:
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            self.send_error_body(dialect, 400, "input must be text", {})
+            return
+        with self.server.lock:
+            self.server.embed_in_flight += 1
+            self.server.peak_embed_in_flight = max(
+                self.server.peak_embed_in_flight, self.server.embed_in_flight
+            )
+        try:
+            if "!reset" in inputs:
+                self.drop(reset=True)
+                return
+            if kind == "slow" and self.sleep_watching(n / 1000, call):
+                return
+            dims = body.get("dimensions") or 4
+            vectors = [fake_vector(text, dims) for text in inputs]
+            if kind == "wrongcount":
+                vectors = vectors[:-1]
+            elif kind == "ragged" and len(vectors) > 1:
+                vectors[1] = vectors[1][:-1]
+            tokens = sum(len(text.split()) for text in inputs)
+        finally:
+            with self.server.lock:
+                self.server.embed_in_flight -= 1
+        if dialect == "embed":
+            self.send_json(
+                200, {"model": model, "embeddings": vectors, "prompt_eval_count": tokens}
+            )
+            return
+        base64_wanted = body.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": (
+                    base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+                    if base64_wanted
+                    else v
+                ),
+            }
+            for i, v in enumerate(vectors)
+        ]
+        data.reverse()  # `index`, not position, says which input a vector is for
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        self.send_json(200, {"object": "list", "data": data, "model": model, "usage": usage})
+
     def send_error_body(
         self, dialect: str, status: int, message: str, headers: dict[str, str]
     ) -> None:
-        if dialect == "openai":
+        if dialect.startswith("openai"):
             data: Any = {"error": {"message": message, "type": "fake_error", "code": status}}
         else:
             data = {"error": message}
@@ -453,6 +531,8 @@ class FakeServer(ThreadingHTTPServer):
         # Leak checks (read under `lock`): requests being answered, connections being served.
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.embed_in_flight = 0
+        self.peak_embed_in_flight = 0
         self.open_connections = 0
         self.peak_connections = 0
         self.accepted_connections = 0
@@ -502,12 +582,18 @@ class FakeUpstream:
             self.server.calls.clear()
             self.server.flaky_seen.clear()
 
+    def reset_peaks(self) -> None:
+        with self.server.lock:
+            self.server.peak_in_flight = self.server.in_flight
+            self.server.peak_embed_in_flight = self.server.embed_in_flight
+
     def counters(self) -> dict[str, int]:
         """In-flight requests and open client connections now, and their peaks."""
         with self.server.lock:
             return {
                 "in_flight": self.server.in_flight,
                 "peak_in_flight": self.server.peak_in_flight,
+                "peak_embed_in_flight": self.server.peak_embed_in_flight,
                 "open_connections": self.server.open_connections,
                 "peak_connections": self.server.peak_connections,
                 "accepted_connections": self.server.accepted_connections,

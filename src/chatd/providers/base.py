@@ -12,6 +12,7 @@ import errno
 import socket
 import ssl
 from abc import ABC, abstractmethod
+from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,9 +21,9 @@ import httpx
 import orjson
 
 from ..config import ProviderConfig
-from ..errors import UpstreamError, UpstreamTimeout
+from ..errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from ..openai_compat import chunks, completion, to_chat_request, wants_usage
-from ..types import ChatRequest, ChatResult, StreamEvent
+from ..types import ChatRequest, ChatResult, EmbedResult, StreamEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,14 @@ class Provider(ABC):
     async def list_models(self) -> list[str]:
         """The upstream's model names, for `GET /v1/models`; none by default."""
         return []
+
+    async def embed(
+        self, inputs: list[str], model: str, dimensions: int | None, body: dict[str, Any]
+    ) -> EmbedResult:
+        """SPEC §11: one vector per input, in order (`body` is the caller's request)."""
+        raise InvalidRequest(
+            f"provider {self.name} ({self.kind}) serves no embeddings", param="model"
+        )
 
     def describe(self) -> dict[str, Any]:
         """The public listing entry: never a key, never a key's length."""
@@ -323,6 +332,27 @@ def loads_line(provider: Provider, line: str) -> Any:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
         raise provider.bad_shape("unparseable stream line", line) from None
+
+
+def check_vectors(provider: Provider, vectors: Any, expected: int) -> list[list[float]]:
+    """An upstream's embeddings, checked: one list of numbers per input, all one length.
+    Anything else is a 502 (a half answer must never reach the caller)."""
+    if not isinstance(vectors, list) or len(vectors) != expected:
+        got = len(vectors) if isinstance(vectors, list) else "no"
+        raise UpstreamError(provider.name, f"answered {got} vectors for {expected} inputs")
+    width = None
+    for vector in vectors:
+        if not isinstance(vector, list) or not vector:
+            raise UpstreamError(provider.name, "answered an embedding that is not a vector")
+        if width is None:
+            width = len(vector)
+        elif len(vector) != width:
+            raise UpstreamError(provider.name, "answered vectors of different lengths")
+        try:
+            array("d", vector)  # a C-speed check that every element is a number
+        except TypeError:
+            raise UpstreamError(provider.name, "answered a vector with non-numbers") from None
+    return vectors
 
 
 def as_int(value: Any) -> int:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
+from array import array
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 
-from ..types import ChatRequest, ChatResult, StreamEvent
+from ..types import ChatRequest, ChatResult, EmbedResult, StreamEvent
 from .base import Provider
+
+MOCK_DIMENSIONS = 8
 
 
 def mock_answer(request: ChatRequest, reply: str | None) -> ChatResult:
@@ -29,6 +35,17 @@ def mock_answer(request: ChatRequest, reply: str | None) -> ChatResult:
         output_tokens=len(words),
         finish_reason=finish,
     )
+
+
+def mock_embedding(text: str, dimensions: int = MOCK_DIMENSIONS) -> list[float]:
+    """A deterministic unit vector from a hash of `text`: the same text, the same vector.
+    Values are float32-exact, so a base64 answer decodes to exactly the float one."""
+    raw = hashlib.shake_256(text.encode()).digest(2 * dimensions)
+    values = [
+        int.from_bytes(raw[i : i + 2], "little") / 32767.5 - 1.0 for i in range(0, len(raw), 2)
+    ]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return array("f", [v / norm for v in values]).tolist()
 
 
 class MockProvider(Provider):
@@ -58,3 +75,11 @@ class MockProvider(Provider):
             output_tokens=answer.output_tokens,
             finish_reason=answer.finish_reason,
         )
+
+    async def embed(
+        self, inputs: list[str], model: str, dimensions: int | None, body: dict[str, Any]
+    ) -> EmbedResult:
+        if self.config.latency_ms:
+            await asyncio.sleep(self.config.latency_ms / 1000)
+        vectors = [mock_embedding(text, dimensions or MOCK_DIMENSIONS) for text in inputs]
+        return EmbedResult(vectors, sum(len(text.split()) for text in inputs))

@@ -1,4 +1,4 @@
-"""Local Ollama: `POST /api/chat` (SPEC §4)."""
+"""Local Ollama: `POST /api/chat` (SPEC §4), `POST /api/embed` (SPEC §11)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..openai_compat import chunks, completion, to_ollama_chat, wants_usage
-from ..types import ChatRequest, ChatResult, StreamEvent
-from .base import Provider, as_int, loads_line
+from ..types import ChatRequest, ChatResult, EmbedResult, StreamEvent
+from .base import Provider, as_int, check_vectors, loads_line
 
 
 def ollama_options(request: ChatRequest) -> dict[str, Any]:
@@ -51,6 +51,23 @@ def parse_ollama_response(provider: Provider, data: Any, text_field: str) -> Cha
         thinking=thinking if isinstance(thinking, str) and thinking else None,
         tool_calls=tool_calls if isinstance(tool_calls, list) and tool_calls else None,
     )
+
+
+def to_ollama_embed_body(inputs: list[str], model: str, dimensions: int | None) -> dict[str, Any]:
+    """The /api/embed body (Ollama and Ollama Cloud): over-long inputs are truncated
+    upstream rather than refused, as OpenAI-style callers expect."""
+    body: dict[str, Any] = {"model": model, "input": inputs, "truncate": True}
+    if dimensions is not None:
+        body["dimensions"] = dimensions
+    return body
+
+
+def parse_ollama_embed(provider: Provider, data: Any, expected: int) -> EmbedResult:
+    """Read /api/embed's `embeddings` and `prompt_eval_count`."""
+    if not isinstance(data, dict):
+        raise provider.bad_shape("unexpected response shape", data)
+    vectors = check_vectors(provider, data.get("embeddings"), expected)
+    return EmbedResult(vectors, as_int(data.get("prompt_eval_count")))
 
 
 async def read_ndjson_stream(
@@ -111,6 +128,12 @@ class OllamaProvider(Provider):
 
     async def list_models(self) -> list[str]:
         return ollama_tags(await self.get_json(self.models_path))
+
+    async def embed(
+        self, inputs: list[str], model: str, dimensions: int | None, body: dict[str, Any]
+    ) -> EmbedResult:
+        data = await self.post_json("/api/embed", to_ollama_embed_body(inputs, model, dimensions))
+        return parse_ollama_embed(self, data, len(inputs))
 
 
 def ollama_tags(data: Any) -> list[str]:

@@ -1,4 +1,5 @@
-"""Ollama Cloud: `POST /api/generate` with a Bearer key and flattened messages (SPEC §4)."""
+"""Ollama Cloud: `POST /api/generate` with a Bearer key and flattened messages (SPEC §4);
+`POST /api/embed` as local Ollama (SPEC §11)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ from ..openai_compat import (
     options_from_openai,
     wants_usage,
 )
-from ..types import ChatRequest, ChatResult, Message, StreamEvent
+from ..types import ChatRequest, ChatResult, EmbedResult, Message, StreamEvent
 from .base import Provider
-from .ollama import ollama_options, ollama_tags, parse_ollama_response, read_ndjson_stream
+from .ollama import (
+    ollama_options,
+    ollama_tags,
+    parse_ollama_embed,
+    parse_ollama_response,
+    read_ndjson_stream,
+    to_ollama_embed_body,
+)
 
 SPEAKERS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
 
@@ -91,3 +99,9 @@ class OllamaCloudProvider(Provider):
 
     async def list_models(self) -> list[str]:
         return ollama_tags(await self.get_json(self.models_path))
+
+    async def embed(
+        self, inputs: list[str], model: str, dimensions: int | None, body: dict[str, Any]
+    ) -> EmbedResult:
+        data = await self.post_json("/api/embed", to_ollama_embed_body(inputs, model, dimensions))
+        return parse_ollama_embed(self, data, len(inputs))

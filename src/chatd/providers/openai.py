@@ -1,12 +1,17 @@
-"""The OpenAI-compatible family (OpenRouter, OpenCode, Kimi, and any added): `/chat/completions`."""
+"""The OpenAI-compatible family (OpenRouter, OpenCode, Kimi, and any added): `/chat/completions`,
+`/embeddings`."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import sys
+from array import array
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..types import ChatRequest, ChatResult, StreamEvent
-from .base import Provider, as_int, loads_line
+from ..types import ChatRequest, ChatResult, EmbedResult, StreamEvent
+from .base import Provider, as_int, check_vectors, loads_line
 
 
 def to_openai_body(request: ChatRequest, model: str, *, stream: bool = False) -> dict[str, Any]:
@@ -42,6 +47,40 @@ def parse_openai_response(provider: Provider, data: Any) -> ChatResult:
         finish_reason=str(choice.get("finish_reason") or "stop"),
         thinking=thinking if isinstance(thinking, str) and thinking else None,
     )
+
+
+def to_openai_embed_body(body: dict[str, Any], inputs: list[str], model: str) -> dict[str, Any]:
+    """The caller's /v1/embeddings body but for `model` and `input` (this batch), asking
+    for float vectors: chatd reassembles batches and does any base64 encoding itself."""
+    return {**body, "model": model, "input": inputs, "encoding_format": "float"}
+
+
+def parse_openai_embed(provider: Provider, data: Any, expected: int) -> EmbedResult:
+    """Read `data[].embedding` in `index` order and `usage.prompt_tokens`. A vendor that
+    answers base64 although floats were asked for is decoded, not refused."""
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise provider.bad_shape("unexpected response shape", data)
+    indices = [item.get("index") for item in items]
+    if sorted(i for i in indices if isinstance(i, int)) == list(range(len(items))):
+        items = sorted(items, key=lambda item: item["index"])
+    vectors = [as_vector(provider, item.get("embedding")) for item in items]
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return EmbedResult(
+        check_vectors(provider, vectors, expected), as_int(usage.get("prompt_tokens"))
+    )
+
+
+def as_vector(provider: Provider, embedding: Any) -> Any:
+    if not isinstance(embedding, str):
+        return embedding
+    try:
+        floats = array("f", base64.b64decode(embedding, validate=True))
+    except (binascii.Error, ValueError):
+        raise provider.bad_shape("answered an embedding that is not a vector", "") from None
+    if sys.byteorder == "big":
+        floats.byteswap()
+    return floats.tolist()
 
 
 class OpenAIProvider(Provider):
@@ -111,6 +150,12 @@ class OpenAIProvider(Provider):
                     raise self.bad_shape("upstream error mid-stream", str(data["error"]))
                 yield data
         raise self.bad_shape("stream ended before [DONE]", "")
+
+    async def embed(
+        self, inputs: list[str], model: str, dimensions: int | None, body: dict[str, Any]
+    ) -> EmbedResult:
+        data = await self.post_json("/embeddings", to_openai_embed_body(body, inputs, model))
+        return parse_openai_embed(self, data, len(inputs))
 
     async def list_models(self) -> list[str]:
         data = await self.get_json(self.models_path)
