@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
+from .anthropic_api import install_anthropic_routes
 from .config import Settings
 from .dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream
 from .errors import (
@@ -145,6 +146,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         return json_response(answer, headers={ATTEMPTS_HEADER: str(served.attempts)})
 
     install_openai_routes(app, dispatcher, registry, settings)
+    install_anthropic_routes(app, dispatcher, settings)
 
     @app.get("/v1/chat/providers")
     async def providers() -> Response:
