@@ -197,6 +197,20 @@ def test_thinking_becomes_reasoning_effort(thinking: dict[str, Any], effort: str
     assert translated(thinking=thinking).get("reasoning_effort") == effort
 
 
+def test_output_config_effort_and_json_schema_format() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    out = translated(
+        thinking={"type": "adaptive"},
+        output_config={"effort": "max", "format": {"type": "json_schema", "schema": schema}},
+    )
+    assert out["reasoning_effort"] == "high"
+    assert out["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema},
+    }
+    assert "reasoning_effort" not in translated(output_config={"effort": "low"})
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -280,6 +294,8 @@ def test_thinking_becomes_reasoning_effort(thinking: dict[str, Any], effort: str
         ({"tool_choice": {"type": "maybe"}}, "tool_choice.type"),
         ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
         ({"thinking": True}, "thinking"),
+        ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
+        ({"output_config": {"format": {"type": "json_object"}}}, "output_config.format"),
     ],
 )
 def test_bad_input_is_an_invalid_request_naming_the_field(

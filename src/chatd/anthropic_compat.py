@@ -123,8 +123,11 @@ def to_openai(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
     if choice is not None:
         out.update(openai_tool_choice(choice))
     effort = reasoning_effort(body.get("thinking"))
+    config = output_config(body.get("output_config"))
+    asked = config.pop("reasoning_effort", None)  # an effort counts only with thinking on
     if effort is not None:
-        out["reasoning_effort"] = effort
+        out["reasoning_effort"] = asked or effort
+    out.update(config)
     if stream:
         out["stream_options"] = {"include_usage": True}
     return out
@@ -318,6 +321,32 @@ def reasoning_effort(thinking: Any) -> str | None:
     if not is_int(budget) or budget < 1:
         raise bad("thinking.budget_tokens", "must be a positive integer")
     return next((effort for below, effort in EFFORTS if budget < below), "high")
+
+
+def output_config(config: Any) -> dict[str, Any]:
+    """`output_config`: `effort` (used when thinking is on) and a JSON-schema `format`
+    as `response_format` (Ollama kinds turn that into `format: <schema>`)."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise bad("output_config", "must be an object")
+    out: dict[str, Any] = {}
+    effort = config.get("effort")
+    if effort is not None:
+        if effort not in ("low", "medium", "high", "xhigh", "max"):
+            raise bad("output_config.effort", "must be low, medium, high, xhigh or max")
+        out["reasoning_effort"] = effort if effort in ("low", "medium") else "high"
+    fmt = config.get("format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            raise bad("output_config.format", "must be {type: json_schema, schema}")
+        if not isinstance(fmt.get("schema"), dict):
+            raise bad("output_config.format.schema", "must be an object (a JSON Schema)")
+        out["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": fmt["schema"]},
+        }
+    return out
 
 
 # -- from a chat.completion ----------------------------------------------------------
