@@ -631,3 +631,16 @@ async def test_x_api_key_is_a_token_and_a_refusal_is_anthropic_shaped(
             assert refused.json()["error"]["type"] == "unauthorized"
             listed = await client.get("/v1/chat/providers", headers={"x-api-key": "tok-a"})
             assert listed.status_code == 200
+
+
+def test_the_route_is_documented_in_openapi() -> None:
+    app = create_app(make_settings({"echo": {"kind": "mock"}}, default_provider="echo"))
+    operation = app.openapi()["paths"]["/v1/messages"]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["model", "max_tokens", "messages"]
+    assert schema["properties"]["max_tokens"]["minimum"] == 1
+    assert schema["properties"]["messages"]["minItems"] == 1
+    assert set(operation["responses"]) >= {"200", "400", "401", "404", "413", "429", "502", "503"}
+    error = operation["responses"]["400"]["content"]["application/json"]["schema"]
+    assert error["properties"]["type"] == {"const": "error"}
+    assert "/v1/messages/count_tokens" not in app.openapi()["paths"]

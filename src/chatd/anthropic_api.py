@@ -188,11 +188,11 @@ def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Set
         body = check_body(loads_body(await read_body(request, max_body)))
         model: str = body["model"]
         note(request, model=model)
+        stream = bool(body.get("stream"))
+        upstream = to_openai_body(body, stream=stream)  # every block checked before admission
         admit = getattr(request.app.state, "admit", None)  # callers (SPEC §12), when present
         if admit is not None:
             await admit(request, model)
-        stream = bool(body.get("stream"))
-        upstream = to_openai_body(body, stream=stream)
         stops = body.get("stop_sequences")
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
         if stream:
