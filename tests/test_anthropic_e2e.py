@@ -470,6 +470,15 @@ def test_the_request_log_names_the_route_and_tokens(
     assert line["model"] == "ollama/ok" and line["provider"] == "ollama"
     assert line["output_tokens"] == len(ANSWER.split()) and line["input_tokens"] > 0
 
+    # the caller sees Anthropic's error type; the log keeps §3's
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(
+            model="x:cloud", max_tokens=8, messages=USER, extra_headers={"X-Request-ID": "anth-2"}
+        )
+    time.sleep(0.2)
+    [line] = [json.loads(x) for x in chatd.log().splitlines() if '"anth-2"' in x]
+    assert line["status"] == 404 and line["error"] == "provider_not_found"
+
 
 # -- a caller token as x-api-key ----------------------------------------------------------
 
