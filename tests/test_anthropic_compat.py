@@ -644,3 +644,27 @@ def test_the_route_is_documented_in_openapi() -> None:
     error = operation["responses"]["400"]["content"]["application/json"]["schema"]
     assert error["properties"]["type"] == {"const": "error"}
     assert "/v1/messages/count_tokens" not in app.openapi()["paths"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "allowed"),
+    [
+        ([(b"x-api-key", b"tok-a")], True),
+        ([(b"authorization", b"Bearer tok-a")], True),
+        ([(b"authorization", b"Basic abc"), (b"x-api-key", b"tok-a")], True),
+        ([(b"authorization", b"Bearer wrong"), (b"x-api-key", b"tok-a")], True),
+        ([(b"x-api-key", b"wrong")], False),
+        ([(b"x-api-key", b"")], False),
+        ([(b"authorization", b"Basic abc")], False),
+        ([], False),
+    ],
+)
+def test_inbound_auth_takes_a_token_from_either_header(
+    headers: list[tuple[bytes, bytes]], allowed: bool
+) -> None:
+    from chatd.auth import BearerAuth
+
+    refusal = BearerAuth(["tok-a"])({"path": "/v1/messages", "headers": headers})
+    assert (refusal is None) is allowed
+    if refusal is not None:
+        assert refusal.status == 401 and "tok-a" not in refusal.message

@@ -72,7 +72,7 @@ class BearerAuth:
                     "Authorization must be 'Bearer <token>'", headers=dict(CHALLENGE)
                 )
         if not any(self.accepts(token) for token in tokens):
-            return Unauthorized("invalid bearer token", headers=dict(CHALLENGE))
+            return Unauthorized("invalid token", headers=dict(CHALLENGE))
         return None
 
     def accepts(self, token: bytes) -> bool:
