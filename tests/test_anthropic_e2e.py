@@ -37,7 +37,8 @@ OPENAI_WEATHER = {
         "description": "The weather in a city",
     },
 }
-KINDS = ["ollama/ok", "openrouter/ok", "echo/anything"]
+KINDS = ["ollama/ok", "ok:cloud", "openrouter/ok", "echo/anything"]
+CLOUD_KEY = "ollama-cloud-test-key"
 QUIET = {"max_retries": 0, "cooldown_failures": 0}  # failures tested here stay single calls
 
 
@@ -45,7 +46,8 @@ def config(fake: FakeUpstream) -> str:
     return (
         '[models]\nhot = "ollama/ok"\n\n[chatd]\ntimeout_secs = 15\n\n'
         + provider_toml("ollama", "ollama", fake.url, **QUIET)
-        + provider_toml("ollama_cloud", "ollama_cloud", fake.url, enabled=False)
+        + provider_toml("ollama_cloud", "ollama_cloud", fake.url, **QUIET)
+        + provider_toml("gone", "openai", fake.url + "/v1", enabled=False)  # → 404
         + provider_toml("openrouter", "openai", fake.url + "/v1", **QUIET)
         + provider_toml("kimi", "openai", fake.url + "/v1", enabled=True)  # keyless: 503
         + provider_toml("echo", "mock")
@@ -54,11 +56,11 @@ def config(fake: FakeUpstream) -> str:
 
 @pytest.fixture(scope="module")
 def chatd(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatdProcess]:
-    env = {"OPENROUTER_API_KEY": KEY}
+    env = {"OPENROUTER_API_KEY": KEY, "OLLAMA_API_KEY": CLOUD_KEY}
     with ChatdProcess(config(fake), tmp_path_factory.mktemp("anthropic"), env=env) as process:
         yield process
         log = process.log()
-        assert KEY not in log
+        assert KEY not in log and CLOUD_KEY not in log
         assert "Traceback" not in log, log[-3000:]
 
 
@@ -116,6 +118,26 @@ def test_system_and_multi_turn_reach_ollama_translated(
     ]
     assert sent["options"] == {"temperature": 0.3, "num_predict": 64}
     assert sent["think"] is False and sent["stream"] is False
+
+
+def test_system_and_multi_turn_reach_ollama_cloud_flattened(
+    client: anthropic.Anthropic, fake: FakeUpstream
+) -> None:
+    client.messages.create(
+        model="ok:cloud",
+        max_tokens=64,
+        system="Be brief.",
+        messages=[
+            {"role": "user", "content": "Hi."},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Again."},
+        ],
+    )
+    call = fake.calls_to("/api/generate")[-1]
+    assert call.json["model"] == "ok" and call.json["system"] == "Be brief."
+    assert call.json["prompt"] == "User: Hi.\n\nAssistant: Hello!\n\nUser: Again.\n\nAssistant:"
+    assert call.json["options"] == {"num_predict": 64}
+    assert call.headers["authorization"] == f"Bearer {CLOUD_KEY}"
 
 
 def test_system_blocks_and_multi_turn_reach_an_openai_kind_translated(
@@ -381,7 +403,7 @@ def error_of(exc: anthropic.APIStatusError) -> dict[str, Any]:
 
 def test_unregistered_provider_is_not_found(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.NotFoundError) as caught:
-        client.messages.create(model="kimi-k2.6:cloud", max_tokens=8, messages=USER)
+        client.messages.create(model="gone/kimi-k2.6", max_tokens=8, messages=USER)
     assert error_of(caught.value)["type"] == "not_found_error"
 
 
@@ -473,7 +495,7 @@ def test_the_request_log_names_the_route_and_tokens(
     # the caller sees Anthropic's error type; the log keeps §3's
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(
-            model="x:cloud", max_tokens=8, messages=USER, extra_headers={"X-Request-ID": "anth-2"}
+            model="gone/x", max_tokens=8, messages=USER, extra_headers={"X-Request-ID": "anth-2"}
         )
     time.sleep(0.2)
     [line] = [json.loads(x) for x in chatd.log().splitlines() if '"anth-2"' in x]
