@@ -308,6 +308,12 @@ def build_targets(up: int, gws: dict[str, Gateway]) -> tuple[list[Target], list[
             d_oai,
         ),
         Target(
+            "chatd /v1/messages (openai kind)",
+            "chatd",
+            Request(c, "/v1/messages", {**chat("benchoai/gpt-4o-mini"), "max_tokens": 64}),
+            d_oai,
+        ),
+        Target(
             "litellm /v1/chat/completions",
             "litellm",
             Request(lt, "/v1/chat/completions", oai_body, lt_auth),
@@ -378,6 +384,12 @@ def build_targets(up: int, gws: dict[str, Gateway]) -> tuple[list[Target], list[
             "chatd /v1/chat/completions stream",
             "chatd",
             Request(c, "/v1/chat/completions", chat("oaistream/bench", **on)),
+            s_oai,
+        ),
+        Target(
+            "chatd /v1/messages stream",
+            "chatd",
+            Request(c, "/v1/messages", {**chat("oaistream/bench", **on), "max_tokens": 64}),
             s_oai,
         ),
         Target(

@@ -1,6 +1,7 @@
 """Bad input never breaks the service (issue #4): schemathesis over chatd's own OpenAPI
 schema against a real process whose upstreams are `mock` providers, plus hand-made
-hostile bodies. Every answer is a success or a SPEC §3 error envelope; never a 500.
+hostile bodies. Every answer is a success or a SPEC §3 error envelope (on /v1/messages,
+Anthropic's error shape, SPEC §14); never a 500.
 
 Size: `CHATD_FUZZ_EXAMPLES` examples per operation (default 300, about 500 requests
 in all); `scripts/fuzz.sh` runs it with ≥1,000.
@@ -37,6 +38,16 @@ ERROR_TYPES = {
     # a generated X-Chatd-Timeout-Ms of a millisecond or two is a real, honest 504
     504: {"upstream_timeout"},
 }
+# /v1/messages answers errors in Anthropic's shape, with the same statuses (SPEC §14).
+ANTHROPIC_ERROR_TYPES = {
+    400: {"invalid_request_error"},
+    404: {"not_found_error"},
+    405: {"invalid_request_error"},
+    413: {"request_too_large"},
+    503: {"overloaded_error"},
+    504: {"api_error"},
+}
+MESSAGES = "/v1/messages"
 
 
 def config(upstream: str) -> str:
@@ -86,9 +97,12 @@ def fuzz_schema() -> Any:
     return schema
 
 
-def assert_well_formed(status: int, content_type: str, body: bytes) -> None:
+def assert_well_formed(status: int, content_type: str, body: bytes, path: str = "") -> None:
     """A success, or the SPEC §3 envelope with a status and type from its table."""
     assert status != 500, (status, body[:500])
+    if path.startswith(MESSAGES):
+        assert_anthropic_well_formed(status, content_type, body)
+        return
     if status == 200:
         if content_type.startswith("text/event-stream"):
             assert body.startswith(b"data: "), body[:200]
@@ -100,6 +114,21 @@ def assert_well_formed(status: int, content_type: str, body: bytes) -> None:
     assert set(error) >= {"message", "type", "code", "param"}, error
     assert error["code"] == error["type"], error
     assert error["type"] in ERROR_TYPES.get(status, set()), (status, error)
+
+
+def assert_anthropic_well_formed(status: int, content_type: str, body: bytes) -> None:
+    """A message (or its event stream), or Anthropic's error shape with a §3 status."""
+    if status == 200:
+        if content_type.startswith("text/event-stream"):
+            assert body.startswith(b"event: message_start\n"), body[:200]
+            assert body.rstrip().endswith(b'data: {"type":"message_stop"}'), body[-200:]
+        else:
+            assert orjson.loads(body)["type"] == "message", body[:200]
+        return
+    assert content_type.startswith("application/json"), (status, content_type, body[:200])
+    answer = orjson.loads(body)
+    assert answer["type"] == "error" and set(answer["error"]) == {"type", "message"}, answer
+    assert answer["error"]["type"] in ANTHROPIC_ERROR_TYPES.get(status, set()), (status, answer)
 
 
 fuzzed = fuzz_schema()
@@ -130,7 +159,7 @@ def test_generated_requests_pass_every_contract_check(case: Any, chatd: ChatdPro
     response = case.call_and_validate(base_url=chatd.url, timeout=10)
     SENT.append(response.status_code)
     content_type = (response.headers.get("content-type") or [""])[0]
-    assert_well_formed(response.status_code, content_type, response.content)
+    assert_well_formed(response.status_code, content_type, response.content, case.path)
 
 
 def test_fuzz_volume_is_reported() -> None:
@@ -287,3 +316,112 @@ def test_wrong_methods_and_routes_stay_in_the_envelope(chatd: ChatdProcess) -> N
     ]:
         response = httpx.request(method, f"{chatd.url}{path}", timeout=10)
         assert_clean_4xx(response, status)
+
+
+# -- hand-made hostile bodies for /v1/messages (SPEC §14) --------------------------------
+
+ANTHROPIC_USER = [{"role": "user", "content": "hi"}]
+
+
+def post_messages(chatd: ChatdProcess, content: bytes, content_type: str = "application/json"):
+    return httpx.post(
+        f"{chatd.url}{MESSAGES}",
+        content=content,
+        headers={"Content-Type": content_type},
+        timeout=30,
+    )
+
+
+def assert_anthropic_4xx(response: httpx.Response, status: int) -> None:
+    assert response.status_code == status, response.text[:300]
+    assert_well_formed(
+        response.status_code, response.headers.get("content-type", ""), response.content, MESSAGES
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [],
+        "a string",
+        None,
+        {"model": "hot", "messages": ANTHROPIC_USER},
+        {"model": "hot", "max_tokens": "64", "messages": ANTHROPIC_USER},
+        {"model": "hot", "max_tokens": 2**80, "messages": ANTHROPIC_USER},
+        {"model": "hot", "max_tokens": 64, "messages": []},
+        {"model": "hot", "max_tokens": 64, "messages": [None]},
+        {"model": "hot", "max_tokens": 64, "messages": [{"role": "user"}]},
+        {"model": "hot", "max_tokens": 64, "messages": [{"role": "user", "content": {"a": 1}}]},
+        {"model": "hot", "max_tokens": 64, "messages": [{"role": "user", "content": [None]}]},
+        {"model": "hot", "max_tokens": 64, "messages": [{"role": "user", "content": [[]]}]},
+        {"model": "hot", "max_tokens": 64, "messages": [{"role": "user", "content": [{}]}]},
+        {"model": "hot", "max_tokens": 64, "messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": ["x"]},
+        ]}]},
+        {"model": "hot", "max_tokens": 64, "messages": [{"role": "assistant", "content": [
+            {"type": "tool_use", "id": {}, "name": "f", "input": {}},
+        ]}]},
+        {"model": "hot", "max_tokens": 64, "messages": [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f"}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                          "content": [{"type": "image"}]}]},
+        ]},
+        {"model": "hot", "max_tokens": 64, "messages": ANTHROPIC_USER, "system": {"text": "x"}},
+        {"model": "hot", "max_tokens": 64, "messages": ANTHROPIC_USER, "tools": [[]]},
+        {"model": "hot", "max_tokens": 64, "messages": ANTHROPIC_USER, "tools": [{"name": 1}]},
+        {"model": "hot", "max_tokens": 64, "messages": ANTHROPIC_USER, "tool_choice": []},
+        {"model": "hot", "max_tokens": 64, "messages": ANTHROPIC_USER, "thinking": {"type": 1}},
+        {"model": "hot", "max_tokens": 64, "messages": ANTHROPIC_USER,
+         "thinking": {"type": "enabled", "budget_tokens": 1e309}},
+        {"model": "hot", "max_tokens": 64, "messages": ANTHROPIC_USER, "stop_sequences": [1]},
+        {"model": "hot", "max_tokens": 64, "messages": ANTHROPIC_USER, "output_config": 1},
+        {"model": "   ", "max_tokens": 64, "messages": ANTHROPIC_USER},
+        {"model": "fake/", "max_tokens": 64, "messages": ANTHROPIC_USER},
+    ],
+)  # fmt: skip
+def test_wrong_message_shapes_get_a_clean_anthropic_400(chatd: ChatdProcess, payload: Any) -> None:
+    content = json.dumps(payload).encode().replace(b"Infinity", b"1e309")
+    assert_anthropic_4xx(post_messages(chatd, content), 400)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"[" * 100_000,
+        b"\xef\xbb\xbf{}",
+        b"\x00\x00",
+        b'{"model": "\xc3\x28", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"model": "hot", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], '
+        b'"temperature": NaN}',
+    ],
+)
+def test_odd_bytes_to_messages_are_a_clean_anthropic_400(
+    chatd: ChatdProcess, content: bytes
+) -> None:
+    assert_anthropic_4xx(post_messages(chatd, content), 400)
+
+
+def test_messages_over_the_body_limit_is_an_anthropic_413(chatd: ChatdProcess) -> None:
+    body = {
+        "model": "hot",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x" * MAX_BODY}],
+    }
+    assert_anthropic_4xx(post_messages(chatd, orjson.dumps(body)), 413)
+
+
+def test_a_deep_tool_input_is_harmless(chatd: ChatdProcess) -> None:
+    depth = 20_000
+    deep = b'{"a":' * depth + b"1" + b"}" * depth
+    body = (
+        b'{"model": "hot", "max_tokens": 5, "messages": [{"role": "assistant", "content": '
+        b'[{"type": "tool_use", "id": "t", "name": "f", "input": ' + deep + b"}]}, "
+        b'{"role": "user", "content": '
+        b'[{"type": "tool_result", "tool_use_id": "t", "content": "1"}]}]}'
+    )
+    response = post_messages(chatd, body)
+    assert response.status_code in (200, 400), response.text[:300]
+    assert_well_formed(
+        response.status_code, response.headers.get("content-type", ""), response.content, MESSAGES
+    )

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
+from .anthropic_api import install_anthropic_routes
 from .config import Settings
 from .contract import (
     MODEL_CALL,
@@ -134,6 +135,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     install_openai_routes(app, dispatcher, registry, settings)
     install_embeddings_routes(app, dispatcher, settings)
+    install_anthropic_routes(app, dispatcher, settings)
 
     @app.get(
         "/v1/chat/providers",

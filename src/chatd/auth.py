@@ -1,7 +1,8 @@
 """Inbound auth (SPEC §9), off by default.
 
 When `[chatd] auth_tokens_env` names an environment variable holding comma-separated
-tokens, every `/v1/*` route — whoever adds it — wants `Authorization: Bearer <token>`;
+tokens, every `/v1/*` route — whoever adds it — wants `Authorization: Bearer <token>`
+(or `x-api-key: <token>`, as Anthropic's SDKs send it, SPEC §12);
 `/health`, `/ready` and `/metrics` stay open. The check runs in the request middleware,
 by path prefix, before any route.
 """
@@ -49,15 +50,29 @@ class BearerAuth:
         path: str = scope["path"]
         if not (path == PROTECTED or path.startswith(PROTECTED + "/")):
             return None
-        header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
-        if header is None:
-            return Unauthorized("missing Authorization: Bearer <token>", headers=dict(CHALLENGE))
-        scheme, _, token = header.strip().partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            return Unauthorized("Authorization must be 'Bearer <token>'", headers=dict(CHALLENGE))
-        if not self.accepts(token):
-            return Unauthorized("invalid bearer token", headers=dict(CHALLENGE))
+        header = api_key = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value
+            elif name == b"x-api-key":
+                api_key = value.strip()
+        if header is None and not api_key:
+            return Unauthorized(
+                "missing Authorization: Bearer <token> (or x-api-key: <token>)",
+                headers=dict(CHALLENGE),
+            )
+        tokens = [api_key] if api_key else []
+        if header is not None:
+            scheme, _, token = header.strip().partition(b" ")
+            token = token.strip()
+            if scheme.lower() == b"bearer" and token:
+                tokens.append(token)
+            elif not tokens:
+                return Unauthorized(
+                    "Authorization must be 'Bearer <token>'", headers=dict(CHALLENGE)
+                )
+        if not any(self.accepts(token) for token in tokens):
+            return Unauthorized("invalid token", headers=dict(CHALLENGE))
         return None
 
     def accepts(self, token: bytes) -> bool:

@@ -55,11 +55,30 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(body), status_code=status, headers=headers, media_type=JSON)
 
 
-def error_response(error: ChatdError, request: Request | None = None) -> Response:
-    """The §3 envelope for `error`; given the request, its log line learns the error too."""
+def error_response(
+    error: ChatdError, request: Request | None = None, *, scope: Scope | None = None
+) -> Response:
+    """The error's response; given the request (or its scope), its log line learns the
+    error and its path picks the body's shape (`error_body`)."""
     if request is not None:
-        note_error(request.scope, error)
-    return json_response(error.envelope(), error.status, error.headers or None)
+        scope = request.scope
+    if scope is not None:
+        note_error(scope, error)
+    return json_response(error_body(error, scope), error.status, error.headers or None)
+
+
+def error_body(error: ChatdError, scope: Scope | None) -> Any:
+    """The §3 envelope, unless the app gave the request's path a shape of its own:
+    `app.state.error_shapes` maps a path prefix to a function of the error (the
+    Anthropic surface answers in Anthropic's shape)."""
+    if scope is not None:
+        shapes = getattr(getattr(scope.get("app"), "state", None), "error_shapes", None)
+        if shapes:
+            path: str = scope.get("path", "")
+            for prefix, shape in shapes.items():
+                if path == prefix or path.startswith(prefix + "/"):
+                    return shape(error)
+    return error.envelope()
 
 
 def note_error(scope: Scope, error: ChatdError) -> None:
@@ -182,16 +201,14 @@ class RequestContext:
         try:
             refusal = self.authorize(scope) if self.authorize is not None else None
             if refusal is not None:
-                note_error(scope, refusal)
-                await error_response(refusal)(scope, receive, send_with_id)
+                await error_response(refusal, scope=scope)(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         except Exception:
             self.logger.exception("unhandled error serving %s %s", scope["method"], scope["path"])
             if not status:
                 error = InternalError("internal error; see the server log")
-                note_error(scope, error)
-                await error_response(error)(scope, receive, send_with_id)
+                await error_response(error, scope=scope)(scope, receive, send_with_id)
         finally:
             if self.finished is not None:
                 self.finished(scope, status, time.perf_counter() - began)

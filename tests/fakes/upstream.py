@@ -30,9 +30,14 @@ The model name picks a behaviour (the part after the last `/` for OpenAI paths):
     nochoices           200 with zero choices (OpenAI) / no message (Ollama)
     big                 a long answer (≈200 KB)
     think               an answer with reasoning text
-    tool                (/api/chat) a call of the request's first tool, arguments {"city": "Paris"}
+    tool                (/api/chat, /v1/chat/completions) a call of the request's first tool,
+                        arguments {"city": "Paris"} (OpenAI: a JSON string, streamed in pieces)
     wrongcount          (embeddings) one vector fewer than inputs
     ragged              (embeddings) the second vector is one element short
+
+A request's stop sequences (OpenAI `stop`, Ollama `options.stop`) cut the answer where the
+first one appears; the OpenAI dialect then names it in the choice's `stop_reason`, as vLLM
+does.
 
 Every request is recorded in `calls` (path, parsed JSON, lower-cased headers), with the
 time the server saw the client go away, if it did, in `disconnected_at`. The server also
@@ -286,12 +291,18 @@ class Handler(BaseHTTPRequestHandler):
         if dialect in ("embed", "openai_embed"):
             self.answer_embed(call, dialect, model, body, kind, n)
             return
+        if kind == "tool" and dialect == "openai":
+            self.answer_openai_tool_call(model, body, stream)
+            return
 
         text = ANSWER * 4000 if kind == "big" else ANSWER
+        text, matched = cut_at_stop(text, body, dialect)
         thinking = THINKING if kind == "think" or body.get("think") is True else ""
         delay = n / 1000 if kind == "slow" else 0.0
         if stream:
-            self.stream_answer(call, dialect, model, text, thinking, delay, kind=kind, n=n)
+            self.stream_answer(
+                call, dialect, model, text, thinking, delay, kind=kind, n=n, matched=matched
+            )
         else:
             if delay and self.sleep_watching(delay, call):
                 return
@@ -304,7 +315,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.drop(reset=False)
                 return
-            self.send_json(200, self.whole(dialect, model, text, thinking, body))
+            answer = self.whole(dialect, model, text, thinking, body)
+            if matched and dialect == "openai":
+                answer["choices"][0]["stop_reason"] = matched
+            self.send_json(200, answer)
 
     def answer_tool_call(self, model: str, body: dict[str, Any], stream: bool) -> None:
         """Ollama's tool-call answer: arguments as an object, empty content."""
@@ -375,6 +389,34 @@ class Handler(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         self.send_json(200, {"object": "list", "data": data, "model": model, "usage": usage})
 
+    def answer_openai_tool_call(self, model: str, body: dict[str, Any], stream: bool) -> None:
+        """OpenAI's tool-call answer: arguments as a JSON string; streamed, in pieces."""
+        tools = body.get("tools") or [{}]
+        name = ((tools[0] or {}).get("function") or {}).get("name", "none")
+        usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+        if not stream:
+            call = {"id": "call_fake1", "type": "function",
+                    "function": {"name": name, "arguments": '{"city": "Paris"}'}}  # fmt: skip
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+            answer = {**chunk_body(model, {}, None), "object": "chat.completion"}
+            self.send_json(200, {**answer, "choices": [choice], "usage": usage})
+            return
+        self.start_chunked("text/event-stream")
+        self.chunk(sse(chunk_body(model, {"role": "assistant", "content": None}, None)))
+        first = {"index": 0, "id": "call_fake1", "type": "function",
+                 "function": {"name": name, "arguments": ""}}  # fmt: skip
+        self.chunk(sse(chunk_body(model, {"tool_calls": [first]}, None)))
+        for piece in ('{"city": ', '"Paris"}'):
+            more = {"index": 0, "function": {"arguments": piece}}
+            self.chunk(sse(chunk_body(model, {"tool_calls": [more]}, None)))
+        self.chunk(sse(chunk_body(model, {}, "tool_calls")))
+        options = body.get("stream_options") or {}
+        if isinstance(options, dict) and options.get("include_usage"):
+            self.chunk(sse({**chunk_body(model, {}, None), "choices": [], "usage": usage}))
+        self.chunk(b"data: [DONE]\n\n")
+        self.end_chunked()
+
     def send_error_body(
         self, dialect: str, status: int, message: str, headers: dict[str, str]
     ) -> None:
@@ -433,6 +475,7 @@ class Handler(BaseHTTPRequestHandler):
         *,
         kind: str,
         n: int,
+        matched: str | None = None,
     ) -> None:
         pieces = words(text)
         thoughts = words(thinking) if thinking else []
@@ -479,7 +522,10 @@ class Handler(BaseHTTPRequestHandler):
             self.chunk(data)
         out_tokens = len(pieces)
         if openai:
-            self.chunk(sse(chunk_body(model, {}, "stop")))
+            last = chunk_body(model, {}, "stop")
+            if matched:
+                last["choices"][0]["stop_reason"] = matched
+            self.chunk(sse(last))
             options = body.get("stream_options") or {}
             if isinstance(options, dict) and options.get("include_usage"):
                 usage = {
@@ -499,6 +545,18 @@ class Handler(BaseHTTPRequestHandler):
                 final["response"] = ""
             self.chunk(ndjson(final))
         self.end_chunked()
+
+
+def cut_at_stop(text: str, body: dict[str, Any], dialect: str) -> tuple[str, str | None]:
+    """The answer up to the first of the request's stop sequences, and which one it was."""
+    options = body.get("options")
+    stops = body.get("stop") if dialect == "openai" else (options or {}).get("stop")
+    stops = [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []
+    found = [(text.find(s), s) for s in stops if isinstance(s, str) and s and s in text]
+    if not found:
+        return text, None
+    at, stop = min(found)
+    return text[:at], stop
 
 
 def chunk_body(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

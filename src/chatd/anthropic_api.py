@@ -1,0 +1,265 @@
+"""The Anthropic Messages surface (SPEC §14): `POST /v1/messages`.
+
+The request is checked and translated into an OpenAI-shaped Chat Completions body
+(`anthropic_compat.py`), so every provider kind serves it the way it serves SPEC §7, under
+the dispatcher's routing, retries, fallbacks, limits and deadline. The answer (or its
+chunks) is translated back into an Anthropic message (or Anthropic stream events).
+Errors on this path take Anthropic's shape, with §3's statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response, StreamingResponse
+
+from .anthropic_compat import StreamTranslator, check_body, error_body, sse_event, to_message
+from .anthropic_compat import to_openai as to_openai_body
+from .config import Settings
+from .dispatch import Dispatcher, OpenStream
+from .errors import ChatdError, InternalError, UpstreamError
+from .openai_api import loads_body, served_headers
+from .resilience import TIMEOUT_HEADER, parse_timeout_header
+from .web import SSE_HEADERS, json_response, note, note_served, read_body, until_disconnect
+
+log = logging.getLogger("chatd")
+
+PATH = "/v1/messages"
+TEXT_BLOCK = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+BLOCK = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"type": "string", "enum": ["text", "tool_use", "tool_result", "thinking"]},
+        "text": {"type": "string"},
+        "id": {"type": "string"},
+        "name": {"type": "string"},
+        "input": {"type": "object"},
+        "tool_use_id": {"type": "string"},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_BLOCK}]},
+        "is_error": {"type": "boolean"},
+    },
+}
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+ERRORS = {
+    "400": "invalid_request_error: a missing or wrong field (named in the message)",
+    "401": "authentication_error: inbound auth is on and the token is missing or wrong",
+    "404": "not_found_error: the model's provider is not registered",
+    "413": "request_too_large: the body is over max_body_bytes",
+    "429": "rate_limit_error",
+    "502": "api_error: the upstream failed",
+    "503": "overloaded_error: provider disabled, overloaded or cooling down",
+    "504": "api_error: the upstream timed out",
+}
+MESSAGES_SCHEMA: dict[str, Any] = {
+    "summary": "Anthropic Messages API (SPEC §14)",
+    "parameters": [
+        {"name": "x-api-key", "in": "header", "required": False, "schema": {"type": "string"}},
+        {
+            "name": "anthropic-version",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "X-Chatd-Timeout-Ms",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1},
+        },
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "max_tokens", "messages"],
+                    "properties": {
+                        "model": {"type": "string", "minLength": 1},
+                        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+                        "system": {
+                            "anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_BLOCK}]
+                        },
+                        "messages": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["role", "content"],
+                                "properties": {
+                                    "role": {"type": "string", "enum": ["user", "assistant"]},
+                                    "content": {
+                                        "anyOf": [
+                                            {"type": "string"},
+                                            {"type": "array", "items": BLOCK},
+                                        ]
+                                    },
+                                },
+                            },
+                        },
+                        "stop_sequences": {"type": "array", "items": {"type": "string"}},
+                        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+                        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+                        "stream": {"type": "boolean"},
+                        "metadata": {"type": "object"},
+                        "tools": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "input_schema"],
+                                "properties": {
+                                    "name": {"type": "string", "minLength": 1},
+                                    "description": {"type": "string"},
+                                    "input_schema": {"type": "object"},
+                                },
+                            },
+                        },
+                        "tool_choice": {
+                            "type": "object",
+                            "required": ["type"],
+                            "properties": {
+                                "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]},
+                                "name": {"type": "string"},
+                                "disable_parallel_tool_use": {"type": "boolean"},
+                            },
+                        },
+                        "thinking": {
+                            "type": "object",
+                            "required": ["type"],
+                            "properties": {
+                                "type": {
+                                    "type": "string",
+                                    "enum": ["enabled", "adaptive", "disabled"],
+                                },
+                                "budget_tokens": {"type": "integer", "minimum": 1},
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "An Anthropic message, or (`stream: true`) its event stream",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        },
+        **{
+            status: {
+                "description": text,
+                "content": {"application/json": {"schema": ERROR_SCHEMA}},
+            }
+            for status, text in ERRORS.items()
+        },
+    },
+}
+
+
+def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Settings) -> None:
+    """Add `POST /v1/messages`; errors under its path answer in Anthropic's shape."""
+    max_body = settings.chatd.max_body_bytes
+    shapes = getattr(app.state, "error_shapes", None) or {}
+    app.state.error_shapes = {**shapes, PATH: error_body}
+
+    @app.post(PATH, openapi_extra=MESSAGES_SCHEMA)
+    async def messages(request: Request) -> Response:
+        started = time.perf_counter()
+        body = check_body(loads_body(await read_body(request, max_body)))
+        model: str = body["model"]
+        note(request, model=model)
+        stream = bool(body.get("stream"))
+        upstream = to_openai_body(body, stream=stream)  # every block checked before admission
+        admit = getattr(request.app.state, "admit", None)  # callers (SPEC §12), when present
+        if admit is not None:
+            await admit(request, model)
+        stops = body.get("stop_sequences")
+        budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        if stream:
+            opened = await until_disconnect(
+                request,
+                dispatcher.open(
+                    model,
+                    lambda route: route.provider.complete_stream(upstream, route.model),
+                    budget,
+                ),
+            )
+            note_served(request, opened)
+            return StreamingResponse(
+                message_events(request, opened, started, stops),
+                media_type="text/event-stream",
+                headers={**SSE_HEADERS, **served_headers(opened)},
+            )
+        served = await until_disconnect(
+            request,
+            dispatcher.call(
+                model, lambda route: route.provider.complete(upstream, route.model), budget
+            ),
+        )
+        note_served(request, served)
+        try:
+            answer = to_message(served.result, served.route.model, stops)
+        except ValueError as exc:
+            raise UpstreamError(served.route.provider.name, str(exc)) from None
+        note(request, **answer["usage"])
+        return json_response(answer, headers=served_headers(served))
+
+
+async def message_events(
+    request: Request,
+    opened: OpenStream[dict[str, Any]],
+    started: float,
+    stop_sequences: list[str] | None,
+) -> AsyncIterator[bytes]:
+    """Anthropic stream events as the chunks come; an `error` event if the stream fails."""
+    translator = StreamTranslator(opened.route.model, stop_sequences)
+    chunk: dict[str, Any] | None = opened.first
+    try:
+        for event in translator.start():
+            yield sse_event(event)
+        while chunk is not None:
+            timed = translator.has_text
+            for event in translator.feed(chunk):
+                yield sse_event(event)
+            if not timed and translator.has_text:
+                note(request, ttft_ms=round((time.perf_counter() - started) * 1000))
+            chunk = await anext(opened.rest, None)
+        note(
+            request,
+            input_tokens=translator.input_tokens,
+            output_tokens=translator.output_tokens,
+        )
+        for event in translator.finish_events():
+            yield sse_event(event)
+    except asyncio.CancelledError:  # the caller went away: Starlette cancels the stream
+        note(request, error="client_gone")
+        raise
+    except ChatdError as exc:
+        note(request, error=exc.type)
+        yield sse_event(("error", error_body(exc)))
+    except Exception:
+        log.exception("stream from %s failed", opened.route.provider.name)
+        note(request, error=InternalError.type)
+        yield sse_event(("error", error_body(InternalError("internal error during stream"))))
+    finally:
+        await opened.aclose()
