@@ -29,6 +29,7 @@ from .operations import Operations
 from .registry import Registry
 from .resilience import TIMEOUT_HEADER, parse_timeout_header
 from .types import ChatRequest, StreamEvent
+from .ui import install_ui
 from .web import (
     SSE_HEADERS,
     ClientGone,
@@ -145,6 +146,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         return json_response(answer, headers={ATTEMPTS_HEADER: str(served.attempts)})
 
     install_openai_routes(app, dispatcher, registry, settings)
+    install_ui(app, ops, dispatcher, settings)
 
     @app.get("/v1/chat/providers")
     async def providers() -> Response:
