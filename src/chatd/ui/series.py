@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.types import Scope
 
+from ..errors import NotFound
 from ..metrics import NO_PROVIDER
 from ..operations import CLIENT_GONE
 
@@ -24,6 +25,7 @@ WINDOW_SECS = 900  # 15 minutes of one-second slots
 ERRORS_KEPT = 50
 MESSAGE_CLIP = 120  # an error's message, abbreviated (it never quotes a prompt: see below)
 MODEL_CLIP = 80
+NOT_FOUND = NotFound.type  # the error of a path no route serves
 EWMA_ALPHA = 0.2
 # Latency histogram bounds in ms: log-spaced by 1.2x from 1 ms to ~10 min, so a percentile
 # read back from it is within ±10% of the truth (the bucket's geometric middle).
@@ -61,7 +63,8 @@ class Activity:
 
     def record(self, scope: Scope, provider: str, status: int, seconds: float) -> None:
         """Count one finished request (called from `Operations.finished`)."""
-        if scope["path"].startswith("/ui"):
+        path: str = scope["path"]
+        if path == "/ui" or path.startswith("/ui/"):
             return  # the dashboard watching itself would only show its own polling
         facts = (scope.get("state") or {}).get("log") or {}
         now = self.clock()
@@ -85,12 +88,14 @@ class Activity:
             ring.ewma_ms = (
                 ms if ring.ewma_ms is None else ring.ewma_ms + EWMA_ALPHA * (ms - ring.ewma_ms)
             )
-        if status >= 400:
+        # A path no route serves is a scanner's or a typo's, not the gateway's trouble:
+        # kept out, so a scan cannot push the real errors off the list.
+        if status >= 400 and error != NOT_FOUND:
             self.recent_errors.append(
                 {
                     "time": now,
                     "request_id": (scope.get("state") or {}).get("request_id"),
-                    "route": scope["path"],
+                    "route": clip(path, MODEL_CLIP),
                     "caller": facts.get("caller"),
                     "model": clip(facts.get("model"), MODEL_CLIP),
                     "provider": facts.get("provider"),

@@ -170,7 +170,7 @@ function drawChart(node, times, lines, unit) {
     const v = (max * k) / 4;
     parts.push(svg("line", { class: "grid", x1: LEFT, x2: W - RIGHT, y1: y(v), y2: y(v) }));
     const label = svg("text", { class: "axis", x: LEFT - 6, y: y(v) + 4, "text-anchor": "end" });
-    label.textContent = fmt(v, max < 10 ? 2 : 0) + unit;
+    label.textContent = fmt(v, max <= 10 ? 2 : max <= 100 ? 1 : 0) + unit;
     parts.push(label);
   }
   for (const i of [0, Math.floor(times.length / 3), Math.floor((2 * times.length) / 3), times.length - 1]) {
@@ -207,7 +207,24 @@ function drawChart(node, times, lines, unit) {
   node.setAttribute("data-nonzero", nonzero);
 }
 
-function renderCharts(series, colors) {
+// Show the window from its first traffic on (at least MIN_POINTS wide), not 15 empty minutes.
+const MIN_POINTS = 24;
+
+function trimmed(series) {
+  const all = Object.values(series.providers);
+  let first = series.times.findIndex((_, i) => all.some((s) => s.rate[i] > 0));
+  if (first < 0) first = series.times.length;
+  const from = Math.max(0, Math.min(first, series.times.length - MIN_POINTS));
+  const cut = (values) => values.slice(from);
+  const providers = {};
+  for (const [name, s] of Object.entries(series.providers)) {
+    providers[name] = { rate: cut(s.rate), error_rate: cut(s.error_rate), p50_ms: cut(s.p50_ms), p95_ms: cut(s.p95_ms) };
+  }
+  return { times: cut(series.times), providers };
+}
+
+function renderCharts(full, colors) {
+  const series = trimmed(full);
   const active = Object.entries(series.providers).filter(([, s]) => s.rate.some((v) => v > 0));
   const legend = active.map(([name]) => {
     const swatch = svg("svg", { class: "swatch", width: 12, height: 4 });
