@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: makes .venv, installs chatd with its test
-# extras, installs nginx if missing (for the reverse-proxy streaming test), lints, tests.
+# extras, installs nginx if missing (for the reverse-proxy streaming test) and chromium with
+# chromium-driver (for the dashboard's browser test), lints, tests.
 #   scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,14 @@ if ! command -v nginx >/dev/null 2>&1; then
     echo "installing nginx (needed by the reverse-proxy streaming test)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx) \
       >/tmp/chatd-apt.log 2>&1 || echo "nginx install failed; see /tmp/chatd-apt.log"
+  fi
+fi
+
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium and chromium-driver (needed by the dashboard browser test)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+      >/tmp/chatd-apt-chromium.log 2>&1 || echo "chromium install failed; see /tmp/chatd-apt-chromium.log"
   fi
 fi
 

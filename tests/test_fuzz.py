@@ -106,6 +106,8 @@ def assert_well_formed(status: int, content_type: str, body: bytes, path: str = 
     if status == 200:
         if content_type.startswith("text/event-stream"):
             assert body.startswith(b"data: "), body[:200]
+        elif content_type.startswith("text/html"):  # the dashboard's page
+            assert body.startswith(b"<!doctype html>"), body[:200]
         else:
             assert isinstance(orjson.loads(body), dict)
         return

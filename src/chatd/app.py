@@ -40,6 +40,7 @@ from .operations import Operations
 from .registry import Registry
 from .resilience import TIMEOUT_HEADER, parse_timeout_header
 from .types import ChatRequest, StreamEvent
+from .ui import install_ui
 from .web import (
     SSE_HEADERS,
     ClientGone,
@@ -136,6 +137,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     install_openai_routes(app, dispatcher, registry, settings)
     install_embeddings_routes(app, dispatcher, settings)
     install_anthropic_routes(app, dispatcher, settings)
+    install_ui(app, ops, dispatcher, settings)
 
     @app.get(
         "/v1/chat/providers",

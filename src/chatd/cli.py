@@ -202,6 +202,7 @@ def describe_settings(settings: Settings) -> str:
         f"app_name: {chatd.app_name}",
         f"app_url: {chatd.app_url or '-'}",
         f"auth: {describe_auth(settings)}",
+        f"ui: {'on (/ui)' if chatd.ui else 'off'}",
         "models:",
     ]
     lines += [f"  {alias} = {', '.join(targets)}" for alias, targets in settings.models.items()]

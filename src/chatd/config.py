@@ -97,6 +97,8 @@ class ChatdConfig(BaseModel):
     app_name: str = "chatd"
     auth_tokens_env: str = ""
     shutdown_grace_secs: float = Field(default=30, ge=0)
+    # The read-only dashboard at /ui (ui/); false: no /ui routes and nothing per request.
+    ui: bool = True
     # The HTTP transport under the providers' httpx clients (see providers/base.py).
     upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)

@@ -224,6 +224,25 @@ class ModelList(BaseModel):
     data: list[ModelEntry]
 
 
+class DashboardAccess(BaseModel):
+    token_required: bool
+
+
+class DashboardOverview(BaseModel):
+    """What `/ui` draws (ui/overview.py): this worker's view."""
+
+    model_config = ConfigDict(extra="allow")
+
+    time: float
+    refresh_ms: int
+    worker: dict[str, Any]
+    default: str
+    providers: list[dict[str, Any]]
+    series: dict[str, Any]
+    errors: list[dict[str, Any]]
+    spend: list[dict[str, Any]] | None
+
+
 class ChatCompletion(BaseModel):
     """An OpenAI `chat.completion`; from openai-kind vendors, relayed as they sent it."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -50,6 +51,9 @@ class Operations:
         self._app: FastAPI | None = None
         self._routes: frozenset[str] = frozenset()
         self._probing: asyncio.Task[dict[str, Any]] | None = None
+        # Told of every finished request (scope, provider, status, seconds): the
+        # dashboard's ring buffer (ui/series.py) when it is installed, else nothing.
+        self.on_finished: Callable[[Scope, str, int, float], None] | None = None
 
     def install(self, app: FastAPI) -> None:
         """Add `/metrics` and `/ready`; learn the app's routes (for the route label)."""
@@ -93,6 +97,8 @@ class Operations:
             # A caller that hung up is not the provider's failure.
             failed = facts.get("error") not in (None, CLIENT_GONE)
             self.stats.record(provider, seconds * 1000, failed)
+        if self.on_finished is not None:
+            self.on_finished(scope, provider, status, seconds)
         if self.request_log.isEnabledFor(logging.INFO):
             log_request(self.request_log, request_line(scope, status, seconds))
 

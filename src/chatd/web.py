@@ -85,6 +85,9 @@ def note_error(scope: Scope, error: ChatdError) -> None:
     """Record an error's type (and, from the dispatcher, its provider and attempts)."""
     facts = scope.setdefault("state", {}).setdefault("log", {})
     facts["error"] = error.type
+    # The server-log wording (an upstream error's summary leaves out its body, which can
+    # quote the caller's prompt): for the dashboard's error list, never the log line.
+    facts["error_message"] = getattr(error, "summary", error.message)
     provider = getattr(error, "provider", None)
     if provider is not None:
         facts.setdefault("provider", provider)
