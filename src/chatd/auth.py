@@ -58,6 +58,8 @@ class BearerAuth:
             return Unauthorized("Authorization must be 'Bearer <token>'", headers=dict(CHALLENGE))
         if not self.accepts(token):
             return Unauthorized("invalid bearer token", headers=dict(CHALLENGE))
+        # SPEC §12: these tokens are the caller named "default" (no limits).
+        scope.setdefault("state", {}).setdefault("log", {})["caller"] = "default"
         return None
 
     def accepts(self, token: bytes) -> bool:
