@@ -63,6 +63,7 @@ class Operations:
             else None
         )  # fmt: skip
         self.billing = self.ledger is not None or self.callers is not None
+        self.cost_facts = self.callers is not None or bool(settings.chatd.prices)
         self.shutdown_grace = settings.chatd.shutdown_grace_secs
         self._app: FastAPI | None = None
         self._routes: frozenset[str] = frozenset()
@@ -115,8 +116,11 @@ class Operations:
         """SPEC §12: the call's cost, the caller's tokens and spend, the ledger row."""
         facts = scope.setdefault("state", {}).setdefault("log", {})
         cost, source = self.prices.cost(facts)
-        facts["cost_usd"] = cost
-        facts["cost_source"] = source
+        if self.cost_facts or source != "none":
+            # Into the log line only when callers or prices make it mean something (a
+            # default config keeps today's log line exactly).
+            facts["cost_usd"] = cost
+            facts["cost_source"] = source
         if self.callers is not None:
             tokens = (facts.get("input_tokens") or 0) + (facts.get("output_tokens") or 0)
             self.callers.settle(scope, tokens, cost)
