@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +15,9 @@ import pytest
 from chatd.usage import COLUMNS, open_backend
 from chatd.usage.report import iso
 from chatd.usage.writer import UsageWriter
-from tests.servers import PostgresServer, skip_reason
+from tests.servers import PostgresServer
 
 DAY = 86_400.0
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    server = PostgresServer().init()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def empty_postgres(dsn: str) -> None:

@@ -97,7 +97,7 @@ def month_start(now: float) -> float:
 def table(answer: dict[str, Any], group_by: list[str]) -> str:
     """The usage answer as a plain text table (`chatd usage`)."""
     header = [*group_by, *SUMS]
-    lines = [[str(row.get(key, "")) for key in header] for row in answer["rows"]]
+    lines = [[cell(row.get(key)) for key in header] for row in answer["rows"]]
     total = answer["totals"]
     lines.append(
         ["total"] + [""] * (len(group_by) - 1) + [str(total[k]) for k in SUMS]
@@ -110,3 +110,7 @@ def table(answer: dict[str, Any], group_by: list[str]) -> str:
     for line in lines:
         out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
     return "\n".join(out)
+
+
+def cell(value: Any) -> str:
+    return "-" if value is None else str(value)
