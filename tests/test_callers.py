@@ -128,3 +128,56 @@ def test_with_no_callers_admission_is_the_do_nothing_function() -> None:
     app = create_app(make_settings())
     assert app.state.admit is admit_anyone
     assert app.state.operations.callers is None and app.state.operations.ledger is None
+
+
+async def test_tokens_count_when_a_call_ends_and_tpm_then_refuses(
+    app_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("T_TPM", "tok-tpm")
+    settings = make_settings(
+        providers={"mock": {"kind": "mock"}},
+        default_provider="mock",
+        callers={"t": {"token_env": "T_TPM", "tpm": 10}},
+    )
+    body = {"model": "mock/echo", "messages": [{"role": "user", "content": "one two three four"}]}
+    headers = {"x-api-key": "tok-tpm"}
+    async with app_client(settings) as client:
+        first = await client.post("/v1/chat", json=body, headers=headers)  # 4 in + 4 out
+        second = await client.post("/v1/chat", json=body, headers=headers)  # 16: over, admitted
+        third = await client.post("/v1/chat", json=body, headers=headers)
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "10"
+    assert second.status_code == 200 and second.headers["x-ratelimit-remaining-tokens"] == "2"
+    assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limited"
+    assert 55 <= int(third.headers["retry-after"]) <= 60
+    assert third.headers["x-ratelimit-limit-tokens"] == "10"
+
+
+async def test_max_concurrency_refuses_the_extra_call_and_gives_slots_back(
+    app_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    monkeypatch.setenv("T_CONC", "tok-conc")
+    settings = make_settings(
+        providers={"mock": {"kind": "mock", "latency_ms": 300}},
+        default_provider="mock",
+        callers={"c": {"token_env": "T_CONC", "max_concurrency": 1}},
+    )
+    body = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": "Bearer tok-conc"}
+    async with app_client(settings) as client:
+        slow = asyncio.ensure_future(client.post("/v1/chat", json=body, headers=headers))
+        await asyncio.sleep(0.1)
+        refused = await client.post("/v1/chat", json=body, headers=headers)
+        assert (await slow).status_code == 200
+        again = await client.post("/v1/chat", json=body, headers=headers)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert again.status_code == 200
+
+
+def test_check_config_never_shows_the_ledgers_password() -> None:
+    from chatd.cli import describe_usage_db
+
+    shown = describe_usage_db("postgresql://chatd:s3cret-pw@db.internal:5432/usage")
+    assert "s3cret-pw" not in shown and shown.startswith("postgresql://chatd:***@db.internal")
+    assert describe_usage_db("") == "off"

@@ -295,27 +295,29 @@ class Callers:
                 f"(max_concurrency {caller.max_concurrency})",
                 headers={"Retry-After": "1"},
             )
-        headers: list[tuple[bytes, bytes]] = []
-        if caller.rpm:
-            allowed, remaining, reset = await store.window_hit(
-                f"rpm:{caller.name}", 0 if error else 1, caller.rpm, WINDOW_SECS
-            )
-            headers += rate_headers("Requests", caller.rpm, remaining, reset)
-            if not allowed and error is None:
-                error = RateLimited(
-                    f"caller {caller.name} is over its {caller.rpm} requests per minute",
-                    headers={"Retry-After": str(max(1, math.ceil(reset)))},
-                )
-        if caller.tpm:
+        token_headers: list[tuple[bytes, bytes]] = []
+        if caller.tpm:  # looked at before rpm counts, so a refused request is not counted
             allowed, remaining, reset = await store.window_hit(
                 f"tpm:{caller.name}", 0, caller.tpm, WINDOW_SECS
             )
-            headers += rate_headers("Tokens", caller.tpm, remaining, reset)
+            token_headers = rate_headers("Tokens", caller.tpm, remaining, reset)
             if not allowed and error is None:
                 error = RateLimited(
                     f"caller {caller.name} is over its {caller.tpm} tokens per minute",
                     headers={"Retry-After": str(max(1, math.ceil(reset)))},
                 )
+        headers: list[tuple[bytes, bytes]] = []
+        if caller.rpm:
+            allowed, remaining, reset = await store.window_hit(
+                f"rpm:{caller.name}", 0 if error else 1, caller.rpm, WINDOW_SECS
+            )
+            headers = rate_headers("Requests", caller.rpm, remaining, reset)
+            if not allowed and error is None:
+                error = RateLimited(
+                    f"caller {caller.name} is over its {caller.rpm} requests per minute",
+                    headers={"Retry-After": str(max(1, math.ceil(reset)))},
+                )
+        headers += token_headers
         if headers:
             state["headers"] = headers
         if error is not None:
