@@ -101,6 +101,13 @@ def print_usage(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.chatd.usage_db:
         print('chatd: the usage ledger is off (usage_db = "")', file=sys.stderr)
         return 2
+    if settings.chatd.usage_db.startswith("sqlite://"):
+        from .usage.sqlite import sqlite_path
+
+        if not os.path.exists(sqlite_path(settings.chatd.usage_db)):
+            path = sqlite_path(settings.chatd.usage_db)
+            print(f"chatd: usage: no ledger at {path} (has chatd run here?)", file=sys.stderr)
+            return 1
     try:
         group_by = parse_group_by(args.group_by)
         now = time.time()
