@@ -336,34 +336,41 @@ class Callers:
             return
         if state.get("caller_slot"):
             caller.in_flight -= 1
+        store = self.store
+        local = getattr(store, "local", False)  # in process: count now, no task needed
         if caller.tpm and tokens:
-            self._record(self.store.window_hit, f"tpm:{caller.name}", tokens, 0, WINDOW_SECS)
+            key = f"tpm:{caller.name}"
+            if local:
+                store.hit(key, tokens, 0, WINDOW_SECS)
+            else:  # pragma: no cover - a remote store (issue 13)
+                spawn(store.window_hit(key, tokens, 0, WINDOW_SECS))
         if caller.budget_usd and cost:
             key, _, left = caller.period(time.time())
-            self._record(self.store.add, key, cost, left + 3600)
+            if local:
+                store.incr(key, cost, left + 3600)
+            else:  # pragma: no cover - a remote store (issue 13)
+                spawn(store.add(key, cost, left + 3600))
 
-    def _record(self, method: Any, *args: Any) -> None:
-        if getattr(self.store, "local", False):  # in process: no task needed
-            sync = {"window_hit": self.store.hit, "add": self.store.incr}[method.__name__]
-            sync(*args)
-        else:  # pragma: no cover - a remote store (issue 13)
-            import asyncio
-
-            asyncio.get_running_loop().create_task(method(*args))
-
-    def load_spend(self, spent: Mapping[str, float], now: float | None = None) -> None:
+    async def load_spend(self, spent: Mapping[str, float], now: float | None = None) -> None:
         """At start: each caller's spend in its current period, read from the ledger."""
         now = time.time() if now is None else now
         for name, amount in spent.items():
             caller = self.callers.get(name)
             if caller is not None and caller.budget_usd and amount:
                 key, _, left = caller.period(now)
-                self.store.incr(key, amount, left + 3600)
+                await self.store.add(key, amount, left + 3600)
 
     def budget_periods(self, now: float | None = None) -> dict[str, datetime]:
         """Callers with a budget → the start of their current period."""
         now = time.time() if now is None else now
         return {c.name: c.period_start(now) for c in self.callers.values() if c.budget_usd}
+
+
+def spawn(work: Any) -> None:
+    """Run a remote store's update without holding up the request's end."""
+    import asyncio
+
+    asyncio.get_running_loop().create_task(work)
 
 
 def presented_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:

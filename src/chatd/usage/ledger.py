@@ -30,7 +30,7 @@ class Ledger:
             if callers is not None:
                 periods = {name: s.timestamp() for name, s in callers.budget_periods().items()}
                 if periods:
-                    callers.load_spend(await self.backend.spend_since(periods))
+                    await callers.load_spend(await self.backend.spend_since(periods))
         except Exception as exc:
             log.warning(
                 "usage ledger: database unreachable at start (%s); rows will wait in memory, "
@@ -40,9 +40,14 @@ class Ledger:
         self.writer.start()
 
     def record(
-        self, scope: Scope, facts: dict[str, Any], status: int, seconds: float, cost: float,
+        self,
+        scope: Scope,
+        facts: dict[str, Any],
+        status: int,
+        seconds: float,
+        cost: float,
         source: str,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Enqueue the request's row when it reached the dispatcher or was refused."""
         if facts.get("model") is None and status not in LEDGER_STATUSES:
             return
