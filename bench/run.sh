@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The chatd benchmark, one command: bash bench/run.sh [--quick]
+# The chatd benchmark, one command: bash bench/run.sh [--quick] [--ledger on|off] [--callers]
 # Installs what it needs (nginx, wrk, LiteLLM's proxy, Portkey's gateway), then runs run.py,
 # which prints the table and writes it to bench/RESULTS.md. A full run takes ~7 minutes,
 # --quick ~1 minute (plus a few minutes the first time, for the installs).

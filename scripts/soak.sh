@@ -7,9 +7,18 @@
 # SOAK_MAX_RSS_GROWTH_MB (default 30). The test command runs the same driver at 600.
 #   scripts/soak.sh [--requests N] [--concurrency C] [--seed S] [--json]
 #   SOAK_REQUESTS=20000 SOAK_CONCURRENCY=100 scripts/soak.sh
+# The callers soak (SPEC §12): many callers with rpm/tpm/budget/concurrency limits at once;
+# afterwards ledger rows == requests answered and each caller's ledger spend == what the
+# fake upstream reported.
+#   scripts/soak.sh callers [--requests N] [--concurrency C] [--seed S]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -x .venv/bin/python ]] || { python3 -m venv .venv; }
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+if [[ "${1:-}" == callers ]]; then
+  shift
+  SOAK_REQUESTS="${SOAK_REQUESTS:-3000}" SOAK_CONCURRENCY="${SOAK_CONCURRENCY:-40}" \
+    exec .venv/bin/python -m tests.soak_callers "$@"
+fi
 SOAK_REQUESTS="${SOAK_REQUESTS:-5000}" SOAK_CONCURRENCY="${SOAK_CONCURRENCY:-50}" \
   exec .venv/bin/python -m tests.soak "$@"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: makes .venv, installs chatd with its test
-# extras, installs nginx if missing (for the reverse-proxy streaming test) and chromium with
-# chromium-driver (for the dashboard's browser test), lints, tests.
+# extras, installs the real servers the tests start themselves when they are missing
+# (nginx: reverse-proxy tests; postgresql: the usage ledger; redis-server: shared state;
+# chromium + chromium-driver: the dashboard's browser test), lints, tests.
 #   scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,19 +13,33 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
-if ! command -v nginx >/dev/null 2>&1; then
+# Debian package -> a file that says it is installed.
+declare -A NEEDED=(
+  [nginx]="$(command -v nginx || true)"
+  [postgresql]="$(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null | head -n 1 || true)"
+  [redis-server]="$(command -v redis-server || true)"
+  [chromium]="$(command -v chromium || true)"
+  [chromium-driver]="$(command -v chromedriver || true)"
+)
+missing=()
+for package in "${!NEEDED[@]}"; do
+  [[ -n "${NEEDED[$package]}" ]] || missing+=("$package")
+done
+if ((${#missing[@]})); then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing nginx (needed by the reverse-proxy streaming test)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx) \
-      >/tmp/chatd-apt.log 2>&1 || echo "nginx install failed; see /tmp/chatd-apt.log"
-  fi
-fi
-
-if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
-  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing chromium and chromium-driver (needed by the dashboard browser test)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
-      >/tmp/chatd-apt-chromium.log 2>&1 || echo "chromium install failed; see /tmp/chatd-apt-chromium.log"
+    echo "installing ${missing[*]} (real servers and a browser the tests start themselves)"
+    # The packages' own services (a PostgreSQL on 5432, a Redis on 6379) must not start:
+    # the tests run their own on free ports. policy-rc.d tells invoke-rc.d so.
+    policy=/usr/sbin/policy-rc.d
+    made_policy=
+    if [[ ! -e $policy ]]; then
+      printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+    fi
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") \
+      >/tmp/chatd-apt.log 2>&1 || echo "apt-get install failed; see /tmp/chatd-apt.log"
+    [[ -z $made_policy ]] || rm -f "$policy"
+  else
+    echo "missing ${missing[*]}: the tests that need them are skipped"
   fi
 fi
 

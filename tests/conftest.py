@@ -11,6 +11,7 @@ import pytest
 from chatd.app import create_app
 from chatd.config import Settings
 from tests.fakes.upstream import FakeUpstream
+from tests.servers import PostgresServer, skip_reason
 from tests.support import make_settings  # noqa: F401  (re-exported for tests)
 
 
@@ -35,3 +36,17 @@ def fake() -> Iterator[FakeUpstream]:
     """A real fake Ollama + OpenAI upstream on 127.0.0.1, one per test module."""
     with FakeUpstream() as upstream:
         yield upstream
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server (initdb in a tmp dir, the postgres user, a free port),
+    one per test module, stopped and removed after it."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    server = PostgresServer().init()
+    try:
+        yield server
+    finally:
+        server.stop()

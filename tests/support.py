@@ -54,6 +54,10 @@ class ChatdProcess:
         self.config_path.write_text(config)
         self.log_path = tmp_path / f"chatd-{self.port}.log"
         self.env = clean_env(**(env or {}))
+        if "usage_db" not in config and "CHATD_USAGE_DB" not in self.env:
+            # The default ledger is a file in the working directory (the repo, here):
+            # each test's chatd keeps its own in the test's tmp dir instead.
+            self.env["CHATD_USAGE_DB"] = f"sqlite:///{tmp_path / f'usage-{self.port}.sqlite3'}"
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -128,9 +132,10 @@ def make_settings(
 ) -> Settings:
     """Settings from a dict shaped like lakehouse.toml; the process env is not read.
 
-    Upstream calls use httpx's own transport so respx can intercept them.
+    Upstream calls use httpx's own transport so respx can intercept them; no usage ledger.
     """
     chatd.setdefault("upstream_transport", "httpx")
+    chatd.setdefault("usage_db", "")  # in-process apps: no ledger file unless a test asks
     return build_settings(
         {"models": models or {}, "chatd": {**chatd, "providers": providers or {}}}
     )

@@ -383,3 +383,59 @@ def test_spend_panel_shows_each_callers_spend_against_its_budget(browser: Any) -
         assert chart_counts(browser, "chart-rate")[1] > 0
         assert console_errors(browser) == []
         screenshot(browser, "ui-spend.png")
+
+
+CALLERS_CONFIG = """
+[chatd]
+default_provider = "mock"
+
+[chatd.callers.ops]
+token_env = "UI_OPS_TOKEN"
+admin = true
+
+[chatd.callers.app]
+token_env = "UI_APP_TOKEN"
+budget_usd = 1000.0
+budget_period = "day"
+
+[chatd.prices]
+"mock/*" = { input = 1000000, output = 2000000 }
+""" + provider_toml("mock", "mock")
+
+
+def test_callers_spend_from_the_ledger_shows_to_an_admin_only(browser: Any, tmp_path: Path) -> None:
+    """A real chatd with callers and its SQLite ledger: the app caller's priced spend
+    appears on the page of an admin; the app caller's own token is refused (401)."""
+    env = {"UI_OPS_TOKEN": "ops-secret-token", "UI_APP_TOKEN": "app-secret-token"}
+    with ChatdProcess(CALLERS_CONFIG, tmp_path, env=env) as chatd:
+        app = {"Authorization": "Bearer app-secret-token"}
+        body = {"model": "mock/echo", "messages": [{"role": "user", "content": "one two three"}]}
+        for _ in range(4):  # 3 tokens in, 3 out: $3 + $6 a call at these prices
+            answer = httpx.post(chatd.url + "/v1/chat", json=body, headers=app, timeout=10)
+            assert answer.status_code == 200, answer.text
+        refused = httpx.get(chatd.url + "/ui/api/overview", headers=app, timeout=10)
+        assert refused.status_code == 401, refused.text
+        ops = {"Authorization": "Bearer ops-secret-token"}
+        overview = httpx.get(chatd.url + "/ui/api/overview", headers=ops, timeout=10).json()
+        spend = {row["caller"]: row for row in overview["spend"]}
+        assert spend["app"]["spend_usd"] == pytest.approx(36.0)
+        assert spend["app"]["budget_usd"] == 1000.0
+        assert spend["ops"]["spend_usd"] == 0
+
+        browser.get(chatd.url + "/ui")
+        login = wait_until(lambda: browser.find_element("id", "login"), 15, "the page")
+        wait_until(login.is_displayed, 15, "the admin token form")
+        browser.find_element("id", "token").send_keys("ops-secret-token\n")
+        wait_until(
+            lambda: (
+                "$36.00 of $1,000.00" in browser.find_element("id", "spend").text
+                or "$36.00 of $1000.00" in browser.find_element("id", "spend").text
+            ),
+            MARGIN_SECS + REFRESH_SECS * 3,
+            "the app caller's spend",
+        )
+        text = browser.find_element("id", "spend").text
+        assert "app" in text and "ops" in text
+        assert "day from" in browser.find_element("id", "spend-period").text
+        assert console_errors(browser) == []
+        screenshot(browser, "ui-callers-spend.png")

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
 from .anthropic_api import install_anthropic_routes
+from .callers import admit_anyone
 from .config import Settings
 from .contract import (
     MODEL_CALL,
@@ -41,6 +42,8 @@ from .registry import Registry
 from .resilience import TIMEOUT_HEADER, parse_timeout_header
 from .types import ChatRequest, StreamEvent
 from .ui import install_ui
+from .usage.spend import spend_report
+from .usage_api import install_usage_routes
 from .web import (
     SSE_HEADERS,
     ClientGone,
@@ -68,6 +71,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.start()
+        await ops.start()
         try:
             yield
         finally:
@@ -85,6 +89,13 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.dispatcher = dispatcher
     app.state.operations = ops
+    # SPEC §12: every model-calling route awaits admit(request, model) after parsing.
+    admit = ops.callers.admit if ops.callers is not None else None
+    app.state.admit = admit or admit_anyone
+    if ops.callers is not None:  # the dashboard: admins only, and callers' spend
+        callers, ledger = ops.callers, ops.ledger
+        app.state.ui_admin = callers.is_admin
+        app.state.spend_report = lambda: spend_report(callers, ledger)
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(RequestContext, logger=log, authorize=ops.authorize, finished=ops.finished)
@@ -108,6 +119,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         started = time.perf_counter()
         body = parse_body(ChatRequest, await read_body(request, max_body))
         note(request, model=body.model)
+        if admit is not None:
+            await admit(request, body.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
         if body.stream:
             opened = await until_disconnect(request, dispatcher.stream(body, budget))
@@ -121,6 +134,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         result = served.result
         note_served(request, served)
         note(request, input_tokens=result.input_tokens, output_tokens=result.output_tokens)
+        if result.cost is not None:
+            note(request, cost_usd=result.cost)
         answer: dict[str, Any] = {
             "model": served.route.model,
             "content": result.content,
@@ -134,9 +149,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             answer["thinking"] = result.thinking
         return json_response(answer, headers={ATTEMPTS_HEADER: str(served.attempts)})
 
-    install_openai_routes(app, dispatcher, registry, settings)
+    install_openai_routes(app, dispatcher, registry, settings, admit)
     install_embeddings_routes(app, dispatcher, settings)
     install_anthropic_routes(app, dispatcher, settings)
+    install_usage_routes(app, ops)
     install_ui(app, ops, dispatcher, settings)
 
     @app.get(
@@ -170,6 +186,8 @@ async def sse_events(
         while event is not None:
             if event.done:
                 facts = {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens}
+                if event.extra.get("cost") is not None:
+                    facts["cost_usd"] = event.extra["cost"]
                 yield sse(
                     {
                         "done": True,

@@ -73,6 +73,8 @@ class BearerAuth:
                 )
         if not any(self.accepts(token) for token in tokens):
             return Unauthorized("invalid token", headers=dict(CHALLENGE))
+        # SPEC §12: these tokens are the caller named "default" (no limits).
+        scope.setdefault("state", {}).setdefault("log", {})["caller"] = "default"
         return None
 
     def accepts(self, token: bytes) -> bool:

@@ -16,6 +16,7 @@ import tempfile
 from typing import Any
 
 from .auth import auth_tokens, check_auth_config
+from .callers import Callers
 from .config import ConfigError, Settings, load_settings, parse_bind, resolve_key
 from .requestlog import LOG_FORMATS, formatter
 
@@ -30,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatd", description="One address for every LLM: serve chatd, or check its config."
     )
-    parser.add_argument("command", nargs="?", choices=["serve", "check-config"], default="serve")
+    parser.add_argument(
+        "command", nargs="?", choices=["serve", "check-config", "usage"], default="serve"
+    )
     parser.add_argument("--config", metavar="PATH", help="lakehouse.toml to read")
     parser.add_argument("--bind", metavar="HOST:PORT", help="listen address (beats CHATD_BIND)")
     parser.add_argument(
@@ -47,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stderr log lines: one JSON object each (default), or text for a terminal",
     )
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes")
+    usage = parser.add_argument_group("chatd usage (reads the ledger's database directly)")
+    usage.add_argument("--since", metavar="DATE", help="ISO date/datetime, UTC (default: 1st)")
+    usage.add_argument("--until", metavar="DATE", help="ISO date/datetime, UTC (default: now)")
+    usage.add_argument("--caller", metavar="NAME", help="only this caller")
+    usage.add_argument(
+        "--group-by", default="caller", metavar="KEYS", help="caller,model,provider,day"
+    )
     return parser
 
 
@@ -55,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         check_auth_config(settings)
+        callers = Callers.from_settings(settings)
+        if callers is not None:
+            callers.check()
         if args.bind:
             try:
                 parse_bind(args.bind)
@@ -71,7 +84,54 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `chatd check-config | head`: the reader left, that is fine
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    if args.command == "usage":
+        return print_usage(settings, args)
     return serve(settings, args)
+
+
+def print_usage(settings: Settings, args: argparse.Namespace) -> int:
+    """`chatd usage`: GET /v1/usage's grouping, as a table, from the database itself."""
+    import asyncio
+    import time
+
+    from .usage import open_backend
+    from .usage.report import iso, month_start, parse_group_by, parse_time, shape, table, totals
+    from .usage.writer import describe
+
+    if not settings.chatd.usage_db:
+        print('chatd: the usage ledger is off (usage_db = "")', file=sys.stderr)
+        return 2
+    if settings.chatd.usage_db.startswith("sqlite://"):
+        from .usage.sqlite import sqlite_path
+
+        if not os.path.exists(sqlite_path(settings.chatd.usage_db)):
+            path = sqlite_path(settings.chatd.usage_db)
+            print(f"chatd: usage: no ledger at {path} (has chatd run here?)", file=sys.stderr)
+            return 1
+    try:
+        group_by = parse_group_by(args.group_by)
+        now = time.time()
+        since = parse_time(args.since) if args.since else month_start(now)
+        until = parse_time(args.until) if args.until else now + 0.001
+    except ValueError as exc:
+        print(f"chatd: usage: {exc}", file=sys.stderr)
+        return 2
+
+    async def query() -> list[dict[str, Any]]:
+        backend = open_backend(settings.chatd.usage_db)
+        try:
+            return shape(await backend.summary(since, until, args.caller, group_by))
+        finally:
+            await backend.aclose()
+
+    try:
+        rows = asyncio.run(query())
+    except Exception as exc:
+        print(f"chatd: usage: cannot read the ledger ({describe(exc)})", file=sys.stderr)
+        return 1
+    answer = {"since": iso(since), "until": iso(until), "rows": rows, "totals": totals(rows)}
+    print(table(answer, group_by))
+    return 0
 
 
 def serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -203,6 +263,8 @@ def describe_settings(settings: Settings) -> str:
         f"app_url: {chatd.app_url or '-'}",
         f"auth: {describe_auth(settings)}",
         f"ui: {'on (/ui)' if chatd.ui else 'off'}",
+        f"usage_db: {describe_usage_db(chatd.usage_db)}",
+        f"callers: {', '.join(sorted(chatd.callers)) or '-'}",
         "models:",
     ]
     lines += [f"  {alias} = {', '.join(targets)}" for alias, targets in settings.models.items()]
@@ -228,3 +290,14 @@ def describe_auth(settings: Settings) -> str:
     if tokens is None:
         return "off"
     return f"bearer tokens from {settings.chatd.auth_tokens_env} ({'set' if tokens else 'unset'})"
+
+
+def describe_usage_db(url: str) -> str:
+    """The ledger's database, its password (if any) never shown."""
+    if not url:
+        return "off"
+    scheme, _, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+    return url

@@ -84,6 +84,34 @@ class ProviderConfig(BaseModel):
         return bool(self.key_env)
 
 
+CALLER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+DEFAULT_USAGE_DB = "sqlite:///chatd-usage.sqlite3"
+
+
+class CallerConfig(BaseModel):
+    """One `[chatd.callers.<name>]` table (SPEC §12)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_env: str = Field(min_length=1)
+    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    rpm: int = Field(default=0, ge=0)
+    tpm: int = Field(default=0, ge=0)
+    budget_usd: float = Field(default=0, ge=0)
+    budget_period: Literal["day", "week", "month"] = "month"
+    max_concurrency: int = Field(default=0, ge=0)
+    admin: bool = False
+
+
+class Price(BaseModel):
+    """USD per million tokens, in and out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(default=0, ge=0)
+    output: float = Field(default=0, ge=0)
+
+
 class ChatdConfig(BaseModel):
     """The `[chatd]` table."""
 
@@ -102,6 +130,27 @@ class ChatdConfig(BaseModel):
     # The HTTP transport under the providers' httpx clients (see providers/base.py).
     upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    # SPEC §12: callers, prices, the usage ledger ("" = no ledger).
+    callers: dict[str, CallerConfig] = Field(default_factory=dict)
+    prices: dict[str, Price] = Field(default_factory=dict)
+    usage_db: str = DEFAULT_USAGE_DB
+    usage_buffer_rows: int = Field(default=100_000, ge=1)
+
+    @field_validator("usage_db")
+    @classmethod
+    def _usage_db_scheme(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///PATH, postgresql://... or empty (no ledger)")
+        return value
+
+    @field_validator("callers")
+    @classmethod
+    def _caller_names(cls, value: dict[str, CallerConfig]) -> dict[str, CallerConfig]:
+        for name in value:
+            if not CALLER_NAME.match(name):
+                raise ValueError(f"caller name {name!r} must match [A-Za-z0-9_.-]+")
+        return value
 
     @field_validator("bind")
     @classmethod

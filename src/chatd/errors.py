@@ -61,6 +61,27 @@ class Unauthorized(ChatdError):
     type = "unauthorized"
 
 
+class Forbidden(ChatdError):
+    """SPEC §12: the caller may not use this model (or read that caller's usage)."""
+
+    status = 403
+    type = "forbidden"
+
+
+class RateLimited(ChatdError):
+    """SPEC §12: over the caller's rpm, tpm or concurrency; `Retry-After` says when."""
+
+    status = 429
+    type = "rate_limited"
+
+
+class BudgetExceeded(ChatdError):
+    """SPEC §12: the caller has spent its budget for the period."""
+
+    status = 429
+    type = "budget_exceeded"
+
+
 class NotFound(ChatdError):
     status = 404
     type = "not_found"
@@ -127,6 +148,13 @@ class NotReady(ChatdError):
 
     status = 503
     type = "not_ready"
+
+
+class UsageUnavailable(ChatdError):
+    """`GET /v1/usage` while the ledger's database cannot be read."""
+
+    status = 503
+    type = "usage_unavailable"
 
 
 class ProviderDisabled(ChatdError):

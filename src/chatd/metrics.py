@@ -108,6 +108,18 @@ class Metrics(Observer):
             ("provider",),
             registry=registry,
         )
+        # SPEC §12: requests by caller (only when callers are configured), ledger drops.
+        self.caller_requests = Counter(
+            "chatd_caller_requests",
+            "Requests answered to named callers, by caller and HTTP status.",
+            ("caller", "status"),
+            registry=registry,
+        )
+        self.usage_dropped = Counter(
+            "chatd_usage_rows_dropped",
+            "Usage ledger rows dropped because the in-memory buffer was full.",
+            registry=registry,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
         for name in providers:  # zero-valued series from the start, so rate() works
             for metric in (self.in_flight, self.retries, self.cooldowns):
@@ -144,6 +156,12 @@ class Metrics(Observer):
             self._child(self.tokens, provider, "in").inc(input_tokens)
         if isinstance(output_tokens, int) and output_tokens > 0:
             self._child(self.tokens, provider, "out").inc(output_tokens)
+
+    def caller_finished(self, caller: str, status: int) -> None:
+        self._child(self.caller_requests, caller, str(status)).inc()
+
+    def usage_row_dropped(self) -> None:
+        self.usage_dropped.inc()
 
     # -- the dispatcher's observer -----------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -24,6 +24,7 @@ from .contract import MODEL_CALL, ChatCompletion, ModelList, error_responses, mo
 from .dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream, Served
 from .errors import ChatdError, InternalError, InvalidRequest
 from .openai_compat import check_body
+from .providers.openai import upstream_cost
 from .registry import Registry
 from .resilience import TIMEOUT_HEADER, parse_timeout_header
 from .web import (
@@ -44,7 +45,11 @@ MODELS_WAIT_SECS = 3.0
 
 
 def install_openai_routes(
-    app: FastAPI, dispatcher: Dispatcher, registry: Registry, settings: Settings
+    app: FastAPI,
+    dispatcher: Dispatcher,
+    registry: Registry,
+    settings: Settings,
+    admit: Callable[[Request, str], Awaitable[None]] | None = None,
 ) -> None:
     max_body = settings.chatd.max_body_bytes
     catalog = ModelCatalog(registry, list(settings.models))
@@ -68,6 +73,8 @@ def install_openai_routes(
         body = check_body(loads_body(await read_body(request, max_body)))
         model: str = body["model"]
         note(request, model=model)
+        if admit is not None:
+            await admit(request, model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
         if body.get("stream"):
             opened = await until_disconnect(
@@ -96,6 +103,8 @@ def install_openai_routes(
             input_tokens=usage.get("prompt_tokens", 0),
             output_tokens=usage.get("completion_tokens", 0),
         )
+        if "cost" in usage:
+            note(request, cost_usd=upstream_cost(usage))
         return json_response(served.result, headers=served_headers(served))
 
     @app.get(
@@ -162,6 +171,8 @@ async def chunk_stream(
                     input_tokens=usage.get("prompt_tokens", 0),
                     output_tokens=usage.get("completion_tokens", 0),
                 )
+                if "cost" in usage:
+                    note(request, cost_usd=upstream_cost(usage))
             yield sse(chunk)
             chunk = await anext(opened.rest, None)
         yield DONE

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from .auth import BearerAuth, auth_tokens
+from .callers import Callers
 from .config import Settings
 from .contract import Readiness, error_responses, ok
 from .errors import NotReady
@@ -27,6 +28,8 @@ from .metrics import CONTENT_TYPE, NO_PROVIDER, Metrics, ProviderStats
 from .providers.base import describe_failure, is_timeout
 from .registry import Registry
 from .requestlog import REQUEST_LOGGER, log_request, request_line
+from .usage.ledger import Ledger
+from .usage.prices import Prices
 from .web import error_response, json_response
 
 PROBE_TIMEOUT_SECS = 2.0
@@ -45,9 +48,25 @@ class Operations:
         self.stats = ProviderStats()
         self.request_log = logging.getLogger(REQUEST_LOGGER)
         tokens = auth_tokens(settings)
-        # Auth on with no token (start-up refuses that; see auth.check_auth_config) still
-        # fails closed here: nobody gets in.
-        self.authorize = BearerAuth(tokens) if tokens is not None else None
+        # SPEC §12: named callers (with auth_tokens_env's tokens as "default"), else §9's
+        # bearer tokens. Auth on with no token (start-up refuses that; see
+        # auth.check_auth_config) still fails closed here: nobody gets in.
+        self.callers = Callers.from_settings(settings)
+        self.authorize: Any = None
+        if self.callers is not None:
+            self.authorize = self.callers.authorize
+        elif tokens is not None:
+            self.authorize = BearerAuth(tokens)
+        self.prices = Prices(settings.chatd.prices)
+        self.ledger = (
+            Ledger(settings.chatd.usage_db, settings.chatd.usage_buffer_rows,
+                   self.metrics.usage_row_dropped)
+            if settings.chatd.usage_db
+            else None
+        )  # fmt: skip
+        self.billing = self.ledger is not None or self.callers is not None
+        self.cost_facts = self.callers is not None or bool(settings.chatd.prices)
+        self.shutdown_grace = settings.chatd.shutdown_grace_secs
         self._app: FastAPI | None = None
         self._routes: frozenset[str] = frozenset()
         self._probing: asyncio.Task[dict[str, Any]] | None = None
@@ -97,10 +116,35 @@ class Operations:
             # A caller that hung up is not the provider's failure.
             failed = facts.get("error") not in (None, CLIENT_GONE)
             self.stats.record(provider, seconds * 1000, failed)
+        if self.billing:
+            self._bill(scope, status, seconds)
         if self.on_finished is not None:
             self.on_finished(scope, provider, status, seconds)
         if self.request_log.isEnabledFor(logging.INFO):
             log_request(self.request_log, request_line(scope, status, seconds))
+
+    def _bill(self, scope: Scope, status: int, seconds: float) -> None:
+        """SPEC §12: the call's cost, the caller's tokens and spend, the ledger row."""
+        facts = scope.setdefault("state", {}).setdefault("log", {})
+        cost, source = self.prices.cost(facts)
+        if self.cost_facts or source != "none":
+            # Into the log line only when callers or prices make it mean something (a
+            # default config keeps today's log line exactly).
+            facts["cost_usd"] = cost
+            facts["cost_source"] = source
+        if self.callers is not None:
+            tokens = (facts.get("input_tokens") or 0) + (facts.get("output_tokens") or 0)
+            self.callers.settle(scope, tokens, cost)
+            caller = facts.get("caller")
+            if caller is not None:
+                self.metrics.caller_finished(caller, status)
+        if self.ledger is not None:
+            self.ledger.record(scope, facts, status, seconds, cost, source)
+
+    async def start(self) -> None:
+        """At start: the ledger's schema and writer, and callers' spend read back."""
+        if self.ledger is not None:
+            await self.ledger.start(self.callers)
 
     def _route_label(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -174,6 +218,8 @@ class Operations:
     async def aclose(self) -> None:
         if self._probing is not None and not self._probing.done():
             self._probing.cancel()
+        if self.ledger is not None:  # SIGTERM: buffered rows are written before exit
+            await self.ledger.aclose(max(1.0, self.shutdown_grace))
         self.metrics.close()
 
 

@@ -18,13 +18,14 @@ from starlette.types import Scope
 REQUEST_LOGGER = "chatd.requests"
 CLIP = 200  # model names and paths are the caller's: keep a line short whatever it sent
 LOG_FORMATS = ("json", "text")
+OPTIONAL_FACTS = ("caller", "cost_usd", "cost_source")  # SPEC §12
 
 
 def request_line(scope: Scope, status: int, seconds: float) -> dict[str, Any]:
     """The request's log fields, from its ASGI scope and what the routes `note`d."""
     state = scope.get("state") or {}
     facts = state.get("log") or {}
-    return {
+    line = {
         "request_id": state.get("request_id"),
         "method": scope.get("method"),
         "route": clip(scope.get("path")),
@@ -39,6 +40,11 @@ def request_line(scope: Scope, status: int, seconds: float) -> dict[str, Any]:
         "attempts": facts.get("attempts"),
         "error": facts.get("error"),
     }
+    for key in OPTIONAL_FACTS:  # only when the feature that notes them is on
+        value = facts.get(key)
+        if value is not None:
+            line[key] = value
+    return line
 
 
 def clip(value: Any) -> Any:

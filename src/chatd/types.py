@@ -53,6 +53,7 @@ class ChatResult:
     finish_reason: str = ""
     thinking: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # Ollama's, as sent (OpenAI surface)
+    cost: float | None = None  # USD, when the upstream reports it (OpenRouter's usage.cost)
 
 
 @dataclass(slots=True)

@@ -198,7 +198,9 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
+                # Headers the request earned on its way (the caller's X-RateLimit-*).
+                extra = scope["state"].get("headers") or ()
+                message["headers"] = [*message.get("headers", ()), header, *extra]
             await send(message)
 
         try:

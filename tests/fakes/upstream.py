@@ -30,6 +30,7 @@ The model name picks a behaviour (the part after the last `/` for OpenAI paths):
     nochoices           200 with zero choices (OpenAI) / no message (Ollama)
     big                 a long answer (≈200 KB)
     think               an answer with reasoning text
+    cost-<micro>        (OpenAI) usage carries OpenRouter's `"cost": <micro> / 1e6` USD
     tool                (/api/chat, /v1/chat/completions) a call of the request's first tool,
                         arguments {"city": "Paris"} (OpenAI: a JSON string, streamed in pieces)
     wrongcount          (embeddings) one vector fewer than inputs
@@ -458,10 +459,10 @@ class Handler(BaseHTTPRequestHandler):
             "id": "chatcmpl-fake", "object": "chat.completion", "created": 1764028800,
             "model": model,
             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-            "usage": {
+            "usage": with_cost(model, {
                 "prompt_tokens": prompt_tokens, "completion_tokens": out_tokens,
                 "total_tokens": prompt_tokens + out_tokens,
-            },
+            }),
         }  # fmt: skip
 
     def stream_answer(
@@ -528,10 +529,10 @@ class Handler(BaseHTTPRequestHandler):
             self.chunk(sse(last))
             options = body.get("stream_options") or {}
             if isinstance(options, dict) and options.get("include_usage"):
-                usage = {
+                usage = with_cost(model, {
                     "prompt_tokens": prompt_tokens, "completion_tokens": out_tokens,
                     "total_tokens": prompt_tokens + out_tokens,
-                }  # fmt: skip
+                })  # fmt: skip
                 self.chunk(sse({**chunk_body(model, {}, None), "choices": [], "usage": usage}))
             self.chunk(b"data: [DONE]\n\n")
         else:
@@ -557,6 +558,14 @@ def cut_at_stop(text: str, body: dict[str, Any], dialect: str) -> tuple[str, str
         return text, None
     at, stop = min(found)
     return text[:at], stop
+
+
+def with_cost(model: str, usage: dict[str, Any]) -> dict[str, Any]:
+    """OpenRouter reports what a call cost: `cost-<micro>` models say `<micro>` / 1e6 USD."""
+    kind, n = behaviour(model)
+    if kind == "cost":
+        usage["cost"] = n / 1_000_000
+    return usage
 
 
 def chunk_body(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

@@ -30,6 +30,14 @@ def to_openai_body(request: ChatRequest, model: str, *, stream: bool = False) ->
     return body
 
 
+def upstream_cost(usage: Any) -> float | None:
+    """OpenRouter's `usage.cost` (USD) when the upstream reports one."""
+    cost = usage.get("cost") if isinstance(usage, dict) else None
+    if isinstance(cost, int | float) and not isinstance(cost, bool) and 0 <= cost < 1e9:
+        return float(cost)
+    return None
+
+
 def parse_openai_response(provider: Provider, data: Any) -> ChatResult:
     if not isinstance(data, dict):
         raise provider.bad_shape("unexpected response shape", data)
@@ -46,6 +54,7 @@ def parse_openai_response(provider: Provider, data: Any) -> ChatResult:
         output_tokens=as_int(usage.get("completion_tokens")),
         finish_reason=str(choice.get("finish_reason") or "stop"),
         thinking=thinking if isinstance(thinking, str) and thinking else None,
+        cost=upstream_cost(usage),
     )
 
 
@@ -105,6 +114,7 @@ class OpenAIProvider(Provider):
         body = to_openai_body(request, model, stream=True)
         finish_reason = ""
         input_tokens = output_tokens = 0
+        cost: float | None = None
         async with self.open_stream("/chat/completions", body) as response:
             async for data in sse_events(self, response):
                 if data is None:  # [DONE]
@@ -113,6 +123,7 @@ class OpenAIProvider(Provider):
                         input_tokens=input_tokens,
                         output_tokens=output_tokens,
                         finish_reason=finish_reason or "stop",
+                        extra={"cost": cost} if cost is not None else {},
                     )
                     return
                 if isinstance(data.get("error"), dict | str):
@@ -121,6 +132,7 @@ class OpenAIProvider(Provider):
                 if isinstance(usage, dict):
                     input_tokens = as_int(usage.get("prompt_tokens")) or input_tokens
                     output_tokens = as_int(usage.get("completion_tokens")) or output_tokens
+                    cost = upstream_cost(usage) if "cost" in usage else cost
                 for choice in data.get("choices") or ():
                     delta = choice.get("delta") or {}
                     text = delta.get("content") or ""
