@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -49,6 +50,8 @@ class Operations:
         self._app: FastAPI | None = None
         self._routes: frozenset[str] = frozenset()
         self._probing: asyncio.Task[dict[str, Any]] | None = None
+        # The dispatcher's balancers (SPEC §10): their endpoints join the listing.
+        self.balancers: Mapping[str, Any] = {}
 
     def install(self, app: FastAPI) -> None:
         """Add `/metrics` and `/ready`; learn the app's routes (for the route label)."""
@@ -110,6 +113,9 @@ class Operations:
         listing = self.registry.listing()
         for entry in listing["providers"]:  # type: ignore[attr-defined]
             entry.update(self.stats.describe(entry["name"]))
+            balancer = self.balancers.get(entry["name"])
+            if balancer is not None and entry["name"] in self.registry.endpoints:
+                entry["endpoints"] = balancer.describe()
         return listing
 
     # -- /ready ---------------------------------------------------------------------

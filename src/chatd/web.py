@@ -37,6 +37,7 @@ def note_served(request: Request, served: Any) -> None:
     note(
         request,
         provider=served.route.provider.name,
+        endpoint=served.route.provider.endpoint,
         upstream_model=served.route.model,
         attempts=served.attempts,
     )
