@@ -31,9 +31,6 @@ from .resilience import Guard, is_upstream_failure, retry_after_header
 
 # How fast the latency estimate forgets: a sample's weight halves in ~1.4 s.
 DECAY_SECS = 2.0
-# A failed call counts as at least this slow, so traffic leans away from a failing host
-# before its breaker trips.
-FAILURE_PENALTY_SECS = 1.0
 # An endpoint with no sample and a call already in flight: try the others first (Finagle's
 # rule), so a new host is not flooded before its first answer says how fast it is.
 UNSAMPLED_BUSY = 1e6
@@ -295,8 +292,11 @@ class Balancer:
             endpoint.guard.record(None)
             return
         endpoint.errors += 1
-        if is_upstream_failure(error):
-            endpoint.observe(max(seconds, FAILURE_PENALTY_SECS), now)
+        # A failure never makes an endpoint look faster (a refusal is quick), but a slow
+        # one is a peak. A failing host keeps its share until its breaker trips, so a
+        # dead host is found and cooled down within `cooldown_failures` calls.
+        if is_upstream_failure(error) and (endpoint.ewma is None or seconds > endpoint.ewma):
+            endpoint.observe(seconds, now)
         endpoint.guard.record(error)
 
     def abandoned(self, endpoint: Endpoint, seconds: float) -> None:

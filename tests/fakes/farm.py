@@ -114,20 +114,16 @@ class Host:
         self.requests += 1
         self.authorizations.append(headers.get("authorization", ""))
         data = json.loads(body or b"{}")
-        assert self._semaphore is not None
         gone = asyncio.ensure_future(reader.read(1))  # b"" = the client closed
-        try:
-            async with self._semaphore:  # at most `slots` at once: the rest queue here
-                wait = None if self.stall else self.latency
-                sleeper = asyncio.ensure_future(asyncio.sleep(wait if wait is not None else 3600))
-                done, _ = await asyncio.wait({gone, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-                sleeper.cancel()
-                if gone in done:
-                    self.disconnects += 1
-                    return False
-        finally:
-            if not gone.done():
-                gone.cancel()
+        serving = asyncio.ensure_future(self._hold_slot())
+        done, _ = await asyncio.wait({gone, serving}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (gone, serving):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(gone, serving, return_exceptions=True)
+        if gone in done:  # the client went away first (queued or being served)
+            self.disconnects += 1
+            return False
         self.served += 1
         model = str(data.get("model", "farm"))
         text = f"answer from {self.name}"
@@ -138,6 +134,11 @@ class Host:
         else:
             await respond(writer, 200, ollama_answer(model, text))
         return True
+
+    async def _hold_slot(self) -> None:
+        assert self._semaphore is not None
+        async with self._semaphore:  # at most `slots` at once: the rest queue here
+            await asyncio.sleep(3600 if self.stall else self.latency)
 
 
 class Farm:
