@@ -64,6 +64,19 @@ class Registry:
                     providers[name] = found[0]
                     endpoints[name] = found
                     continue
+                # No endpoint has a key: not registered, unless `enabled = true` (then
+                # registered but unavailable → 503, as in §2).
+                if config.enabled == "auto":
+                    continue
+                keyed = [e.key_env for e in config.endpoints if e.key_env]
+                providers[name] = KINDS[config.kind](
+                    name,
+                    config.model_copy(update={"key_env": config.key_env or keyed[0]}),
+                    timeout=chatd.timeout_for(name),
+                    attribution=attribution,
+                    transport=chatd.upstream_transport,
+                )
+                continue
             key = resolve_key(config)
             if config.needs_key and not key and config.enabled == "auto":
                 continue
