@@ -366,3 +366,23 @@ def test_no_keyed_endpoint_and_enabled_true_is_registered_but_unavailable(
     table["enabled"] = True
     forced = Registry.from_settings(build_settings({"chatd": {"providers": {"v": table}}}))
     assert forced.providers["v"].available is False
+
+
+async def test_an_alias_with_hedge_after_ms_hedges_across_its_targets() -> None:
+    from chatd.config import AliasOptions
+
+    x, y = Scripted("x", 5.0), Scripted("y", "from y")
+    registry = Registry(
+        {"x": x, "y": y},
+        configured=["x", "y"],
+        default="x",
+        aliases={"t": ["x/m", "y/m"]},
+        alias_options={"t": AliasOptions(hedge_after_ms=50)},
+    )
+    d = Dispatcher(registry)
+    started = time.monotonic()
+    served = await d.chat(ask("t"))
+    assert (served.result.content, served.route.provider.name) == ("from y", "y")
+    assert served.attempts == 2
+    assert time.monotonic() - started < 1
+    assert d.guard("x").limiter.busy == 0  # the stalled call was cancelled

@@ -283,3 +283,15 @@ def start_with(tmp_path: Path, config: str) -> subprocess.CompletedProcess[str]:
         env=clean_env(),
         timeout=30,
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_openai_surface_balances_like_v1_chat(farm: Farm, tmp_path: Path, stream: bool) -> None:
+    body = {"model": "farm:latest", "messages": USER, "stream": stream}
+    with ChatdProcess(farm_config(farm.hosts), tmp_path) as chatd:
+        with httpx.Client(base_url=chatd.url, timeout=30) as client:
+            statuses = [
+                client.post("/v1/chat/completions", json=body).status_code for _ in range(30)
+            ]
+    assert statuses == [200] * 30
+    assert all(h.served > 0 for h in farm.hosts), [h.served for h in farm.hosts]

@@ -124,20 +124,17 @@ class Dispatcher:
         self.guards: dict[str, Guard] = {}
         # SPEC §10: providers with several endpoints (and those a balanced alias weighs)
         # are served through a Balancer; every other provider takes the plain path below.
-        self.balanced_aliases = {
-            alias: options
-            for alias, options in registry.alias_options.items()
-            if options.mode == "balance"
-        }
+        self.alias_options = registry.alias_options  # table-form aliases only
         self.balancers: dict[str, Balancer] = {}
         for name, providers in registry.endpoints.items():
             if len(providers) > 1:
                 self.balancers[name] = Balancer(
                     name, providers[0].config, providers, observer=self.observer
                 )
-        for alias in self.balanced_aliases:
-            for target in registry.aliases.get(alias, ()):
-                self._balance(target)
+        for alias, options in self.alias_options.items():
+            if options.mode == "balance":
+                for target in registry.aliases.get(alias, ()):
+                    self._balance(target)
 
     def _balance(self, target: str) -> None:
         """Track the load of `target`'s provider (a balanced alias orders by it)."""
@@ -235,13 +232,21 @@ class Dispatcher:
     ) -> tuple[Route, Any, Tally]:
         """Try each target in order; return the first success or raise the telling error."""
         targets = self.registry.targets(model)
-        if self.balanced_aliases and model.strip() in self.balanced_aliases:
-            targets = self._lightest_first(targets)
+        hedge_after = 0.0
+        spent: set[str] = set()  # targets a hedge already called
+        if self.alias_options:
+            options = self.alias_options.get(model.strip())
+            if options is not None:
+                if options.mode == "balance":
+                    targets = self._lightest_first(targets)
+                hedge_after = options.hedge_after_ms / 1000
         loop = asyncio.get_running_loop()
         tally = Tally()
         deadline: float | None = None
         errors: list[ChatdError] = []
         for index, target in enumerate(targets):
+            if spent and target in spent:
+                continue
             if index:
                 if deadline is not None and loop.time() >= deadline:
                     break
@@ -256,7 +261,13 @@ class Dispatcher:
                 timeout = route.provider.timeout
                 deadline = loop.time() + (min(timeout, budget) if budget else timeout)
             try:
-                route, result = await self._try_target(route, attempt, deadline, tally)
+                if hedge_after:
+                    later = targets[index + 1 :]
+                    route, result = await self._hedge_targets(
+                        route, later, spent, attempt, deadline, tally, hedge_after
+                    )
+                else:
+                    route, result = await self._try_target(route, attempt, deadline, tally)
             except ChatdError as exc:
                 if getattr(exc, "provider", None) is None:  # for the request log and metrics
                     exc.provider = route.provider.name  # type: ignore[attr-defined]
@@ -266,6 +277,36 @@ class Dispatcher:
                 continue
             return route, result, tally
         raise _with_tally(_most_telling(errors), tally) from None
+
+    async def _hedge_targets(
+        self,
+        route: Route,
+        later: list[str],
+        spent: set[str],
+        attempt: Callable[[Route, Guard], Awaitable[Any]],
+        deadline: float,
+        tally: Tally,
+        after: float,
+    ) -> tuple[Route, Any]:
+        """An alias with `hedge_after_ms`: the target, hedged on the next one (SPEC §10)."""
+
+        async def hedge() -> Any:
+            for target in later:
+                if target in spent:
+                    continue
+                spent.add(target)
+                try:
+                    other = self.registry.resolve(target)
+                except (ProviderNotFound, ProviderDisabled):
+                    continue
+                return self._try_target(other, attempt, deadline, tally)
+            return None
+
+        first = self._try_target(route, attempt, deadline, tally)
+        (served, result), won = await race(first, hedge, after, _discard)
+        if won is not None:
+            self.observer.hedged(route.provider.name, "won" if won else "lost")
+        return served, result
 
     def _lightest_first(self, targets: list[str]) -> list[str]:
         """A balanced alias's targets by their providers' load, lightest first (SPEC §10)."""
