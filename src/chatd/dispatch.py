@@ -43,6 +43,7 @@ class Tally:
     attempts: int = 0
     retries: int = 0
     fallbacks: int = 0
+    endpoint: str | None = None  # the endpoint that answered, for balanced providers
 
 
 @dataclass(slots=True)
@@ -56,6 +57,10 @@ class Served(Generic[R]):
     @property
     def attempts(self) -> int:
         return self.tally.attempts
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.tally.endpoint
 
 
 @dataclass(slots=True)
@@ -73,6 +78,10 @@ class OpenStream(Generic[E]):
     @property
     def attempts(self) -> int:
         return self.tally.attempts
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.tally.endpoint
 
     async def aclose(self) -> None:
         aclose = getattr(self.rest, "aclose", None)
@@ -419,10 +428,14 @@ class Dispatcher:
             tally.attempts += 1
             try:
                 if balancer.hedge_after:
-                    return await self._hedged(balancer, endpoint, model, attempt, deadline, tally)
-                return await self._call_endpoint(balancer, endpoint, model, attempt, deadline)
+                    served = await self._hedged(balancer, endpoint, model, attempt, deadline, tally)
+                else:
+                    served = await self._call_endpoint(balancer, endpoint, model, attempt, deadline)
             except (UpstreamError, UpstreamTimeout) as exc:
                 last = exc
+            else:
+                tally.endpoint = served[0].provider.endpoint
+                return served
             if not is_retryable(last) or retry == balancer.max_retries:
                 raise last
             failed = endpoint

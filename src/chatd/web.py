@@ -37,10 +37,12 @@ def note_served(request: Request, served: Any) -> None:
     note(
         request,
         provider=served.route.provider.name,
-        endpoint=served.route.provider.endpoint,
         upstream_model=served.route.model,
         attempts=served.attempts,
     )
+    endpoint = getattr(served, "endpoint", None)
+    if endpoint is not None:  # a provider with several endpoints (SPEC §10)
+        note(request, endpoint=endpoint)
 
 
 def sse(data: Any) -> bytes:
