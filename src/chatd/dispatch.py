@@ -242,19 +242,20 @@ class Dispatcher:
         """Try each target in order; return the first success or raise the telling error."""
         targets = self.registry.targets(model)
         hedge_after = 0.0
-        spent: set[str] = set()  # targets a hedge already called
-        if self.alias_options:
+        spent: set[str] | None = None  # a hedged alias: the targets its hedges called
+        if self.alias_options:  # table-form aliases (SPEC §10); none: nothing to do
             options = self.alias_options.get(model.strip())
             if options is not None:
                 if options.mode == "balance":
                     targets = self._lightest_first(targets)
-                hedge_after = options.hedge_after_ms / 1000
+                if options.hedge_after_ms:
+                    hedge_after, spent = options.hedge_after_ms / 1000, set()
         loop = asyncio.get_running_loop()
         tally = Tally()
         deadline: float | None = None
         errors: list[ChatdError] = []
         for index, target in enumerate(targets):
-            if spent and target in spent:
+            if spent is not None and target in spent:
                 continue
             if index:
                 if deadline is not None and loop.time() >= deadline:
@@ -270,7 +271,7 @@ class Dispatcher:
                 timeout = route.provider.timeout
                 deadline = loop.time() + (min(timeout, budget) if budget else timeout)
             try:
-                if hedge_after:
+                if spent is not None:
                     later = targets[index + 1 :]
                     route, result = await self._hedge_targets(
                         route, later, spent, attempt, deadline, tally, hedge_after
