@@ -42,6 +42,10 @@ def serve_farm(control: Connection) -> None:
             command, index, value = control.recv()
             if command == "stop":
                 break
+            if command == "counts":
+                control.send([h.served for h in hosts])
+                farm.reset()
+                continue
             host = hosts[index]
             if command == "latency":
                 host.latency = value
@@ -121,9 +125,9 @@ def main() -> int:
     farm.start()
     urls = ours.recv()
 
-    def tell(command: str, index: int = 0, value: float = 0.0) -> None:
+    def tell(command: str, index: int = 0, value: float = 0.0) -> object:
         ours.send((command, index, value))
-        ours.recv()
+        return ours.recv()
 
     policies = [("p2c", "p2c", 0), ("round_robin", "round_robin", 0)]
     if args.hedge_ms:
@@ -134,7 +138,7 @@ def main() -> int:
         f"concurrency {args.concurrency}, {args.secs:g} s per run"
     )
     print(f"{'policy':<16} {'scenario':<20} {'requests':>8} {'req/s':>7} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'failed':>6}")  # fmt: skip
+          f"{'p50 ms':>7} {'p99 ms':>7} {'failed':>6}  share h1/h2/h3")  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="chatd-farm-"))
     try:
         for label, balance, hedge_ms in policies:
@@ -143,10 +147,15 @@ def main() -> int:
                 tell("latency", 2, LATENCY * 10 if scenario.startswith("one 10x") else LATENCY)
                 halfway = (lambda: tell("kill", 2)) if "killed" in scenario else None
                 with ChatdProcess(config(urls, balance, hedge_ms), tmp) as chatd:
+                    tell("counts")  # zero the hosts' counts
                     result = asyncio.run(drive(chatd.url, args.secs, args.concurrency, halfway))
+                served = tell("counts")
+                total = sum(served) or 1  # type: ignore[arg-type]
+                share = "/".join(f"{100 * n / total:.0f}" for n in served)  # type: ignore[union-attr]
                 print(
                     f"{label:<16} {scenario:<20} {result['requests']:>8} {result['rps']:>7.0f} "
-                    f"{result['p50']:>7.1f} {result['p99']:>7.1f} {result['failures']:>6}",
+                    f"{result['p50']:>7.1f} {result['p99']:>7.1f} {result['failures']:>6}  "
+                    f"{share}%",
                     flush=True,
                 )
     finally:
