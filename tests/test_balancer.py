@@ -386,3 +386,10 @@ async def test_an_alias_with_hedge_after_ms_hedges_across_its_targets() -> None:
     assert served.attempts == 2
     assert time.monotonic() - started < 1
     assert d.guard("x").limiter.busy == 0  # the stalled call was cancelled
+
+
+def test_one_configured_endpoint_is_still_listed_and_balanced() -> None:
+    table = {"kind": "mock", "endpoints": [{"name": "only"}]}
+    settings = build_settings({"chatd": {"providers": {"m": table}}})
+    d = Dispatcher(Registry.from_settings(settings))
+    assert [e["name"] for e in d.balancers["m"].describe()] == ["only"]

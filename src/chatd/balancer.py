@@ -141,11 +141,11 @@ class Balancer:
         told_busy, told_trip = limiter.on_busy, breaker.on_trip
 
         def busy(calls: int) -> None:
-            if told_busy is not None:
+            if told_busy is not None:  # the provider's own guard: it reports itself
                 told_busy(calls)
             if self.observer is not None:
                 self.observer.endpoint_busy(self.name, endpoint.name, calls)
-                if len(self.endpoints) > 1:
+                if told_busy is None:
                     self.observer.busy(self.name, sum(e.in_flight for e in self.endpoints))
             if self._waiters:
                 self._wake()

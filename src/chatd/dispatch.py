@@ -131,15 +131,14 @@ class Dispatcher:
         self.backoff = backoff  # seconds before the n-th retry (0-based) absent a Retry-After
         self.observer = observer or Observer()
         self.guards: dict[str, Guard] = {}
-        # SPEC §10: providers with several endpoints (and those a balanced alias weighs)
-        # are served through a Balancer; every other provider takes the plain path below.
+        # SPEC §10: providers configured with `endpoints` (and those a balanced alias
+        # weighs) are served through a Balancer; every other provider takes the plain path.
         self.alias_options = registry.alias_options  # table-form aliases only
         self.balancers: dict[str, Balancer] = {}
         for name, providers in registry.endpoints.items():
-            if len(providers) > 1:
-                self.balancers[name] = Balancer(
-                    name, providers[0].config, providers, observer=self.observer
-                )
+            self.balancers[name] = Balancer(
+                name, providers[0].config, providers, observer=self.observer
+            )
         for alias, options in self.alias_options.items():
             if options.mode == "balance":
                 for target in registry.aliases.get(alias, ()):
