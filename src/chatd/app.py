@@ -66,6 +66,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     registry = registry or Registry.from_settings(settings)
     ops = Operations(settings, registry)  # SPEC §9: metrics, request log, /ready, auth
     dispatcher = Dispatcher(registry, observer=ops.metrics)
+    ops.balancers = dispatcher.balancers  # SPEC §10: endpoint state in the listing
     max_body = settings.chatd.max_body_bytes
 
     @asynccontextmanager

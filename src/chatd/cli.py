@@ -273,14 +273,33 @@ def describe_settings(settings: Settings) -> str:
         key = "n/a"
         if cfg.needs_key:
             key = f"{cfg.key_env} {'set' if resolve_key(cfg) else 'unset'}"
-        registered = cfg.enabled is True or (
-            cfg.enabled == "auto" and (not cfg.needs_key or key.endswith(" set"))
-        )
+        keyed = not cfg.needs_key or key.endswith(" set")
+        endpoint_lines = []
+        if cfg.endpoints:  # SPEC §10: registered when one endpoint's key resolves
+            keyed = False
+            for entry in cfg.endpoints:
+                key_env = entry.key_env or cfg.key_env
+                found = bool(
+                    resolve_key(
+                        cfg.model_copy(
+                            update={"key_env": key_env, "key_file": entry.key_file or cfg.key_file}
+                        )
+                    )
+                )
+                keyed = keyed or found or not key_env
+                endpoint_key = f"{key_env} {'set' if found else 'unset'}" if key_env else "n/a"
+                base_url = entry.base_url or cfg.base_url or "-"
+                endpoint_lines.append(
+                    f"    endpoint {entry.name or '-'}: base_url={base_url} "
+                    f"key={endpoint_key} weight={entry.weight:g}"
+                )
+        registered = cfg.enabled is True or (cfg.enabled == "auto" and keyed)
         lines.append(
             f"  {name}: kind={cfg.kind} base_url={cfg.base_url or '-'} key={key} "
             f"enabled={str(cfg.enabled).lower()} registered={'yes' if registered else 'no'} "
             f"timeout_secs={chatd.timeout_for(name):g}"
         )
+        lines += endpoint_lines
     return "\n".join(lines)
 
 

@@ -54,6 +54,20 @@ class ConfigError(Exception):
     """A configuration that chatd refuses to start with; the message is one line."""
 
 
+class EndpointConfig(BaseModel):
+    """One entry of a provider's `endpoints` (SPEC §10); what it leaves out, the provider
+    gives (`max_concurrency` None = the provider's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    base_url: str = ""
+    key_env: str = ""
+    key_file: str = ""
+    weight: float = Field(default=1, gt=0)
+    max_concurrency: int | None = Field(default=None, ge=0)
+
+
 class ProviderConfig(BaseModel):
     """One `[chatd.providers.<name>]` table."""
 
@@ -77,6 +91,10 @@ class ProviderConfig(BaseModel):
     cooldown_secs: float = Field(default=30, ge=0)
     # embeddings (SPEC §11): most inputs sent upstream in one call
     embed_batch: int = Field(default=256, ge=1)
+    # endpoints, balancing, hedging (SPEC §10)
+    balance: Literal["p2c", "round_robin"] = "p2c"
+    hedge_after_ms: int = Field(default=0, ge=0)
+    endpoints: list[EndpointConfig] = Field(default_factory=list)
 
     @property
     def needs_key(self) -> bool:
@@ -192,13 +210,26 @@ class _EnvChatdConfig(ChatdConfig, BaseSettings):
         return (env_settings, init_settings)  # environment beats the file
 
 
+@dataclass(frozen=True, slots=True)
+class AliasOptions:
+    """How a table-form alias (`[models.<alias>]`) uses its targets (SPEC §10)."""
+
+    mode: Literal["fallback", "balance"] = "fallback"
+    hedge_after_ms: int = 0
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything chatd needs, resolved once at start-up."""
+    """Everything chatd needs, resolved once at start-up.
+
+    `models` maps every alias to its targets; `alias_options` holds only the table-form
+    aliases that ask for more than fallback order.
+    """
 
     chatd: ChatdConfig
     models: dict[str, list[str]] = field(default_factory=dict)
     source: str = "built-in defaults"
+    alias_options: dict[str, AliasOptions] = field(default_factory=dict)
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -250,7 +281,8 @@ def build_settings(
         raise ConfigError(
             f"chatd.default_provider: {config.default_provider!r} is not a configured provider"
         )
-    return Settings(chatd=config, models=_parse_models(data.get("models") or {}), source=source)
+    models, options = _parse_models(data.get("models") or {})
+    return Settings(chatd=config, models=models, source=source, alias_options=options)
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
@@ -272,9 +304,18 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     return build_settings(data, use_env=True, source=source)
 
 
-def _parse_models(models: Mapping[str, Any]) -> dict[str, list[str]]:
+def _parse_models(
+    models: Mapping[str, Any],
+) -> tuple[dict[str, list[str]], dict[str, AliasOptions]]:
+    """`[models]`: a string (one target), a list (fallback order) or a table
+    `{targets, mode, hedge_after_ms}` (SPEC §10)."""
     tiers: dict[str, list[str]] = {}
+    options: dict[str, AliasOptions] = {}
     for alias, value in models.items():
+        if isinstance(value, Mapping):
+            value, option = _alias_table(alias, value)
+            if option != AliasOptions():
+                options[alias] = option
         targets = [value] if isinstance(value, str) else value
         if (
             not isinstance(targets, list)
@@ -283,7 +324,23 @@ def _parse_models(models: Mapping[str, Any]) -> dict[str, list[str]]:
         ):
             raise ConfigError(f"models.{alias}: must be a model ID or a non-empty list of them")
         tiers[alias] = [t.strip() for t in targets]
-    return tiers
+    return tiers, options
+
+
+def _alias_table(alias: str, table: Mapping[str, Any]) -> tuple[Any, AliasOptions]:
+    unknown = sorted(set(table) - {"targets", "mode", "hedge_after_ms"})
+    if unknown:
+        raise ConfigError(f"models.{alias}.{unknown[0]}: unknown key")
+    targets = table.get("targets")
+    if targets is None or targets == [] or targets == "":
+        raise ConfigError(f"models.{alias}.targets: required, a model ID or a non-empty list")
+    mode = table.get("mode", "fallback")
+    if mode not in ("fallback", "balance"):
+        raise ConfigError(f'models.{alias}.mode: must be "fallback" or "balance"')
+    hedge = table.get("hedge_after_ms", 0)
+    if not isinstance(hedge, int) or isinstance(hedge, bool) or hedge < 0:
+        raise ConfigError(f"models.{alias}.hedge_after_ms: must be an integer >= 0")
+    return targets, AliasOptions(mode=mode, hedge_after_ms=hedge)
 
 
 def describe_validation_error(exc: ValidationError, prefix: str) -> str:

@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar
 
+from .balancer import Balancer, Endpoint
 from .errors import (
     ChatdError,
+    ProviderCoolingDown,
     ProviderDisabled,
     ProviderNotFound,
     UpstreamError,
     UpstreamTimeout,
 )
+from .hedging import race
 from .registry import Registry, Route
 from .resilience import Guard, backoff_delay, is_retryable, may_fall_back, parse_retry_after
 from .types import ChatRequest, ChatResult, StreamEvent
@@ -40,6 +43,7 @@ class Tally:
     attempts: int = 0
     retries: int = 0
     fallbacks: int = 0
+    endpoint: str | None = None  # the endpoint that answered, for balanced providers
 
 
 @dataclass(slots=True)
@@ -53,6 +57,10 @@ class Served(Generic[R]):
     @property
     def attempts(self) -> int:
         return self.tally.attempts
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.tally.endpoint
 
 
 @dataclass(slots=True)
@@ -70,6 +78,10 @@ class OpenStream(Generic[E]):
     @property
     def attempts(self) -> int:
         return self.tally.attempts
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.tally.endpoint
 
     async def aclose(self) -> None:
         aclose = getattr(self.rest, "aclose", None)
@@ -95,6 +107,15 @@ class Observer:
     def cooled_down(self, provider: str) -> None:
         """`provider`'s breaker tripped: a cooldown began."""
 
+    def endpoint_call(self, provider: str, endpoint: str, seconds: float) -> None:
+        """One upstream call to one endpoint of a balanced provider ended (SPEC §10)."""
+
+    def endpoint_busy(self, provider: str, endpoint: str, calls: int) -> None:
+        """The endpoint now has `calls` upstream calls (or open streams) in flight."""
+
+    def hedged(self, provider: str, outcome: str) -> None:
+        """A hedge was sent; `outcome` "won" (it answered first) or "lost"."""
+
 
 class Dispatcher:
     """Turns a validated request into provider calls: retries, fallbacks, limits, deadline."""
@@ -110,6 +131,33 @@ class Dispatcher:
         self.backoff = backoff  # seconds before the n-th retry (0-based) absent a Retry-After
         self.observer = observer or Observer()
         self.guards: dict[str, Guard] = {}
+        # SPEC §10: providers configured with `endpoints` (and those a balanced alias
+        # weighs) are served through a Balancer; every other provider takes the plain path.
+        self.alias_options = registry.alias_options  # table-form aliases only
+        self.balancers: dict[str, Balancer] = {}
+        for name, providers in registry.endpoints.items():
+            self.balancers[name] = Balancer(
+                name, providers[0].config, providers, observer=self.observer
+            )
+        for alias, options in self.alias_options.items():
+            if options.mode == "balance":
+                for target in registry.aliases.get(alias, ()):
+                    self._balance(target)
+
+    def _balance(self, target: str) -> None:
+        """Track the load of `target`'s provider (a balanced alias orders by it)."""
+        try:
+            provider = self.registry.resolve(target).provider
+        except ChatdError:
+            return
+        if provider.name not in self.balancers:
+            self.balancers[provider.name] = Balancer(
+                provider.name,
+                provider.config,
+                [provider],
+                guards=[self.guard(provider.name)],
+                observer=self.observer,
+            )
 
     def guard(self, provider_name: str) -> Guard:
         """The provider's limiter and breaker, made on first use and kept for the app's life."""
@@ -192,11 +240,22 @@ class Dispatcher:
     ) -> tuple[Route, Any, Tally]:
         """Try each target in order; return the first success or raise the telling error."""
         targets = self.registry.targets(model)
+        hedge_after = 0.0
+        spent: set[str] | None = None  # a hedged alias: the targets its hedges called
+        if self.alias_options:  # table-form aliases (SPEC §10); none: nothing to do
+            options = self.alias_options.get(model.strip())
+            if options is not None:
+                if options.mode == "balance":
+                    targets = self._lightest_first(targets)
+                if options.hedge_after_ms:
+                    hedge_after, spent = options.hedge_after_ms / 1000, set()
         loop = asyncio.get_running_loop()
         tally = Tally()
         deadline: float | None = None
         errors: list[ChatdError] = []
         for index, target in enumerate(targets):
+            if spent is not None and target in spent:
+                continue
             if index:
                 if deadline is not None and loop.time() >= deadline:
                     break
@@ -211,7 +270,13 @@ class Dispatcher:
                 timeout = route.provider.timeout
                 deadline = loop.time() + (min(timeout, budget) if budget else timeout)
             try:
-                result = await self._try_target(route, attempt, deadline, tally)
+                if spent is not None:
+                    later = targets[index + 1 :]
+                    route, result = await self._hedge_targets(
+                        route, later, spent, attempt, deadline, tally, hedge_after
+                    )
+                else:
+                    route, result = await self._try_target(route, attempt, deadline, tally)
             except ChatdError as exc:
                 if getattr(exc, "provider", None) is None:  # for the request log and metrics
                     exc.provider = route.provider.name  # type: ignore[attr-defined]
@@ -222,16 +287,62 @@ class Dispatcher:
             return route, result, tally
         raise _with_tally(_most_telling(errors), tally) from None
 
+    async def _hedge_targets(
+        self,
+        route: Route,
+        later: list[str],
+        spent: set[str],
+        attempt: Callable[[Route, Guard], Awaitable[Any]],
+        deadline: float,
+        tally: Tally,
+        after: float,
+    ) -> tuple[Route, Any]:
+        """An alias with `hedge_after_ms`: the target, hedged on the next one (SPEC §10)."""
+
+        async def hedge() -> Any:
+            for target in later:
+                if target in spent:
+                    continue
+                spent.add(target)
+                try:
+                    other = self.registry.resolve(target)
+                except (ProviderNotFound, ProviderDisabled):
+                    continue
+                return self._try_target(other, attempt, deadline, tally)
+            return None
+
+        first = self._try_target(route, attempt, deadline, tally)
+        (served, result), won = await race(first, hedge, after, _discard)
+        if won is not None:
+            self.observer.hedged(route.provider.name, "won" if won else "lost")
+        return served, result
+
+    def _lightest_first(self, targets: list[str]) -> list[str]:
+        """A balanced alias's targets by their providers' load, lightest first (SPEC §10)."""
+
+        def load(target: str) -> float:
+            try:
+                balancer = self.balancers.get(self.registry.resolve(target).provider.name)
+            except ChatdError:
+                return float("inf")  # tried last; its error is reported if all fail
+            return balancer.load() if balancer is not None else 0.0
+
+        return sorted(targets, key=load)
+
     async def _try_target(
         self,
         route: Route,
         attempt: Callable[[Route, Guard], Awaitable[Any]],
         deadline: float,
         tally: Tally,
-    ) -> Any:
-        """One target with its retries, each call inside the request's deadline."""
-        loop = asyncio.get_running_loop()
+    ) -> tuple[Route, Any]:
+        """One target with its retries, each call inside the request's deadline; returns
+        the route that answered (for a balanced provider: the endpoint's) and the result."""
         name = route.provider.name
+        balancer = self.balancers.get(name)
+        if balancer is not None:
+            return await self._try_endpoints(balancer, route.model, attempt, deadline, tally)
+        loop = asyncio.get_running_loop()
         guard = self.guard(name)
         last: ChatdError | None = None
         for retry in range(guard.max_retries + 1):
@@ -264,12 +375,12 @@ class Dispatcher:
                 last = exc
             else:
                 guard.record(None)
-                return result
+                return route, result
             finally:
                 self.observer.upstream_call(name, loop.time() - called)
             if not is_retryable(last) or retry == guard.max_retries:
                 raise last
-            delay = self._retry_delay(last, guard, retry)
+            delay = self._retry_delay(last, guard.max_retry_after, retry)
             if delay is None or loop.time() + delay >= deadline:
                 raise last
             await asyncio.sleep(delay)
@@ -277,15 +388,132 @@ class Dispatcher:
             self.observer.retried(name)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _retry_delay(self, error: ChatdError, guard: Guard, retry: int) -> float | None:
+    def _retry_delay(self, error: ChatdError, limit: float, retry: int) -> float | None:
         """The wait before the next try: the upstream's Retry-After, else backoff; None
-        when the upstream asks for longer than `max_retry_after_secs`."""
+        when the upstream asks for longer than `limit` (`max_retry_after_secs`)."""
         hint = parse_retry_after(error.retry_after if isinstance(error, UpstreamError) else None)
         if hint is None:
             return self.backoff(retry)
-        if hint > guard.max_retry_after:
+        if hint > limit:
             return None
         return hint
+
+    # -- balanced providers (SPEC §10) -------------------------------------------
+
+    async def _try_endpoints(
+        self,
+        balancer: Balancer,
+        model: str,
+        attempt: Callable[[Route, Guard], Awaitable[Any]],
+        deadline: float,
+        tally: Tally,
+    ) -> tuple[Route, Any]:
+        """Like the plain path, but each try asks the balancer for an endpoint; a retry
+        goes to another endpoint (at once: its backoff protects an upstream that is not
+        being called again) and, with `hedge_after_ms`, a stalled call is hedged."""
+        loop = asyncio.get_running_loop()
+        name = balancer.name
+        last: ChatdError | None = None
+        failed: Endpoint | None = None
+        for retry in range(balancer.max_retries + 1):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise UpstreamTimeout(f"{name}: request deadline passed") from None
+            try:
+                endpoint = await balancer.acquire(failed, remaining)
+            except ProviderCoolingDown:
+                if last is not None:  # tripped by our own failures: report the real one
+                    raise last from None
+                raise
+            tally.attempts += 1
+            try:
+                if balancer.hedge_after:
+                    served = await self._hedged(balancer, endpoint, model, attempt, deadline, tally)
+                else:
+                    served = await self._call_endpoint(balancer, endpoint, model, attempt, deadline)
+            except (UpstreamError, UpstreamTimeout) as exc:
+                last = exc
+            else:
+                tally.endpoint = served[0].provider.endpoint
+                return served
+            if not is_retryable(last) or retry == balancer.max_retries:
+                raise last
+            failed = endpoint
+            if not balancer.has_other(endpoint):
+                delay = self._retry_delay(last, balancer.max_retry_after, retry)
+                if delay is None or loop.time() + delay >= deadline:
+                    raise last
+                await asyncio.sleep(delay)
+            tally.retries += 1
+            self.observer.retried(name)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _call_endpoint(
+        self,
+        balancer: Balancer,
+        endpoint: Endpoint,
+        model: str,
+        attempt: Callable[[Route, Guard], Awaitable[Any]],
+        deadline: float,
+    ) -> tuple[Route, Any]:
+        """One call on an endpoint whose slot is taken; its outcome feeds the balancer."""
+        loop = asyncio.get_running_loop()
+        route = Route(endpoint.provider, model)
+        called = loop.time()
+        remaining = deadline - called
+        error: BaseException | None = None
+        outcome = "other"  # "ok" | "failed" | "cut" (cancelled, or a deadline not its own)
+        try:
+            async with asyncio.timeout_at(deadline) as window:
+                result = await attempt(route, endpoint.guard)
+            outcome = "ok"
+            return route, result
+        except TimeoutError:
+            if not window.expired():
+                raise
+            error = UpstreamTimeout(f"{balancer.name}: no answer within the request's deadline")
+            outcome = "failed" if remaining >= 0.95 * endpoint.provider.timeout else "cut"
+            raise error from None
+        except (UpstreamError, UpstreamTimeout) as exc:
+            error, outcome = exc, "failed"
+            raise
+        except asyncio.CancelledError:
+            outcome = "cut"
+            raise
+        finally:
+            seconds = loop.time() - called
+            if outcome == "ok":
+                balancer.finished(endpoint, seconds, None)
+            elif outcome == "failed":
+                balancer.finished(endpoint, seconds, error)
+            elif outcome == "cut":
+                balancer.abandoned(endpoint, seconds)
+            self.observer.upstream_call(balancer.name, seconds)
+            self.observer.endpoint_call(balancer.name, endpoint.name, seconds)
+
+    async def _hedged(
+        self,
+        balancer: Balancer,
+        endpoint: Endpoint,
+        model: str,
+        attempt: Callable[[Route, Guard], Awaitable[Any]],
+        deadline: float,
+        tally: Tally,
+    ) -> tuple[Route, Any]:
+        """The call on `endpoint`, hedged on another endpoint after `hedge_after_ms`."""
+
+        async def hedge() -> Any:
+            other = await balancer.try_acquire(endpoint)
+            if other is None:
+                return None
+            tally.attempts += 1
+            return self._call_endpoint(balancer, other, model, attempt, deadline)
+
+        first = self._call_endpoint(balancer, endpoint, model, attempt, deadline)
+        (route, result), won = await race(first, hedge, balancer.hedge_after, _discard)
+        if won is not None:
+            self.observer.hedged(balancer.name, "won" if won else "lost")
+        return route, result
 
 
 class GuardedEvents(AsyncIterator[E]):
@@ -323,6 +551,13 @@ class GuardedEvents(AsyncIterator[E]):
             await _aclose(self._events)
         finally:
             self._guard.limiter.release()
+
+
+async def _discard(served: tuple[Route, Any]) -> None:
+    """A hedge loser that answered anyway: close its stream (a plain answer needs nothing)."""
+    result = served[1]
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], GuardedEvents):
+        await result[1].aclose()
 
 
 def _most_telling(errors: list[ChatdError]) -> ChatdError:

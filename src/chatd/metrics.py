@@ -120,6 +120,29 @@ class Metrics(Observer):
             "Usage ledger rows dropped because the in-memory buffer was full.",
             registry=registry,
         )
+        # SPEC §10, for providers with several endpoints: separate families, so the
+        # provider-labelled series above keep their labels (and their dashboards).
+        self.endpoint_upstream_seconds = Histogram(
+            "chatd_endpoint_upstream_duration_seconds",
+            "Each upstream call to one endpoint of a balanced provider (see "
+            "chatd_upstream_duration_seconds).",
+            ("provider", "endpoint"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.endpoint_in_flight = Gauge(
+            "chatd_endpoint_in_flight_requests",
+            "Upstream calls and open streams in progress, by endpoint of a balanced provider.",
+            ("provider", "endpoint"),
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.hedges = Counter(
+            "chatd_hedges",
+            'Hedged calls, by provider; outcome "won": the hedge answered first.',
+            ("provider", "outcome"),
+            registry=registry,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
         for name in providers:  # zero-valued series from the start, so rate() works
             for metric in (self.in_flight, self.retries, self.cooldowns):
@@ -179,6 +202,15 @@ class Metrics(Observer):
 
     def cooled_down(self, provider: str) -> None:
         self._child(self.cooldowns, provider).inc()
+
+    def endpoint_call(self, provider: str, endpoint: str, seconds: float) -> None:
+        self._child(self.endpoint_upstream_seconds, provider, endpoint).observe(seconds)
+
+    def endpoint_busy(self, provider: str, endpoint: str, calls: int) -> None:
+        self._child(self.endpoint_in_flight, provider, endpoint).set(calls)
+
+    def hedged(self, provider: str, outcome: str) -> None:
+        self._child(self.hedges, provider, outcome).inc()
 
     # -- exposition --------------------------------------------------------------
 

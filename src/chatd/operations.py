@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -73,6 +73,8 @@ class Operations:
         # Told of every finished request (scope, provider, status, seconds): the
         # dashboard's ring buffer (ui/series.py) when it is installed, else nothing.
         self.on_finished: Callable[[Scope, str, int, float], None] | None = None
+        # The dispatcher's balancers (SPEC §10): their endpoints join the listing.
+        self.balancers: Mapping[str, Any] = {}
 
     def install(self, app: FastAPI) -> None:
         """Add `/metrics` and `/ready`; learn the app's routes (for the route label)."""
@@ -165,6 +167,9 @@ class Operations:
         listing = self.registry.listing()
         for entry in listing["providers"]:  # type: ignore[attr-defined]
             entry.update(self.stats.describe(entry["name"]))
+            balancer = self.balancers.get(entry["name"])
+            if balancer is not None and entry["name"] in self.registry.endpoints:
+                entry["endpoints"] = balancer.describe()
         return listing
 
     # -- /ready ---------------------------------------------------------------------

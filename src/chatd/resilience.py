@@ -153,6 +153,10 @@ class Limiter:
             headers=retry_after_header(self.queue_timeout),
         )
 
+    def has_room(self) -> bool:
+        """Would `acquire` get a slot without waiting?"""
+        return self._slots is None or not self._slots.locked()
+
     def release(self) -> None:
         if self._slots is not None:
             self._slots.release()

@@ -40,6 +40,9 @@ def note_served(request: Request, served: Any) -> None:
         upstream_model=served.route.model,
         attempts=served.attempts,
     )
+    endpoint = getattr(served, "endpoint", None)
+    if endpoint is not None:  # a provider with several endpoints (SPEC §10)
+        note(request, endpoint=endpoint)
 
 
 def sse(data: Any) -> bytes:

@@ -16,6 +16,7 @@ from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -40,6 +41,7 @@ class Provider(ABC):
     kind: ClassVar[str]
     # Where the upstream lists its models: `GET /v1/models` and `/ready?probe=1` ask it.
     models_path: ClassVar[str | None] = None
+    weight: float = 1.0  # the endpoint's share of its provider's traffic (SPEC §10)
 
     def __init__(
         self,
@@ -50,10 +52,14 @@ class Provider(ABC):
         timeout: float = 180.0,
         attribution: Attribution | None = None,
         transport: str = "aiohttp",
+        endpoint: str = "",
     ) -> None:
         self.name = name
         self.config = config
         self.base_url = config.base_url.rstrip("/")
+        # Which of the provider's endpoints this instance is (SPEC §10): one instance per
+        # endpoint, each with its own base_url, key and pooled client.
+        self.endpoint = endpoint or endpoint_name(self.base_url, name)
         self.timeout = timeout
         self.attribution = attribution or Attribution()
         self._key = key
@@ -284,6 +290,11 @@ def make_client(
         follow_redirects=False,
         **kwargs,
     )
+
+
+def endpoint_name(base_url: str, provider: str) -> str:
+    """An endpoint's default name: its base_url's host[:port], else the provider's name."""
+    return urlsplit(base_url).netloc or provider
 
 
 def is_timeout(exc: httpx.HTTPError) -> bool:
