@@ -18,6 +18,7 @@ from typing import Any
 from .auth import auth_tokens, check_auth_config
 from .config import ConfigError, Settings, load_settings, parse_bind, resolve_key
 from .requestlog import LOG_FORMATS, formatter
+from .shared import describe_url
 
 CONFIG_ENV = "LAKEHOUSE_CONFIG"
 # How `--workers N` tells the worker processes what the command line said.
@@ -189,6 +190,8 @@ def describe_settings(settings: Settings) -> str:
         f"app_name: {chatd.app_name}",
         f"app_url: {chatd.app_url or '-'}",
         f"auth: {describe_auth(settings)}",
+        f"redis_url: {describe_url(chatd.redis_url) if chatd.redis_url else '- (in process)'}",
+        f"cache: {describe_cache(settings)}",
         "models:",
     ]
     lines += [f"  {alias} = {', '.join(targets)}" for alias, targets in settings.models.items()]
@@ -206,6 +209,14 @@ def describe_settings(settings: Settings) -> str:
             f"timeout_secs={chatd.timeout_for(name):g}"
         )
     return "\n".join(lines)
+
+
+def describe_cache(settings: Settings) -> str:
+    cache = settings.chatd.cache
+    if not cache.enabled:
+        return "off"
+    where = "redis" if settings.chatd.redis_url else f"in process, max_bytes={cache.max_bytes}"
+    return f"on, ttl_secs={cache.ttl_secs:g}, {where}"
 
 
 def describe_auth(settings: Settings) -> str:

@@ -82,6 +82,16 @@ class ProviderConfig(BaseModel):
         return bool(self.key_env)
 
 
+class CacheConfig(BaseModel):
+    """`[chatd.cache]`: the response cache (SPEC §13), off by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    ttl_secs: float = Field(default=600, gt=0)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # in process; Redis has its own
+
+
 class ChatdConfig(BaseModel):
     """The `[chatd]` table."""
 
@@ -97,6 +107,9 @@ class ChatdConfig(BaseModel):
     shutdown_grace_secs: float = Field(default=30, ge=0)
     # The HTTP transport under the providers' httpx clients (see providers/base.py).
     upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    # SPEC §13: state replicas share ("" = in process); e.g. "redis://cache:6379/0"
+    redis_url: str = ""
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
 
     @field_validator("bind")
@@ -111,6 +124,14 @@ class ChatdConfig(BaseModel):
         for name in value:
             if not PROVIDER_NAME.match(name):
                 raise ValueError(f"provider name {name!r} must match [a-z0-9_-]+")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// (or rediss://, unix://) URL")
         return value
 
     def host_port(self) -> tuple[str, int]:

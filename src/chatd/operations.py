@@ -49,6 +49,7 @@ class Operations:
         self._app: FastAPI | None = None
         self._routes: frozenset[str] = frozenset()
         self._probing: asyncio.Task[dict[str, Any]] | None = None
+        self.shared: Any = None  # SPEC §13: the Redis store, probed by /ready?probe=1
 
     def install(self, app: FastAPI) -> None:
         """Add `/metrics` and `/ready`; learn the app's routes (for the route label)."""
@@ -124,6 +125,8 @@ class Operations:
         body: dict[str, Any] = {"status": "ready", "default": default}
         if probe:
             body["providers"] = await self.probe_all()
+            if self.shared is not None:
+                body["redis"] = await self.shared.probe()
         return json_response(body)
 
     async def probe_all(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def request_line(scope: Scope, status: int, seconds: float) -> dict[str, Any]:
     """The request's log fields, from its ASGI scope and what the routes `note`d."""
     state = scope.get("state") or {}
     facts = state.get("log") or {}
-    return {
+    line = {
         "request_id": state.get("request_id"),
         "method": scope.get("method"),
         "route": clip(scope.get("path")),
@@ -39,6 +39,10 @@ def request_line(scope: Scope, status: int, seconds: float) -> dict[str, Any]:
         "attempts": facts.get("attempts"),
         "error": facts.get("error"),
     }
+    cache = facts.get("cache")
+    if cache is not None:  # SPEC §13: only requests the response cache considered
+        line["cache"] = cache
+    return line
 
 
 def clip(value: Any) -> Any:
