@@ -30,7 +30,10 @@ log = logging.getLogger("chatd")
 
 T = TypeVar("T")
 PREFIX = "chatd:"
-OP_TIMEOUT_SECS = 0.15  # one Redis call; past it, the request goes on with local state
+OP_TIMEOUT_SECS = 0.2  # one Redis call; past it, the request goes on with local state
+# A refused or broken connection means Redis is down at once; slow answers only after a
+# few in a row (a burst that stalls this process's event loop is not an outage).
+TIMEOUTS_FOR_DOWN = 3
 CHECK_EVERY_SECS = 1.0  # how often the monitor asks Redis whether it is (still) there
 LOG_EVERY_SECS = 60.0  # "Redis down" at most once a minute
 
@@ -301,6 +304,8 @@ class RedisState(SharedState):
         self.where = describe_url(url)
         self._up = False  # until the first answer: start-up never waits for Redis
         self._logged_at = -math.inf
+        self._timeouts = 0  # consecutive timed-out calls
+        self._ever_up = False
         self._monitor: asyncio.Task[None] | None = None
         self._window_hit = self.redis.register_script(WINDOW_HIT)
         self._add = self.redis.register_script(ADD)
@@ -350,12 +355,16 @@ class RedisState(SharedState):
         if up == self._up:
             return
         self._up = up
-        if up:
+        if up and self._ever_up:
             log.warning("shared state: Redis at %s is back; limits are shared again", self.where)
+        elif up:
+            log.info("shared state: Redis at %s", self.where)
+        self._ever_up = self._ever_up or up
         if self.on_up is not None:
             self.on_up(up)
 
     def _down(self, exc: BaseException) -> None:
+        self._timeouts = 0
         self._set_up(False)
         now = time.monotonic()
         if now - self._logged_at >= LOG_EVERY_SECS:
@@ -366,16 +375,31 @@ class RedisState(SharedState):
                 type(exc).__name__,
             )
 
-    async def _call(self, op: Callable[[], Awaitable[T]], local: Callable[[], Awaitable[T]]) -> T:
-        """`op()` on Redis within the timeout, else `local()` (and Redis marked down)."""
+    async def _call(
+        self,
+        op: Callable[[], Awaitable[T]],
+        local: Callable[[], Awaitable[T]],
+        slow: Callable[[], Awaitable[T]] | None = None,
+    ) -> T:
+        """`op()` on Redis within the timeout, else `local()` (and Redis marked down);
+        `slow()` instead, if given, when a timeout has not (yet) marked Redis down."""
         if not self._up:
             return await local()
         try:
             async with asyncio.timeout(self.op_timeout):
-                return await op()
+                value = await op()
+        except TimeoutError as exc:
+            self._timeouts += 1
+            if self._timeouts >= TIMEOUTS_FOR_DOWN:
+                self._down(exc)
+            elif slow is not None:
+                return await slow()
+            return await local()
         except Exception as exc:
             self._down(exc)
             return await local()
+        self._timeouts = 0
+        return value
 
     # -- the primitives ---------------------------------------------------------------
 
@@ -445,7 +469,10 @@ class RedisState(SharedState):
         async def op() -> bool:
             return bool(await self.redis.set(PREFIX + "l:" + key, b"1", px=_ms(ttl_secs), nx=True))
 
-        return await self._call(op, lambda: self.fallback.claim(key, ttl_secs))
+        async def not_claimed() -> bool:
+            return False  # a slow Redis may well have a holder: the caller asks again
+
+        return await self._call(op, lambda: self.fallback.claim(key, ttl_secs), not_claimed)
 
     async def release(self, key: str) -> None:
         async def op() -> None:
