@@ -224,3 +224,25 @@ def test_bytes_lru_never_exceeds_max_bytes_and_evicts_least_recent() -> None:
 def test_redis_url_is_described_without_credentials() -> None:
     assert describe_url("redis://user:s3cret@cache:6379/0") == "redis://cache:6379/0"
     assert "s3cret" not in describe_url("rediss://:s3cret@h/1")
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_redis_url_and_cache_config_keys() -> None:
+    from chatd.cli import describe_settings
+    from chatd.config import ConfigError, build_settings
+
+    settings = build_settings(
+        {"chatd": {"redis_url": "redis://:hunter2@cache:6379/0", "cache": {"enabled": True}}}
+    )
+    assert settings.chatd.cache.ttl_secs == 600 and settings.chatd.cache.max_bytes == 64 << 20
+    described = describe_settings(settings)
+    assert "hunter2" not in described and "redis://cache:6379/0" in described
+    assert "cache: on, ttl_secs=600, redis" in described
+    assert build_settings({}).chatd.redis_url == "" and not build_settings({}).chatd.cache.enabled
+    with pytest.raises(ConfigError, match="chatd.redis_url") as bad:
+        build_settings({"chatd": {"redis_url": "http://:hunter2@cache"}})
+    assert "hunter2" not in str(bad.value)
+    with pytest.raises(ConfigError, match="chatd.cache.ttl: unknown key"):
+        build_settings({"chatd": {"cache": {"ttl": 5}}})
