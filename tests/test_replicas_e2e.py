@@ -194,9 +194,12 @@ def test_an_answer_from_a_is_a_hit_on_b(fleet, fake):
     assert second.headers["x-chatd-cache"] == "hit"
     assert second.json()["content"] == first.json()["content"] == ANSWER
     assert calls_with(fake, messages[0]["content"]) == 1
-    hit_line = next(
-        line for line in reversed(log_lines(fleet.b)) if line.get("cache") == "hit"
-    )  # the log (and the ledger) see a free hit
+    hits: list[dict[str, Any]] = []  # the log is written off the request path: wait for it
+    assert wait_until(
+        lambda: bool(hits.extend(x for x in log_lines(fleet.b) if x.get("cache") == "hit") or hits),
+        5,
+    )
+    hit_line = hits[-1]  # the log (and the ledger) see a free hit
     assert hit_line["input_tokens"] == 0 and hit_line["output_tokens"] == 0
     assert hit_line["provider"] == "ollama"
 

@@ -31,9 +31,7 @@ log = logging.getLogger("chatd")
 T = TypeVar("T")
 PREFIX = "chatd:"
 OP_TIMEOUT_SECS = 0.2  # one Redis call; past it, the request goes on with local state
-# A refused or broken connection means Redis is down at once; slow answers only after a
-# few in a row (a burst that stalls this process's event loop is not an outage).
-TIMEOUTS_FOR_DOWN = 3
+PING_TIMEOUT_SECS = 1.0  # the monitor's judgement: a slow call alone is not an outage
 CHECK_EVERY_SECS = 1.0  # how often the monitor asks Redis whether it is (still) there
 LOG_EVERY_SECS = 60.0  # "Redis down" at most once a minute
 
@@ -304,7 +302,6 @@ class RedisState(SharedState):
         self.where = describe_url(url)
         self._up = False  # until the first answer: start-up never waits for Redis
         self._logged_at = -math.inf
-        self._timeouts = 0  # consecutive timed-out calls
         self._ever_up = False
         self._monitor: asyncio.Task[None] | None = None
         self._window_hit = self.redis.register_script(WINDOW_HIT)
@@ -330,7 +327,7 @@ class RedisState(SharedState):
     async def check(self) -> bool:
         """Ping Redis once; switch to it (or away from it) accordingly."""
         try:
-            async with asyncio.timeout(self.op_timeout * 2):
+            async with asyncio.timeout(max(PING_TIMEOUT_SECS, self.op_timeout)):
                 await self.redis.ping()
         except Exception as exc:  # whatever the client raised, Redis is not serving
             self._down(exc)
@@ -364,7 +361,6 @@ class RedisState(SharedState):
             self.on_up(up)
 
     def _down(self, exc: BaseException) -> None:
-        self._timeouts = 0
         self._set_up(False)
         now = time.monotonic()
         if now - self._logged_at >= LOG_EVERY_SECS:
@@ -381,24 +377,20 @@ class RedisState(SharedState):
         local: Callable[[], Awaitable[T]],
         slow: Callable[[], Awaitable[T]] | None = None,
     ) -> T:
-        """`op()` on Redis within the timeout, else `local()` (and Redis marked down);
-        `slow()` instead, if given, when a timeout has not (yet) marked Redis down."""
+        """`op()` on Redis within the timeout; on a connection failure `local()` (and
+        Redis marked down); on a timeout `slow()` if given, else `local()`."""
         if not self._up:
             return await local()
         try:
             async with asyncio.timeout(self.op_timeout):
                 value = await op()
-        except TimeoutError as exc:
-            self._timeouts += 1
-            if self._timeouts >= TIMEOUTS_FOR_DOWN:
-                self._down(exc)
-            elif slow is not None:
-                return await slow()
-            return await local()
-        except Exception as exc:
+        except TimeoutError:
+            # This call goes on without Redis; whether Redis is down is the monitor's
+            # call (a burst that stalls this process's event loop is not an outage).
+            return await (slow or local)()
+        except Exception as exc:  # refused, reset, broken: down at once
             self._down(exc)
             return await local()
-        self._timeouts = 0
         return value
 
     # -- the primitives ---------------------------------------------------------------
@@ -463,7 +455,14 @@ class RedisState(SharedState):
         async def op() -> None:
             await self.redis.set(PREFIX + "b:" + key, value, px=_ms(ttl_secs))
 
-        await self._call(op, lambda: self.fallback.set_blob(key, value, ttl_secs))
+        async def once_more() -> None:  # other replicas wait on this answer: try harder
+            try:
+                async with asyncio.timeout(PING_TIMEOUT_SECS):
+                    await op()
+            except Exception:
+                await self.fallback.set_blob(key, value, ttl_secs)
+
+        await self._call(op, lambda: self.fallback.set_blob(key, value, ttl_secs), once_more)
 
     async def claim(self, key: str, ttl_secs: float) -> bool:
         async def op() -> bool:
