@@ -107,7 +107,10 @@ class ResponseCache:
 
     async def get(self, key: str) -> bytes | None:
         if self.state is None:
-            return self.lru.get(key)
+            value = self.lru.get(key)
+            if value is None:
+                self._size(self.lru.bytes)  # an expired entry may just have gone
+            return value
         return await self.state.get_blob("cache:" + key)
 
     async def put(self, key: str, value: bytes) -> None:
