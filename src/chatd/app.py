@@ -8,12 +8,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
 from .anthropic_api import install_anthropic_routes
+from .cache import (
+    CACHE_HEADER,
+    HIT,
+    Plan,
+    RecordedChatStream,
+    ResponseCache,
+    chat_params,
+    note_hit,
+    replay_chat,
+    served_chat_entry,
+)
 from .callers import admit_anyone
 from .config import Settings
 from .contract import (
@@ -26,6 +38,7 @@ from .contract import (
     model_call,
     ok,
 )
+from .cooldowns import SharedCooldowns, cooldown_key
 from .dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream
 from .embeddings import install_embeddings_routes
 from .errors import (
@@ -39,7 +52,8 @@ from .errors import (
 from .openai_api import install_openai_routes
 from .operations import Operations
 from .registry import Registry
-from .resilience import TIMEOUT_HEADER, parse_timeout_header
+from .resilience import TIMEOUT_HEADER, Breaker, parse_timeout_header
+from .shared import SharedState, build_state
 from .types import ChatRequest, StreamEvent
 from .ui import install_ui
 from .usage.spend import spend_report
@@ -68,14 +82,21 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     dispatcher = Dispatcher(registry, observer=ops.metrics)
     ops.balancers = dispatcher.balancers  # SPEC §10: endpoint state in the listing
     max_body = settings.chatd.max_body_bytes
+    state, cooldowns, cache = replica_state(settings, registry, dispatcher, ops)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.start()
-        await ops.start()
+        if state is not None and cooldowns is not None:
+            await state.start()
+            await cooldowns.start()
+        await ops.start()  # after the shared state: callers' spend is read back into it
         try:
             yield
         finally:
+            if state is not None and cooldowns is not None:
+                await cooldowns.aclose()
+                await state.aclose()
             await registry.aclose()
             await ops.aclose()
 
@@ -97,6 +118,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         callers, ledger = ops.callers, ops.ledger
         app.state.ui_admin = callers.is_admin
         app.state.spend_report = lambda: spend_report(callers, ledger)
+    app.state.cache = cache  # None unless [chatd.cache] enabled; see cache.get_or_run
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(RequestContext, logger=log, authorize=ops.authorize, finished=ops.finished)
@@ -123,6 +145,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         if admit is not None:
             await admit(request, body.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        if cache is not None and body.temperature == 0:
+            plan = cache.plan(request, "chat", body.model, chat_params(body))
+            if plan is not None:
+                return await cached_chat(request, body, budget, started, cache, plan, dispatcher)
         if body.stream:
             opened = await until_disconnect(request, dispatcher.stream(body, budget))
             note_served(request, opened)
@@ -150,7 +176,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             answer["thinking"] = result.thinking
         return json_response(answer, headers={ATTEMPTS_HEADER: str(served.attempts)})
 
-    install_openai_routes(app, dispatcher, registry, settings, admit)
+    install_openai_routes(app, dispatcher, registry, settings, admit, cache)
     install_embeddings_routes(app, dispatcher, settings)
     install_anthropic_routes(app, dispatcher, settings)
     install_usage_routes(app, ops)
@@ -173,6 +199,122 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         return json_response({"status": "ok"})
 
     return app
+
+
+def replica_state(
+    settings: Settings, registry: Registry, dispatcher: Dispatcher, ops: Operations
+) -> tuple[SharedState | None, SharedCooldowns | None, ResponseCache | None]:
+    """SPEC §13: the shared state (with `redis_url`), the breakers it keeps in step across
+    replicas, and the response cache (with `[chatd.cache] enabled`). Nothing without them."""
+    chatd = settings.chatd
+    state: SharedState | None = None
+    cooldowns = None
+    if chatd.redis_url:
+        ops.metrics.shared_up(False)  # until Redis first answers
+        state = build_state(chatd.redis_url, chatd.cache.max_bytes, ops.metrics.shared_up)
+        cooldowns = SharedCooldowns(state, shared_breakers(registry, dispatcher))
+        if ops.callers is not None:  # one rpm/tpm window and one spend for the fleet
+            ops.callers.store = state
+        ops.shared = state
+    cache = None
+    if chatd.cache.enabled:
+        cache = ResponseCache(
+            chatd.cache,
+            registry,
+            state=state,
+            count=ops.metrics.cache_result,
+            size=ops.metrics.cache_bytes.set,
+        )
+    return state, cooldowns, cache
+
+
+def shared_breakers(registry: Registry, dispatcher: Dispatcher) -> dict[str, Breaker]:
+    """Every breaker a trip of which other replicas must honour: one per endpoint of a
+    provider with `endpoints` (SPEC §10), else the provider's own."""
+    breakers: dict[str, Breaker] = {}
+    for name in registry.providers:
+        if name in registry.endpoints:
+            for endpoint in dispatcher.balancers[name].endpoints:
+                key = cooldown_key(name, endpoint.provider.endpoint)
+                breakers[key] = endpoint.guard.breaker
+        else:
+            breakers[cooldown_key(name)] = dispatcher.guard(name).breaker
+    return breakers
+
+
+async def cached_chat(
+    request: Request,
+    body: ChatRequest,
+    budget: float | None,
+    started: float,
+    cache: ResponseCache,
+    plan: Plan,
+    dispatcher: Dispatcher,
+) -> Response:
+    """`/v1/chat` for a cacheable request: a stored answer, another request's, or a fresh
+    one (stored). A hit costs nothing: its log line has no tokens and `cache = "hit"`."""
+    if body.stream:
+        stored = await cache.lookup(plan)
+        if stored is None:
+            try:
+                opened = await until_disconnect(request, dispatcher.stream(body, budget))
+            except ChatdError as exc:
+                raise plan.tag(exc) from None
+            note_served(request, opened)
+            result = cache.counted(plan)
+            note(request, cache=result)
+            if plan.write:
+                opened.rest = RecordedChatStream(cache, plan.key, opened)
+            return StreamingResponse(
+                sse_events(opened, started, request),
+                media_type="text/event-stream",
+                headers={
+                    **SSE_HEADERS,
+                    ATTEMPTS_HEADER: str(opened.attempts),
+                    CACHE_HEADER: result,
+                },
+            )
+        entry = orjson.loads(stored)
+        note_hit(request, entry)
+        return StreamingResponse(
+            replay_chat(entry, started),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, ATTEMPTS_HEADER: "0", CACHE_HEADER: HIT},
+        )
+    ran: list[int] = []
+
+    async def run() -> bytes:
+        served = await dispatcher.chat(body, budget)
+        ran.append(served.attempts)
+        return served_chat_entry(served)
+
+    stored, result = await until_disconnect(request, cache.fetch(plan, run))
+    entry = orjson.loads(stored)
+    if ran:  # this request's own upstream call answered
+        note(
+            request,
+            provider=entry["provider"],
+            upstream_model=entry["model"],
+            attempts=ran[0],
+            input_tokens=entry["input_tokens"],
+            output_tokens=entry["output_tokens"],
+            cache=result,
+        )
+    else:
+        note_hit(request, entry)
+    answer: dict[str, Any] = {
+        "model": entry["model"],
+        "content": entry["content"],
+        "input_tokens": entry["input_tokens"],
+        "output_tokens": entry["output_tokens"],
+        "finish_reason": entry["finish_reason"],
+        "provider": entry["provider"],
+        "latency_ms": round((time.perf_counter() - started) * 1000),
+    }
+    if entry.get("thinking"):
+        answer["thinking"] = entry["thinking"]
+    headers = {ATTEMPTS_HEADER: str(ran[0] if ran else 0), CACHE_HEADER: result}
+    return json_response(answer, headers=headers)
 
 
 async def sse_events(

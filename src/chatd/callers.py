@@ -363,7 +363,11 @@ class Callers:
             caller = self.callers.get(name)
             if caller is not None and caller.budget_usd and amount:
                 key, _, left = caller.period(now)
-                await self.store.add(key, amount, left + 3600)
+                # A shared store (Redis) may hold this period's spend already: another
+                # replica put it there. Bring it up to the ledger's figure, never add twice.
+                missing = amount - await self.store.get(key)
+                if missing > 0:
+                    await self.store.add(key, missing, left + 3600)
 
     def budget_periods(self, now: float | None = None) -> dict[str, datetime]:
         """Callers with a budget → the start of their current period."""

@@ -19,6 +19,7 @@ from .auth import auth_tokens, check_auth_config
 from .callers import Callers
 from .config import ConfigError, Settings, load_settings, parse_bind, resolve_key
 from .requestlog import LOG_FORMATS, formatter
+from .shared import describe_url
 
 CONFIG_ENV = "LAKEHOUSE_CONFIG"
 # How `--workers N` tells the worker processes what the command line said.
@@ -265,6 +266,8 @@ def describe_settings(settings: Settings) -> str:
         f"ui: {'on (/ui)' if chatd.ui else 'off'}",
         f"usage_db: {describe_usage_db(chatd.usage_db)}",
         f"callers: {', '.join(sorted(chatd.callers)) or '-'}",
+        f"redis_url: {describe_url(chatd.redis_url) if chatd.redis_url else '- (in process)'}",
+        f"cache: {describe_cache(settings)}",
         "models:",
     ]
     lines += [f"  {alias} = {', '.join(targets)}" for alias, targets in settings.models.items()]
@@ -301,6 +304,14 @@ def describe_settings(settings: Settings) -> str:
         )
         lines += endpoint_lines
     return "\n".join(lines)
+
+
+def describe_cache(settings: Settings) -> str:
+    cache = settings.chatd.cache
+    if not cache.enabled:
+        return "off"
+    where = "redis" if settings.chatd.redis_url else f"in process, max_bytes={cache.max_bytes}"
+    return f"on, ttl_secs={cache.ttl_secs:g}, {where}"
 
 
 def describe_auth(settings: Settings) -> str:

@@ -130,6 +130,16 @@ class Price(BaseModel):
     output: float = Field(default=0, ge=0)
 
 
+class CacheConfig(BaseModel):
+    """`[chatd.cache]`: the response cache (SPEC §13), off by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    ttl_secs: float = Field(default=600, gt=0)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # in process; Redis has its own
+
+
 class ChatdConfig(BaseModel):
     """The `[chatd]` table."""
 
@@ -147,6 +157,9 @@ class ChatdConfig(BaseModel):
     ui: bool = True
     # The HTTP transport under the providers' httpx clients (see providers/base.py).
     upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    # SPEC §13: state replicas share ("" = in process); e.g. "redis://cache:6379/0"
+    redis_url: str = ""
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     # SPEC §12: callers, prices, the usage ledger ("" = no ledger).
     callers: dict[str, CallerConfig] = Field(default_factory=dict)
@@ -182,6 +195,14 @@ class ChatdConfig(BaseModel):
         for name in value:
             if not PROVIDER_NAME.match(name):
                 raise ValueError(f"provider name {name!r} must match [a-z0-9_-]+")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// (or rediss://, unix://) URL")
         return value
 
     def host_port(self) -> tuple[str, int]:

@@ -143,6 +143,20 @@ class Metrics(Observer):
             ("provider", "outcome"),
             registry=registry,
         )
+        # SPEC §13 (set only when the cache / redis_url is configured)
+        self.cache_results = Counter(
+            "chatd_cache",
+            "Answers to cacheable requests, by result: hit, miss, bypass.",
+            ("result",),
+            registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "chatd_cache_bytes",
+            "Bytes held by the in-process response cache (with Redis: its fallback's).",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.shared_state_up: Gauge | None = None  # made by shared_up: only with redis_url
         self._children: dict[tuple[Any, ...], Any] = {}
         for name in providers:  # zero-valued series from the start, so rate() works
             for metric in (self.in_flight, self.retries, self.cooldowns):
@@ -211,6 +225,19 @@ class Metrics(Observer):
 
     def hedged(self, provider: str, outcome: str) -> None:
         self._child(self.hedges, provider, outcome).inc()
+
+    def cache_result(self, result: str) -> None:
+        self._child(self.cache_results, result).inc()
+
+    def shared_up(self, up: bool) -> None:
+        if self.shared_state_up is None:
+            self.shared_state_up = Gauge(
+                "chatd_shared_state_up",
+                "1 while Redis serves the shared state, 0 while chatd runs on in-process state.",
+                multiprocess_mode="livemin",
+                registry=self.registry,
+            )
+        self.shared_state_up.set(1 if up else 0)
 
     # -- exposition --------------------------------------------------------------
 

@@ -19,11 +19,22 @@ import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
+from .cache import (
+    CACHE_HEADER,
+    HIT,
+    Plan,
+    RecordedCompletionStream,
+    ResponseCache,
+    completion_entry,
+    completion_params,
+    note_hit,
+    replay_completion,
+)
 from .config import Settings
 from .contract import MODEL_CALL, ChatCompletion, ModelList, error_responses, model_call, ok
 from .dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream, Served
 from .errors import ChatdError, InternalError, InvalidRequest
-from .openai_compat import check_body
+from .openai_compat import check_body, wants_usage
 from .providers.openai import upstream_cost
 from .registry import Registry
 from .resilience import TIMEOUT_HEADER, parse_timeout_header
@@ -50,6 +61,7 @@ def install_openai_routes(
     registry: Registry,
     settings: Settings,
     admit: Callable[[Request, str], Awaitable[None]] | None = None,
+    cache: ResponseCache | None = None,
 ) -> None:
     max_body = settings.chatd.max_body_bytes
     catalog = ModelCatalog(registry, list(settings.models))
@@ -76,6 +88,12 @@ def install_openai_routes(
         if admit is not None:
             await admit(request, model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        if cache is not None and (params := completion_params(body)) is not None:
+            plan = cache.plan(request, "completions", model, params)
+            if plan is not None:
+                return await cached_completion(
+                    request, body, budget, started, cache, plan, dispatcher
+                )
         if body.get("stream"):
             opened = await until_disconnect(
                 request,
@@ -117,6 +135,93 @@ def install_openai_routes(
     )
     async def models() -> Response:
         return json_response(await catalog.listing())
+
+
+async def cached_completion(
+    request: Request,
+    body: dict[str, Any],
+    budget: float | None,
+    started: float,
+    cache: ResponseCache,
+    plan: Plan,
+    dispatcher: Dispatcher,
+) -> Response:
+    """`/v1/chat/completions` for a cacheable request (explicit temperature 0): a stored
+    answer, another request's, or a fresh one (stored). Hits log no tokens."""
+    model: str = body["model"]
+    if body.get("stream"):
+        stored = await cache.lookup(plan)
+        if stored is None:
+            try:
+                opened = await until_disconnect(
+                    request,
+                    dispatcher.open(
+                        model,
+                        lambda route: route.provider.complete_stream(body, route.model),
+                        budget,
+                    ),
+                )
+            except ChatdError as exc:
+                raise plan.tag(exc) from None
+            note_served(request, opened)
+            result = cache.counted(plan)
+            note(request, cache=result)
+            if plan.write:
+                opened.rest = RecordedCompletionStream(cache, plan.key, opened)
+            return StreamingResponse(
+                chunk_stream(request, opened, started),
+                media_type="text/event-stream",
+                headers={**SSE_HEADERS, **served_headers(opened), CACHE_HEADER: result},
+            )
+        entry = orjson.loads(stored)
+        note_hit(request, entry)
+        replayed = [sse(chunk) for chunk in replay_completion(entry, wants_usage(body))]
+        return StreamingResponse(
+            iter([*replayed, DONE]),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **hit_headers(entry)},
+        )
+    ran: list[int] = []
+
+    async def run() -> bytes:
+        served = await dispatcher.call(
+            model, lambda route: route.provider.complete(body, route.model), budget
+        )
+        ran.append(served.attempts)
+        return completion_entry(served.route.provider.name, served.route.model, served.result)
+
+    stored, result = await until_disconnect(request, cache.fetch(plan, run))
+    entry = orjson.loads(stored)
+    if not ran:
+        note_hit(request, entry)
+        return json_response(entry["body"], headers=hit_headers(entry))
+    usage = entry["body"].get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    note(
+        request,
+        provider=entry["provider"],
+        upstream_model=entry["model"],
+        attempts=ran[0],
+        input_tokens=usage.get("prompt_tokens", 0),
+        output_tokens=usage.get("completion_tokens", 0),
+        cache=result,
+    )
+    headers = {
+        ATTEMPTS_HEADER: str(ran[0]),
+        "X-Chatd-Provider": entry["provider"],
+        "X-Chatd-Model": header_safe(entry["model"]),
+        CACHE_HEADER: result,
+    }
+    return json_response(entry["body"], headers=headers)
+
+
+def hit_headers(entry: dict[str, Any]) -> dict[str, str]:
+    return {
+        ATTEMPTS_HEADER: "0",
+        "X-Chatd-Provider": entry["provider"],
+        "X-Chatd-Model": header_safe(entry["model"]),
+        CACHE_HEADER: HIT,
+    }
 
 
 def loads_body(raw: bytes) -> Any:

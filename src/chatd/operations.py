@@ -75,6 +75,7 @@ class Operations:
         self.on_finished: Callable[[Scope, str, int, float], None] | None = None
         # The dispatcher's balancers (SPEC §10): their endpoints join the listing.
         self.balancers: Mapping[str, Any] = {}
+        self.shared: Any = None  # SPEC §13: the Redis store, probed by /ready?probe=1
 
     def install(self, app: FastAPI) -> None:
         """Add `/metrics` and `/ready`; learn the app's routes (for the route label)."""
@@ -184,6 +185,8 @@ class Operations:
         body: dict[str, Any] = {"status": "ready", "default": default}
         if probe:
             body["providers"] = await self.probe_all()
+            if self.shared is not None:
+                body["redis"] = await self.shared.probe()
         return json_response(body)
 
     async def probe_all(self) -> dict[str, Any]:

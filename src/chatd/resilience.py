@@ -204,11 +204,21 @@ class Breaker:
         """Raise `503 provider_cooling_down` while cooling down."""
         left = self.remaining()
         if left > 0:
+            why = (
+                f"after {self.consecutive} consecutive failures"
+                if self.consecutive >= self.threshold
+                else "(tripped by another replica)"
+            )
             raise ProviderCoolingDown(
-                f"{self.provider}: cooling down after {self.consecutive} consecutive "
-                f"failures; {left:.1f}s left",
+                f"{self.provider}: cooling down {why}; {left:.1f}s left",
                 headers=retry_after_header(left),
             )
+
+    def hold(self, seconds: float) -> None:
+        """Honour a cooldown another replica began: refuse calls for `seconds` from now
+        (never shortening one already running here)."""
+        if self.enabled:
+            self.open_until = max(self.open_until, self.clock() + seconds)
 
     def succeeded(self) -> None:
         self.consecutive = 0
