@@ -252,3 +252,52 @@ async def test_in_process_cache_never_exceeds_max_bytes() -> None:
         await cache.get_or_run(f"k{i}", lambda: asyncio.sleep(0, b"x" * 900))
         assert cache.lru.bytes <= 10_000
     assert await cache.get("k99") is not None and await cache.get("k0") is None
+
+
+# -- embeddings: cached per input (SPEC §13) ---------------------------------------------
+
+
+async def embed(client: httpx.AsyncClient, inputs: list[str], **extra: Any) -> httpx.Response:
+    body = {"model": "ollama/ok", "input": inputs, **extra}
+    return await client.post("/v1/embeddings", json=body)
+
+
+def embed_inputs_sent(fake: FakeUpstream) -> list[list[str]]:
+    return [c.json["input"] for c in fake.calls if c.path == "/api/embed"]
+
+
+async def test_embeddings_are_cached_per_input(app_client, fake):
+    async with app_client(settings_for(fake)) as client:
+        first = await embed(client, ["alpha", "beta"])
+        await asyncio.sleep(0.05)  # vectors are stored off the answer's path
+        again = await embed(client, ["beta", "alpha"])
+        partly = await embed(client, ["alpha", "gamma", "beta"])
+        await asyncio.sleep(0.05)
+        based = await embed(client, ["gamma"], encoding_format="base64")
+    assert first.status_code == again.status_code == partly.status_code == 200
+    assert first.headers["x-chatd-cache"] == "miss"
+    assert again.headers["x-chatd-cache"] == "hit" and again.headers["x-chatd-attempts"] == "0"
+    assert again.json()["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
+    vectors = {d["index"]: d["embedding"] for d in first.json()["data"]}
+    swapped = {d["index"]: d["embedding"] for d in again.json()["data"]}
+    assert swapped == {0: vectors[1], 1: vectors[0]}  # in the caller's order
+    # Only the input never seen went upstream; the answer keeps the request's order.
+    assert embed_inputs_sent(fake) == [["alpha", "beta"], ["gamma"]]
+    assert partly.headers["x-chatd-cache"] == "miss"
+    data = partly.json()["data"]
+    assert [d["index"] for d in data] == [0, 1, 2]
+    assert data[0]["embedding"] == vectors[0] and data[2]["embedding"] == vectors[1]
+    assert based.headers["x-chatd-cache"] == "hit"
+    assert isinstance(based.json()["data"][0]["embedding"], str)  # base64 of the stored floats
+
+
+async def test_embeddings_no_store_reaches_the_upstream_every_time(app_client, fake):
+    async with app_client(settings_for(fake)) as client:
+        for _ in range(2):
+            response = await client.post(
+                "/v1/embeddings",
+                json={"model": "ollama/ok", "input": "same"},
+                headers={"Cache-Control": "no-store"},
+            )
+            assert response.headers["x-chatd-cache"] == "bypass"
+    assert embed_inputs_sent(fake) == [["same"], ["same"]]

@@ -71,7 +71,7 @@ class ResponseCache:
         self.ttl = config.ttl_secs
         self.state = state  # None: the in-process LRU below
         self.lru = BytesLRU(config.max_bytes)
-        self._count = count or (lambda result: None)
+        self.count = count or (lambda result: None)
         self._size = size or (lambda nbytes: None)
         # A leader's lock on another replica lasts as long as its slowest possible call.
         self.lock_secs = max((p.timeout for p in registry.providers.values()), default=180.0)
@@ -133,13 +133,13 @@ class ResponseCache:
             return None
         value = await self.get(plan.key)
         if value is not None:
-            self._count(HIT)
+            self.count(HIT)
         return value
 
     def counted(self, plan: Plan) -> str:
         """Count and return the result of a request that goes to the upstream."""
         result = MISS if plan.write else BYPASS
-        self._count(result)
+        self.count(result)
         return result
 
     # -- single flight ----------------------------------------------------------------
@@ -168,11 +168,11 @@ class ResponseCache:
             if write:
                 await self.put(key, value)
             result = MISS if write else BYPASS
-            self._count(result)
+            self.count(result)
             return value, result
         value = await self.get(key)
         if value is not None:
-            self._count(HIT)
+            self.count(HIT)
             return value, HIT
         flight = self._flights.get(key)
         leader = flight is None
@@ -181,7 +181,7 @@ class ResponseCache:
             flight.task.add_done_callback(lambda _: self._flights.pop(key, None))
         value, result = await flight.join()
         result = result if leader else HIT
-        self._count(result)
+        self.count(result)
         return value, result
 
     async def _lead(self, key: str, run: Callable[[], Awaitable[bytes]]) -> tuple[bytes, str]:

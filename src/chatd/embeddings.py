@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import sys
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from .cache import CACHE_HEADER, HIT, Plan, ResponseCache, note_hit
 from .config import ProviderConfig, Settings
 from .contract import (
     MAX_DIMENSIONS,
@@ -31,7 +34,7 @@ from .contract import (
 )
 from .dispatch import Dispatcher, Served
 from .errors import ChatdError, InvalidRequest, ProviderDisabled, ProviderNotFound, UpstreamError
-from .openai_api import loads_body, served_headers
+from .openai_api import header_safe, loads_body, served_headers
 from .registry import Registry, Route
 from .resilience import TIMEOUT_HEADER, parse_timeout_header
 from .types import EmbedResult, integral
@@ -226,12 +229,95 @@ def install_embeddings_routes(app: FastAPI, dispatcher: Dispatcher, settings: Se
         if admit is not None:
             await admit(request, job.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        cache: ResponseCache | None = request.app.state.cache
+        plan = cache.plan(request, "embed", job.model, job.dimensions) if cache else None
+        if cache is not None and plan is not None:
+            return await cached_embeddings(request, dispatcher, job, budget, cache, plan)
         served = await until_disconnect(request, embed_all(dispatcher, job, budget))
-        attempts = sum(batch.attempts for batch in served)
-        note_served(request, served[0])
-        body = answer(job, served)
-        tokens = body["usage"]["prompt_tokens"]
-        note(request, attempts=attempts, input_tokens=tokens, output_tokens=0)
-        headers = served_headers(served[0])
-        headers["X-Chatd-Attempts"] = str(attempts)
-        return json_response(body, headers=headers)
+        return embeddings_response(request, job, served)
+
+
+def embeddings_response(
+    request: Request,
+    job: EmbeddingsRequest,
+    served: list[Served[EmbedResult]],
+    extra_headers: dict[str, str] | None = None,
+) -> Response:
+    """The answer for `served` batches, with the log facts and `X-Chatd-*` headers."""
+    attempts = sum(batch.attempts for batch in served)
+    note_served(request, served[0])
+    body = answer(job, served)
+    tokens = body["usage"]["prompt_tokens"]
+    note(request, attempts=attempts, input_tokens=tokens, output_tokens=0)
+    headers = served_headers(served[0])
+    headers["X-Chatd-Attempts"] = str(attempts)
+    headers.update(extra_headers or {})
+    return json_response(body, headers=headers)
+
+
+async def cached_embeddings(
+    request: Request,
+    dispatcher: Dispatcher,
+    job: EmbeddingsRequest,
+    budget: float | None,
+    cache: ResponseCache,
+    plan: Plan,
+) -> Response:
+    """SPEC §13: embeddings are cached per input. Stored vectors are reused; only the
+    inputs not stored go upstream (one request, batched as usual), and are stored."""
+    keys = [f"{plan.key}:{hashlib.sha256(text.encode()).hexdigest()}" for text in job.inputs]
+    stored: list[bytes | None] = [None] * len(keys)
+    if plan.read:
+        stored = list(await asyncio.gather(*(cache.get(key) for key in keys)))
+    missing = [i for i, value in enumerate(stored) if value is None]
+    if not missing:  # every vector was stored: no upstream call, nothing spent
+        cache.count(HIT)
+        entries = [orjson.loads(value) for value in stored if value is not None]
+        first = entries[0]
+        note_hit(request, first)
+        return json_response(
+            hit_answer(job, [entry["vector"] for entry in entries], first["model"]),
+            headers={
+                CACHE_HEADER: HIT,
+                "X-Chatd-Attempts": "0",
+                "X-Chatd-Provider": first["provider"],
+                "X-Chatd-Model": header_safe(first["model"]),
+            },
+        )
+    try:
+        fresh = replace(job, inputs=[job.inputs[i] for i in missing])
+        served = await until_disconnect(request, embed_all(dispatcher, fresh, budget))
+    except ChatdError as exc:
+        raise plan.tag(exc) from None
+    result = cache.counted(plan)
+    note(request, cache=result)
+    vectors: list[list[float]] = [v for batch in served for v in batch.result.vectors]
+    if plan.write:
+        provider, model = served[0].route.provider.name, served[0].route.model
+        for i, vector in zip(missing, vectors, strict=True):
+            entry = {"provider": provider, "model": model, "vector": vector}
+            cache.put_later(keys[i], orjson.dumps(entry))
+    if len(missing) == len(keys):
+        return embeddings_response(request, job, served, {CACHE_HEADER: result})
+    merged = [orjson.loads(value)["vector"] if value is not None else None for value in stored]
+    for i, vector in zip(missing, vectors, strict=True):
+        merged[i] = vector
+    whole = EmbedResult(
+        [v for v in merged if v is not None], sum(b.result.input_tokens for b in served)
+    )
+    return embeddings_response(
+        request, job, [Served(served[0].route, whole, served[0].tally)], {CACHE_HEADER: result}
+    )
+
+
+def hit_answer(job: EmbeddingsRequest, vectors: list[list[float]], model: str) -> dict[str, Any]:
+    """The answer made only of stored vectors: no tokens were spent."""
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encode(vector, job.encoding)}
+            for i, vector in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+    }
