@@ -521,6 +521,31 @@ def test_x_api_key_is_a_caller_token(
         assert TOKEN not in guarded.log()
 
 
+def test_callers_limits_are_the_sdks_permission_and_rate_limit_errors(
+    fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SPEC §12 through /v1/messages: a named caller's x-api-key, its allow-list (403 →
+    PermissionDeniedError) and its rpm (429 → RateLimitError with Retry-After)."""
+    env = {"CHATD_ANTHROPIC_CALLER": "coder-token"}
+    toml = config(fake) + (
+        '\n[chatd.callers.coder]\ntoken_env = "CHATD_ANTHROPIC_CALLER"\n'
+        'models = ["echo/*"]\nrpm = 2\n'
+    )
+    with ChatdProcess(toml, tmp_path_factory.mktemp("anthropic-callers"), env=env) as guarded:
+        coder = anthropic.Anthropic(base_url=guarded.url, api_key="coder-token", max_retries=0)
+        message = coder.messages.create(model="echo/x", max_tokens=8, messages=USER)
+        assert message.content[0].text == "Say hello."  # type: ignore[union-attr]
+        with pytest.raises(anthropic.PermissionDeniedError) as forbidden:
+            coder.messages.create(model="ollama/ok", max_tokens=8, messages=USER)
+        assert error_of(forbidden.value)["type"] == "permission_error"
+        coder.messages.create(model="echo/x", max_tokens=8, messages=USER)
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            coder.messages.create(model="echo/x", max_tokens=8, messages=USER)
+        assert error_of(limited.value)["type"] == "rate_limit_error"
+        assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
+        assert "coder-token" not in guarded.log()
+
+
 # -- streams in production: a caller leaving, nginx ------------------------------------------
 
 
