@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from .contract import USAGE_PARAMETERS, UsageReport, error_responses, ok
 from .errors import Forbidden, InvalidRequest, NotFound, UsageUnavailable
 from .usage.report import iso, month_start, parse_group_by, parse_time, shape, totals
 from .usage.writer import describe
@@ -24,69 +25,16 @@ log = logging.getLogger("chatd")
 FLUSH_WAIT_SECS = 2.0
 
 
-def _query(name: str, description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": {"type": "string"},
-    }
-
-
-def _error(description: str) -> dict[str, Any]:
-    envelope = {
-        "type": "object",
-        "properties": {
-            "error": {
-                "type": "object",
-                "properties": {
-                    "message": {"type": "string"},
-                    "type": {"type": "string"},
-                    "code": {"type": "string"},
-                    "param": {"type": ["string", "null"]},
-                },
-            }
-        },
-    }
-    return {"description": description, "content": {"application/json": {"schema": envelope}}}
-
-
-USAGE_SCHEMA: dict[str, Any] = {
-    "parameters": [
-        _query("since", "ISO date or datetime (UTC); default: the start of this month"),
-        _query("until", "ISO date or datetime (UTC), exclusive; default: now"),
-        _query("caller", "only this caller's rows (admins; others see only their own)"),
-        _query("group_by", "comma-separated: caller, model, provider, day (default caller)"),
-    ],
-    "responses": {
-        "200": {
-            "description": "Usage grouped as asked, and its totals.",
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "since": {"type": "string"},
-                            "until": {"type": "string"},
-                            "rows": {"type": "array", "items": {"type": "object"}},
-                            "totals": {"type": "object"},
-                        },
-                    }
-                }
-            },
-        },
-        "400": _error("a bad since, until or group_by"),
-        "401": _error("a token is required"),
-        "403": _error("another caller's usage, asked by a caller that is not admin"),
-        "404": _error('the ledger is off (usage_db = "")'),
-        "503": _error("the ledger's database cannot be read"),
-    },
-}
-
-
 def install_usage_routes(app: FastAPI, ops: Any) -> None:
-    @app.get("/v1/usage", openapi_extra=USAGE_SCHEMA)
+    @app.get(
+        "/v1/usage",
+        operation_id="usage",
+        openapi_extra={"parameters": USAGE_PARAMETERS},
+        responses={
+            **ok(UsageReport, "Usage grouped as asked, and its totals"),
+            **error_responses(400, 401, 403, 404, 503),
+        },
+    )
     async def usage(request: Request) -> Response:
         ledger = ops.ledger
         if ledger is None:
@@ -99,7 +47,7 @@ def install_usage_routes(app: FastAPI, ops: Any) -> None:
         now = time.time()
         since = _time(params.get("since"), "since", month_start(now))
         until = _time(params.get("until"), "until", now + 0.001)
-        caller = params.get("caller") or None
+        caller = params.get("caller")
         me = request.scope.get("state", {}).get("caller")
         if me is not None and not me.admin:
             if caller is not None and caller != me.name:
@@ -121,11 +69,11 @@ def install_usage_routes(app: FastAPI, ops: Any) -> None:
 
 
 def _time(value: str | None, param: str, default: float) -> float:
-    if not value:
+    if value is None:  # `since=` (empty) is not a date: a 400 like any other
         return default
     try:
         return parse_time(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # not RFC 3339, or past datetime's years
         raise InvalidRequest(
             f"{param}: must be an ISO date or datetime, e.g. 2026-11-01", param=param
         ) from None

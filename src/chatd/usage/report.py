@@ -5,6 +5,7 @@ One query shape for both back ends; `Dialect` says how each spells placeholders 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -68,20 +69,33 @@ def parse_group_by(value: str | None) -> list[str]:
     """`caller,model` → ["caller", "model"]; raises ValueError naming a bad key."""
     if value is None:
         return ["caller"]
-    keys = [part.strip() for part in value.split(",") if part.strip()]
+    keys = value.split(",")
     for key in keys:
         if key not in GROUP_KEYS:
             raise ValueError(f"unknown group {key!r}; expected any of {', '.join(GROUP_KEYS)}")
     return list(dict.fromkeys(keys))
 
 
+# RFC 3339: a full date, or a date-time with its offset (what /openapi.json promises).
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+DATE_TIME = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
 def parse_time(value: str) -> float:
-    """An ISO date (`2026-11-01`) or datetime (UTC unless it says otherwise) → epoch."""
-    text = value.strip().replace("Z", "+00:00")
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+    """An RFC 3339 date (`2026-11-01`, midnight UTC) or date-time → epoch; ValueError
+    for anything else."""
+    if DATE.fullmatch(value):
+        return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
+    match = DATE_TIME.fullmatch(value)
+    if match is None:
+        raise ValueError(value)
+    day, minutes, seconds, fraction, offset = match.groups()
+    seconds = min(seconds, "59")  # a leap second counts as the second before it
+    fraction = (fraction or "")[:7]  # Python reads at most microseconds
+    offset = "+00:00" if offset in ("Z", "z") else offset
+    return datetime.fromisoformat(f"{day}T{minutes}:{seconds}{fraction}{offset}").timestamp()
 
 
 def iso(epoch: float) -> str:
