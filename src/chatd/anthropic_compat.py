@@ -85,10 +85,9 @@ def check_body(body: Any) -> dict[str, Any]:
         value = body.get(key)
         if value is not None and not (is_number(value) and 0 <= value <= 1):
             raise bad(key, "must be a number from 0 to 1")
-    if "top_k" in body:
-        body["top_k"] = integral(body["top_k"])
-    if body.get("top_k") is not None and not is_int(body["top_k"]):
-        raise bad("top_k", "must be an integer")
+    top_k = integral(body.get("top_k"))
+    if top_k is not None and not (is_int(top_k) and 0 <= top_k <= INT32_MAX):
+        raise bad("top_k", f"must be an integer from 0 to {INT32_MAX}")
     stop = body.get("stop_sequences")
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise bad("stop_sequences", "must be an array of strings")
@@ -340,8 +339,8 @@ def reasoning_effort(thinking: Any) -> str | None:
     if kind != "enabled":
         raise bad("thinking.type", "must be enabled, adaptive or disabled")
     budget = integral(thinking.get("budget_tokens"))
-    if not is_int(budget) or budget < 1:
-        raise bad("thinking.budget_tokens", "must be a positive integer")
+    if not is_int(budget) or not 1 <= budget <= INT32_MAX:
+        raise bad("thinking.budget_tokens", f"must be an integer from 1 to {INT32_MAX}")
     return next((effort for below, effort in EFFORTS if budget < below), "high")
 
 

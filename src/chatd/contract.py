@@ -558,7 +558,14 @@ MESSAGES_SCHEMAS: dict[str, Any] = {
             "stop_sequences": nullable({"type": "array", "items": {"type": "string"}}),
             "temperature": nullable({"type": "number", "minimum": 0, "maximum": 1}),
             "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
-            "top_k": nullable({"type": "integer", "description": "Accepted and ignored."}),
+            "top_k": nullable(
+                {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": INT32_MAX,
+                    "description": "Checked, then ignored.",
+                }
+            ),
             "stream": {"type": "boolean"},
             "metadata": nullable({"type": "object", "description": "Accepted and ignored."}),
             "tools": nullable({"type": "array", "items": ref("ToolParam")}),
@@ -640,7 +647,10 @@ MESSAGES_SCHEMAS: dict[str, Any] = {
     "ToolChoiceToolParam": tagged("type", "tool", ("name",), name=NON_EMPTY, **NO_PARALLEL),
     "ToolChoiceNoneParam": tagged("type", "none", (), **NO_PARALLEL),
     "ThinkingConfigEnabledParam": tagged(
-        "type", "enabled", ("budget_tokens",), budget_tokens={"type": "integer", "minimum": 1}
+        "type",
+        "enabled",
+        ("budget_tokens",),
+        budget_tokens={"type": "integer", "minimum": 1, "maximum": INT32_MAX},
     ),
     "ThinkingConfigAdaptiveParam": tagged("type", "adaptive", ()),
     "ThinkingConfigDisabledParam": tagged("type", "disabled", ()),
