@@ -635,15 +635,22 @@ async def test_x_api_key_is_a_token_and_a_refusal_is_anthropic_shaped(
 
 def test_the_route_is_documented_in_openapi() -> None:
     app = create_app(make_settings({"echo": {"kind": "mock"}}, default_provider="echo"))
-    operation = app.openapi()["paths"]["/v1/messages"]["post"]
-    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    document = app.openapi()
+    components = document["components"]["schemas"]
+
+    def resolved(schema: dict[str, Any]) -> dict[str, Any]:  # named schemas (contract.py)
+        return components[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+
+    operation = document["paths"]["/v1/messages"]["post"]
+    assert operation["operationId"] == "createMessage"
+    schema = resolved(operation["requestBody"]["content"]["application/json"]["schema"])
     assert schema["required"] == ["model", "max_tokens", "messages"]
     assert schema["properties"]["max_tokens"]["minimum"] == 1
     assert schema["properties"]["messages"]["minItems"] == 1
     assert set(operation["responses"]) >= {"200", "400", "401", "404", "413", "429", "502", "503"}
-    error = operation["responses"]["400"]["content"]["application/json"]["schema"]
-    assert error["properties"]["type"] == {"const": "error"}
-    assert "/v1/messages/count_tokens" not in app.openapi()["paths"]
+    error = resolved(operation["responses"]["400"]["content"]["application/json"]["schema"])
+    assert error["properties"]["type"]["const"] == "error"
+    assert "/v1/messages/count_tokens" not in document["paths"]
 
 
 @pytest.mark.parametrize(

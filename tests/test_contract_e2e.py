@@ -111,6 +111,36 @@ def test_generated_client_parses_errors_into_the_envelope(
     assert response.parsed.error.param == "model"
 
 
+def test_generated_client_sends_messages(chatd: ChatdProcess, client_package: Any) -> None:
+    """`POST /v1/messages` through the generated client: blocks in, an `AnthropicMessage`
+    out; and an error parsed into the `AnthropicError` type (SPEC §14)."""
+    from chatd_client.api.default import create_message  # type: ignore[import-not-found]
+    from chatd_client.models import (  # type: ignore[import-not-found]
+        AnthropicError,
+        AnthropicMessage,
+        MessagesRequest,
+        TextBlock,
+        TextBlockParam,
+        UserMessageParam,
+    )
+
+    client = client_package.Client(base_url=chatd.url)
+    turn = UserMessageParam(role="user", content=[TextBlockParam(type_="text", text="hi there")])
+    body = MessagesRequest(model="echo/any", max_tokens=16, messages=[turn])
+    response = create_message.sync_detailed(client=client, body=body)
+    assert response.status_code == 200, response.content
+    assert isinstance(response.parsed, AnthropicMessage)
+    assert response.parsed.role == "assistant" and response.parsed.stop_reason == "end_turn"
+    assert [type(block) for block in response.parsed.content] == [TextBlock]
+    assert response.parsed.content[0].text == "hi there"
+
+    body = MessagesRequest(model="nowhere:cloud", max_tokens=16, messages=[turn])
+    response = create_message.sync_detailed(client=client, body=body)
+    assert response.status_code == 404
+    assert isinstance(response.parsed, AnthropicError)
+    assert response.parsed.error.type_ == "not_found_error"
+
+
 def test_unreachable_upstream_is_named_in_plain_words(chatd: ChatdProcess) -> None:
     body = {"model": "dead/m", "messages": [{"role": "user", "content": "hi"}]}
     response = httpx.post(chatd.url + "/v1/chat", json=body, timeout=10)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ def test_schema_is_the_served_one(chatd: ChatdProcess) -> None:
 def test_every_route_is_fuzzed() -> None:
     paths = set(fuzzed.raw_schema["paths"])
     assert {"/v1/chat", "/v1/chat/completions", "/v1/models", "/v1/chat/providers"} <= paths
-    assert {"/health", "/ready"} <= paths
+    assert {"/health", "/ready", MESSAGES} <= paths
 
 
 @fuzzed.parametrize()
@@ -162,6 +163,21 @@ def test_generated_requests_pass_every_contract_check(case: Any, chatd: ChatdPro
     SENT.append(response.status_code)
     content_type = (response.headers.get("content-type") or [""])[0]
     assert_well_formed(response.status_code, content_type, response.content, case.path)
+    if case.path == MESSAGES and case.meta.generation.mode == schemathesis.GenerationMode.POSITIVE:
+        assert_only_the_exempted_rule(response.status_code, response.content, case.body)
+
+
+# schemathesis.toml lets schema-valid data to /v1/messages be a 400 for this one rule,
+# which JSON Schema cannot say; any other 400 there is the schema and the code disagreeing.
+ORPHAN_TOOL_RESULT = re.compile(
+    r"messages\[\d+\]\.content\[\d+\]\.tool_use_id: no earlier tool_use block has id "
+)
+
+
+def assert_only_the_exempted_rule(status: int, body: bytes, sent: Any) -> None:
+    if status == 400:
+        message = orjson.loads(body)["error"]["message"]
+        assert ORPHAN_TOOL_RESULT.match(message), (message, sent)
 
 
 def test_fuzz_volume_is_reported() -> None:

@@ -21,6 +21,13 @@ from starlette.responses import Response, StreamingResponse
 from .anthropic_compat import StreamTranslator, check_body, error_body, sse_event, to_message
 from .anthropic_compat import to_openai as to_openai_body
 from .config import Settings
+from .contract import (
+    MESSAGES_PARAMETERS,
+    MODEL_CALL,
+    anthropic_error_responses,
+    anthropic_ok,
+    json_body,
+)
 from .dispatch import Dispatcher, OpenStream
 from .errors import ChatdError, InternalError, UpstreamError
 from .openai_api import loads_body, served_headers
@@ -30,150 +37,12 @@ from .web import SSE_HEADERS, json_response, note, note_served, read_body, until
 log = logging.getLogger("chatd")
 
 PATH = "/v1/messages"
-TEXT_BLOCK = {
-    "type": "object",
-    "required": ["type", "text"],
-    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-}
-BLOCK = {
-    "type": "object",
-    "required": ["type"],
-    "properties": {
-        "type": {"type": "string", "enum": ["text", "tool_use", "tool_result", "thinking"]},
-        "text": {"type": "string"},
-        "id": {"type": "string"},
-        "name": {"type": "string"},
-        "input": {"type": "object"},
-        "tool_use_id": {"type": "string"},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_BLOCK}]},
-        "is_error": {"type": "boolean"},
-    },
-}
-ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["type", "error"],
-    "properties": {
-        "type": {"const": "error"},
-        "error": {
-            "type": "object",
-            "required": ["type", "message"],
-            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
-        },
-    },
-}
-ERRORS = {
-    "400": "invalid_request_error: a missing or wrong field (named in the message)",
-    "401": "authentication_error: inbound auth is on and the token is missing or wrong",
-    "404": "not_found_error: the model's provider is not registered",
-    "413": "request_too_large: the body is over max_body_bytes",
-    "429": "rate_limit_error",
-    "502": "api_error: the upstream failed",
-    "503": "overloaded_error: provider disabled, overloaded or cooling down",
-    "504": "api_error: the upstream timed out",
-}
-MESSAGES_SCHEMA: dict[str, Any] = {
-    "summary": "Anthropic Messages API (SPEC §14)",
-    "parameters": [
-        {"name": "x-api-key", "in": "header", "required": False, "schema": {"type": "string"}},
-        {
-            "name": "anthropic-version",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "string"},
-        },
-        {
-            "name": "X-Chatd-Timeout-Ms",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "integer", "minimum": 1},
-        },
-    ],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model", "max_tokens", "messages"],
-                    "properties": {
-                        "model": {"type": "string", "minLength": 1},
-                        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
-                        "system": {
-                            "anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_BLOCK}]
-                        },
-                        "messages": {
-                            "type": "array",
-                            "minItems": 1,
-                            "items": {
-                                "type": "object",
-                                "required": ["role", "content"],
-                                "properties": {
-                                    "role": {"type": "string", "enum": ["user", "assistant"]},
-                                    "content": {
-                                        "anyOf": [
-                                            {"type": "string"},
-                                            {"type": "array", "items": BLOCK},
-                                        ]
-                                    },
-                                },
-                            },
-                        },
-                        "stop_sequences": {"type": "array", "items": {"type": "string"}},
-                        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
-                        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-                        "stream": {"type": "boolean"},
-                        "metadata": {"type": "object"},
-                        "tools": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["name", "input_schema"],
-                                "properties": {
-                                    "name": {"type": "string", "minLength": 1},
-                                    "description": {"type": "string"},
-                                    "input_schema": {"type": "object"},
-                                },
-                            },
-                        },
-                        "tool_choice": {
-                            "type": "object",
-                            "required": ["type"],
-                            "properties": {
-                                "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]},
-                                "name": {"type": "string"},
-                                "disable_parallel_tool_use": {"type": "boolean"},
-                            },
-                        },
-                        "thinking": {
-                            "type": "object",
-                            "required": ["type"],
-                            "properties": {
-                                "type": {
-                                    "type": "string",
-                                    "enum": ["enabled", "adaptive", "disabled"],
-                                },
-                                "budget_tokens": {"type": "integer", "minimum": 1},
-                            },
-                        },
-                    },
-                }
-            }
-        },
-    },
-    "responses": {
-        "200": {
-            "description": "An Anthropic message, or (`stream: true`) its event stream",
-            "content": {"application/json": {}, "text/event-stream": {}},
-        },
-        **{
-            status: {
-                "description": text,
-                "content": {"application/json": {"schema": ERROR_SCHEMA}},
-            }
-            for status, text in ERRORS.items()
-        },
-    },
-}
+DESCRIPTION = (
+    "The Anthropic Messages API (SPEC §14), for Anthropic SDKs and the tools built on them, "
+    "served by any provider. A caller token (when inbound auth is on) may come as "
+    "`x-api-key: <token>` as well as `Authorization: Bearer <token>`. Errors take "
+    "Anthropic's shape (`AnthropicError`) with §3's statuses."
+)
 
 
 def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Settings) -> None:
@@ -182,7 +51,14 @@ def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Set
     shapes = getattr(app.state, "error_shapes", None) or {}
     app.state.error_shapes = {**shapes, PATH: error_body}
 
-    @app.post(PATH, openapi_extra=MESSAGES_SCHEMA)
+    @app.post(
+        PATH,
+        operation_id="createMessage",
+        summary="Anthropic Messages",
+        description=DESCRIPTION,
+        openapi_extra={**json_body("MessagesRequest"), "parameters": MESSAGES_PARAMETERS},
+        responses={**anthropic_ok(), **anthropic_error_responses(*MODEL_CALL)},
+    )
     async def messages(request: Request) -> Response:
         started = time.perf_counter()
         body = check_body(loads_body(await read_body(request, max_body)))

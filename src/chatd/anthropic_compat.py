@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from .errors import ChatdError, InvalidRequest
+from .types import integral
 
 INT32_MAX = 2**31 - 1  # upstreams take max_tokens as an int32
 ROLES = ("user", "assistant")
@@ -73,7 +74,8 @@ def check_body(body: Any) -> dict[str, Any]:
         raise bad("model", "is required (a non-empty string)")
     if "max_tokens" not in body:
         raise bad("max_tokens", "is required")
-    max_tokens = body["max_tokens"]
+    # JSON's 64.0 is the integer 64 (the schema says `integer`, which takes it too)
+    body["max_tokens"] = max_tokens = integral(body["max_tokens"])
     if not is_int(max_tokens) or not 1 <= max_tokens <= INT32_MAX:
         raise bad("max_tokens", f"must be an integer from 1 to {INT32_MAX}")
     messages = body.get("messages")
@@ -83,8 +85,9 @@ def check_body(body: Any) -> dict[str, Any]:
         value = body.get(key)
         if value is not None and not (is_number(value) and 0 <= value <= 1):
             raise bad(key, "must be a number from 0 to 1")
-    if body.get("top_k") is not None and not is_int(body["top_k"]):
-        raise bad("top_k", "must be an integer")
+    top_k = integral(body.get("top_k"))
+    if top_k is not None and not (is_int(top_k) and 0 <= top_k <= INT32_MAX):
+        raise bad("top_k", f"must be an integer from 0 to {INT32_MAX}")
     stop = body.get("stop_sequences")
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise bad("stop_sequences", "must be an array of strings")
@@ -202,7 +205,9 @@ def assistant_message(blocks: list[Any], where: str, called: set[str]) -> dict[s
         elif kind == "tool_use":
             calls.append(tool_call(block, at))
             called.add(calls[-1]["id"])
-        elif kind not in SKIPPED_BLOCKS:
+        elif isinstance(kind, str) and kind in SKIPPED_BLOCKS:  # a {} type is unhashable
+            check_skipped(block, at)
+        else:
             if not isinstance(block, dict):
                 raise bad(at, "must be a content block object")
             raise unsupported_block(kind, at, "assistant blocks may be text or tool_use")
@@ -210,6 +215,16 @@ def assistant_message(blocks: list[Any], where: str, called: set[str]) -> dict[s
     if calls:
         message["tool_calls"] = calls
     return message
+
+
+def check_skipped(block: dict[str, Any], at: str) -> None:
+    """A thinking block of an earlier answer is dropped, but must be well formed: its
+    text a string (`thinking`, or a redacted block's `data`), its `signature` too."""
+    field = "thinking" if block["type"] == "thinking" else "data"
+    if not isinstance(block.get(field), str):
+        raise bad(f"{at}.{field}", "must be a string")
+    if block["type"] == "thinking" and not isinstance(block.get("signature", ""), str):
+        raise bad(f"{at}.signature", "must be a string")
 
 
 def tool_call(block: dict[str, Any], at: str) -> dict[str, Any]:
@@ -253,7 +268,10 @@ def tool_message(block: dict[str, Any], at: str, called: set[str]) -> dict[str, 
         content = "".join(block_text(b, f"{at}.content[{k}]") for k, b in enumerate(content))
     elif not isinstance(content, str):
         raise bad(f"{at}.content", "must be a string or an array of text blocks")
-    if block.get("is_error") is True:
+    is_error = block.get("is_error")
+    if is_error is not None and not isinstance(is_error, bool):
+        raise bad(f"{at}.is_error", "must be a boolean")
+    if is_error:
         content = f"Error: {content}"  # a Chat Completions tool message has no error flag
     return {"role": "tool", "tool_call_id": ident, "content": content}
 
@@ -298,7 +316,10 @@ def openai_tool_choice(choice: Any) -> dict[str, Any]:
         out = {"tool_choice": {"type": "function", "function": {"name": name}}}
     else:
         raise bad("tool_choice.type", "must be auto, any, tool or none")
-    if choice.get("disable_parallel_tool_use") is True:
+    no_parallel = choice.get("disable_parallel_tool_use")
+    if no_parallel is not None and not isinstance(no_parallel, bool):
+        raise bad("tool_choice.disable_parallel_tool_use", "must be a boolean")
+    if no_parallel:
         out["parallel_tool_calls"] = False
     return out
 
@@ -317,9 +338,9 @@ def reasoning_effort(thinking: Any) -> str | None:
         return "medium"
     if kind != "enabled":
         raise bad("thinking.type", "must be enabled, adaptive or disabled")
-    budget = thinking.get("budget_tokens")
-    if not is_int(budget) or budget < 1:
-        raise bad("thinking.budget_tokens", "must be a positive integer")
+    budget = integral(thinking.get("budget_tokens"))
+    if not is_int(budget) or not 1 <= budget <= INT32_MAX:
+        raise bad("thinking.budget_tokens", f"must be an integer from 1 to {INT32_MAX}")
     return next((effort for below, effort in EFFORTS if budget < below), "high")
 
 
