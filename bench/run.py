@@ -272,7 +272,9 @@ def start_chatd_variants(gws: dict[str, Gateway], up: int, first: dict[str, Requ
     env = {"BENCH_OAI_KEY": OAI_KEY}
     mock = '[chatd.providers.mock]\nkind = "mock"\n\n'
     g = gws["chatd-cache"]
-    if not os.access(CHATD, os.X_OK):
+    if g.na:  # not selected (--only)
+        pass
+    elif not os.access(CHATD, os.X_OK):
         g.na = f"{CHATD} not found"
     else:
         (OUT / "chatd-cache.toml").write_text(
@@ -286,6 +288,8 @@ def start_chatd_variants(gws: dict[str, Gateway], up: int, first: dict[str, Requ
             first["chatd-cache"],
         )  # fmt: skip
     g = gws["chatd-redis"]
+    if g.na:  # not selected (--only)
+        return
     redis = shutil.which("redis-server")
     if not os.access(CHATD, os.X_OK) or redis is None:
         g.na = "redis-server not found" if redis is None else f"{CHATD} not found"
