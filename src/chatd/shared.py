@@ -332,6 +332,10 @@ class RedisState(SharedState):
         except Exception as exc:  # whatever the client raised, Redis is not serving
             self._down(exc)
             return False
+        if not self._up:
+            # Connections pooled before an outage are dead (Redis restarted); drop them,
+            # or the first calls after it fail on them and mark Redis down again.
+            await self.redis.connection_pool.disconnect()
         self._set_up(True)
         return True
 
