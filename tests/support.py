@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +142,52 @@ def make_settings(
     return build_settings(
         {"models": models or {}, "chatd": {**chatd, "providers": providers or {}}}
     )
+
+
+@contextmanager
+def running_nginx(tmp: Path, config: Callable[[Path, int], str]) -> Iterator[str]:
+    """A real nginx with `config(tmp, port)` on a free port; yields its base URL and stops
+    it on the way out (skips the test when nginx is not installed)."""
+    import pytest
+
+    binary = shutil.which("nginx")
+    if binary is None:
+        pytest.skip("nginx is not on PATH (install it, e.g. `apt-get install nginx`)")
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(config(tmp, port))
+    log = open(tmp / "stderr.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [binary, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(proc, port, tmp)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # SIGTERM: fast shutdown
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def wait_for_port(proc: subprocess.Popen[bytes], port: int, tmp: Path) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            logs = "".join(
+                p.read_text(errors="replace") for p in (tmp / "stderr.log", tmp / "error.log")
+                if p.exists()
+            )  # fmt: skip
+            raise RuntimeError(f"nginx exited {proc.returncode}: {logs}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nginx did not listen within 10s")

@@ -7,10 +7,9 @@ exceptions; streams through a real nginx, and a caller leaving mid-stream.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -18,8 +17,8 @@ import httpx
 import pytest
 
 from tests.fakes.upstream import ANSWER, THINKING, FakeUpstream
-from tests.support import ChatdProcess, free_port, provider_toml
-from tests.test_nginx_e2e import NGINX_CONF, wait_for_port
+from tests.support import ChatdProcess, provider_toml, running_nginx
+from tests.test_nginx_e2e import NGINX_CONF
 
 KEY = "sk-or-test-key-not-for-printing"
 TOKEN = "chatd-caller-token"
@@ -573,31 +572,13 @@ def test_a_caller_leaving_mid_stream_closes_the_upstream(
 @pytest.fixture(scope="module")
 def nginx(chatd: ChatdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real nginx in front of chatd with default buffering; yields its base URL."""
-    binary = shutil.which("nginx")
-    if binary is None:
-        pytest.skip("nginx is not on PATH (install it, e.g. `apt-get install nginx`)")
-    tmp = tmp_path_factory.mktemp("nginx-anthropic")
-    port = free_port()
-    conf = NGINX_CONF.format(tmp=tmp, port=port, chatd_port=chatd.port)
-    (tmp / "nginx.conf").write_text(conf.replace("location /v1/chat {", "location /v1/ {"))
-    log = open(tmp / "stderr.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [binary, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(tmp / "nginx.conf")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port(proc, port, tmp)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+
+    def config(tmp: Path, port: int) -> str:
+        conf = NGINX_CONF.format(tmp=tmp, port=port, chatd_port=chatd.port)
+        return conf.replace("location /v1/chat {", "location /v1/ {")
+
+    with running_nginx(tmp_path_factory.mktemp("nginx-anthropic"), config) as url:
+        yield url
 
 
 def test_a_slow_stream_arrives_through_nginx_incrementally(nginx: str) -> None:

@@ -15,9 +15,6 @@ the end — the header, not luck, is what makes the stream arrive incrementally.
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +25,7 @@ import httpx
 import pytest
 
 from tests.fakes.upstream import ANSWER, FakeUpstream
-from tests.support import ChatdProcess, free_port, provider_toml
+from tests.support import ChatdProcess, provider_toml, running_nginx
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -99,48 +96,12 @@ def chatd(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
 @pytest.fixture(scope="module")
 def nginx(chatd: ChatdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real nginx in front of chatd; yields its base URL, stops it on the way out."""
-    binary = shutil.which("nginx")
-    if binary is None:
-        pytest.skip("nginx is not on PATH (install it, e.g. `apt-get install nginx`)")
-    tmp = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, chatd_port=chatd.port))
-    log = open(tmp / "stderr.log", "wb")  # noqa: SIM115 - closed in the finalizer below
-    proc = subprocess.Popen(
-        [binary, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port(proc, port, tmp)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()  # SIGTERM: fast shutdown
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
 
+    def config(tmp: Path, port: int) -> str:
+        return NGINX_CONF.format(tmp=tmp, port=port, chatd_port=chatd.port)
 
-def wait_for_port(proc: subprocess.Popen[bytes], port: int, tmp: Path) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            logs = "".join(
-                p.read_text(errors="replace") for p in (tmp / "stderr.log", tmp / "error.log")
-                if p.exists()
-            )  # fmt: skip
-            raise RuntimeError(f"nginx exited {proc.returncode}: {logs}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("nginx did not listen within 10s")
+    with running_nginx(tmp_path_factory.mktemp("nginx"), config) as url:
+        yield url
 
 
 Events = list[tuple[float, dict[str, Any]]]

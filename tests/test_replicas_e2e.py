@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -29,8 +27,7 @@ import pytest
 
 from tests.fakes.upstream import ANSWER, FakeUpstream
 from tests.redis_server import RedisServer
-from tests.support import ChatdProcess, free_port, provider_toml
-from tests.test_nginx_e2e import wait_for_port
+from tests.support import ChatdProcess, provider_toml, running_nginx
 
 NGINX_CONF = """\
 daemon off;
@@ -86,38 +83,20 @@ def running_fleet(
     config: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory, **env: str
 ) -> Iterator[Fleet]:
     """Two chatd replicas, `config(redis_url)` each, one real Redis, a real nginx."""
-    binary = shutil.which("nginx")
-    if binary is None:
-        pytest.skip("nginx is not on PATH (install it, e.g. `apt-get install nginx`)")
     with RedisServer(tmp_path_factory.mktemp("redis")) as redis:
         tmp = tmp_path_factory.mktemp("replicas")
         with (
             ChatdProcess(config(redis.url), tmp, env=env) as a,
             ChatdProcess(config(redis.url), tmp, env=env) as b,
         ):
-            ngx = tmp_path_factory.mktemp("nginx")
-            port = free_port()
-            conf = ngx / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(tmp=ngx, port=port, a=a.port, b=b.port))
-            log = open(ngx / "stderr.log", "wb")  # noqa: SIM115 - closed below
-            proc = subprocess.Popen(
-                [binary, "-p", str(ngx), "-e", str(ngx / "error.log"), "-c", str(conf)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                wait_for_port(proc, port, ngx)
-                fleet = Fleet(a, b, f"http://127.0.0.1:{port}", redis)
+
+            def proxy(ngx: Path, port: int) -> str:
+                return NGINX_CONF.format(tmp=ngx, port=port, a=a.port, b=b.port)
+
+            with running_nginx(tmp_path_factory.mktemp("nginx"), proxy) as url:
+                fleet = Fleet(a, b, url, redis)
                 wait_until(lambda: shared_up(a) == 1 and shared_up(b) == 1, 10)
                 yield fleet
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                log.close()
 
 
 @pytest.fixture(scope="module")
