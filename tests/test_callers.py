@@ -181,3 +181,33 @@ def test_check_config_never_shows_the_ledgers_password() -> None:
     shown = describe_usage_db("postgresql://chatd:s3cret-pw@db.internal:5432/usage")
     assert "s3cret-pw" not in shown and shown.startswith("postgresql://chatd:***@db.internal")
     assert describe_usage_db("") == "off"
+
+
+async def test_a_flush_cancelled_mid_write_neither_loses_nor_repeats_rows() -> None:
+    """`/v1/usage` gives up on a slow flush (wait_for): the batch in flight must land once."""
+    import asyncio
+
+    from chatd.usage.writer import UsageWriter
+
+    class SlowBackend:  # like the SQLite one: the write runs on a thread, uncancellable
+        def __init__(self) -> None:
+            self.rows: list[tuple[int]] = []
+
+        def _write(self, rows: list[tuple[int]]) -> None:
+            time.sleep(0.2)
+            self.rows.extend(rows)
+
+        async def write(self, rows: list[tuple[int]]) -> None:
+            await asyncio.get_running_loop().run_in_executor(None, self._write, rows)
+
+    backend = SlowBackend()
+    writer = UsageWriter(backend, max_rows=1000)  # type: ignore[arg-type]
+    for n in range(5):
+        writer.enqueue((n,))  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(writer.flush(), 0.05)
+    writer.enqueue((5,))  # type: ignore[arg-type]
+    assert await writer.flush()
+    await asyncio.sleep(0.3)  # the shielded first write ends
+    assert sorted(backend.rows) == [(n,) for n in range(6)]
+    assert writer.written == 6 and not writer.rows

@@ -72,16 +72,20 @@ class UsageWriter:
         """Write every buffered row; False (rows kept) when the database refused."""
         async with self._lock:
             while self.rows:
-                batch = [self.rows[i] for i in range(min(BATCH_ROWS, len(self.rows)))]
+                # Out of the buffer before the write, and the write shielded: a flush
+                # cancelled mid-write (a caller's `/v1/usage` giving up, shutdown) must
+                # neither lose the batch nor leave it to be written a second time.
+                batch = [self.rows.popleft() for _ in range(min(BATCH_ROWS, len(self.rows)))]
+                write = asyncio.ensure_future(self.backend.write(batch))
                 try:
-                    await self.backend.write(batch)
+                    await asyncio.shield(write)
                 except asyncio.CancelledError:
+                    write.add_done_callback(lambda done, rows=batch: self._settle(done, rows))
                     raise
                 except Exception as exc:
+                    self.rows.extendleft(reversed(batch))
                     self._failed(exc)
                     return False
-                for _ in batch:  # only the writer takes rows out, and only from the left
-                    self.rows.popleft()
                 self.written += len(batch)
                 if self._failing_since is not None:
                     log.warning(
@@ -90,6 +94,13 @@ class UsageWriter:
                     )
                     self._failing_since = None
             return True
+
+    def _settle(self, write: asyncio.Future[None], batch: list[Row]) -> None:
+        """A write whose flush was cancelled has ended: count it, or put its rows back."""
+        if not write.cancelled() and write.exception() is None:
+            self.written += len(batch)
+        else:
+            self.rows.extendleft(reversed(batch))
 
     def _failed(self, exc: Exception) -> None:
         now = time.monotonic()
