@@ -161,6 +161,15 @@ class Caller:
     _period_end: float = 0.0
     _spend_key: str = ""
     _period_ends_at: str = ""
+    # Made once, not per request: the window keys and the encoded header limits.
+    rpm_key: str = field(init=False, default="")
+    tpm_key: str = field(init=False, default="")
+    rpm_limit: bytes = field(init=False, default=b"")
+    tpm_limit: bytes = field(init=False, default=b"")
+
+    def __post_init__(self) -> None:
+        self.rpm_key, self.tpm_key = f"rpm:{self.name}", f"tpm:{self.name}"
+        self.rpm_limit, self.tpm_limit = str(self.rpm).encode(), str(self.tpm).encode()
 
     @classmethod
     def from_config(cls, name: str, config: CallerConfig) -> Caller:
@@ -282,11 +291,11 @@ class Callers:
         if not caller.limited:
             return
         store = self.store
-        now = time.time()
+        local = store.local  # in process: the sync primitives, no coroutine per call
         error: ChatdError | None = None
         if caller.budget_usd:
-            key, ends_at, left = caller.period(now)
-            spent = await store.get(key)
+            key, ends_at, left = caller.period(time.time())
+            spent = store.value(key) if local else await store.get(key)
             if spent >= caller.budget_usd:
                 error = BudgetExceeded(
                     f"caller {caller.name} has spent ${spent:.4f} of its "
@@ -302,24 +311,30 @@ class Callers:
             )
         token_headers: list[tuple[bytes, bytes]] = []
         if caller.tpm:  # looked at before rpm counts, so a refused request is not counted
-            allowed, remaining, reset = await store.window_hit(
-                f"tpm:{caller.name}", 0, caller.tpm, WINDOW_SECS
+            key, tpm = caller.tpm_key, caller.tpm
+            allowed, remaining, reset = (
+                store.hit(key, 0, tpm, WINDOW_SECS)
+                if local
+                else await store.window_hit(key, 0, tpm, WINDOW_SECS)
             )
-            token_headers = rate_headers("Tokens", caller.tpm, remaining, reset)
+            token_headers = rate_headers(TOKENS, caller.tpm_limit, remaining, reset)
             if not allowed and error is None:
                 error = RateLimited(
-                    f"caller {caller.name} is over its {caller.tpm} tokens per minute",
+                    f"caller {caller.name} is over its {tpm} tokens per minute",
                     headers={"Retry-After": str(max(1, math.ceil(reset)))},
                 )
         headers: list[tuple[bytes, bytes]] = []
         if caller.rpm:
-            allowed, remaining, reset = await store.window_hit(
-                f"rpm:{caller.name}", 0 if error else 1, caller.rpm, WINDOW_SECS
+            key, rpm, count = caller.rpm_key, caller.rpm, 0 if error else 1
+            allowed, remaining, reset = (
+                store.hit(key, count, rpm, WINDOW_SECS)
+                if local
+                else await store.window_hit(key, count, rpm, WINDOW_SECS)
             )
-            headers = rate_headers("Requests", caller.rpm, remaining, reset)
+            headers = rate_headers(REQUESTS, caller.rpm_limit, remaining, reset)
             if not allowed and error is None:
                 error = RateLimited(
-                    f"caller {caller.name} is over its {caller.rpm} requests per minute",
+                    f"caller {caller.name} is over its {rpm} requests per minute",
                     headers={"Retry-After": str(max(1, math.ceil(reset)))},
                 )
         headers += token_headers
@@ -342,9 +357,9 @@ class Callers:
         if state.get("caller_slot"):
             caller.in_flight -= 1
         store = self.store
-        local = getattr(store, "local", False)  # in process: count now, no task needed
+        local = store.local  # in process: count now, no task needed
         if caller.tpm and tokens:
-            key = f"tpm:{caller.name}"
+            key = caller.tpm_key
             if local:
                 store.hit(key, tokens, 0, WINDOW_SECS)
             else:  # pragma: no cover - a remote store (issue 13)
@@ -396,14 +411,20 @@ def presented_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return api_key
 
 
+# OpenAI's `X-RateLimit-{Limit,Remaining,Reset}-{Requests,Tokens}`, names encoded once.
+PARTS = ("limit", "remaining", "reset")
+REQUESTS = tuple(f"x-ratelimit-{part}-requests".encode() for part in PARTS)
+TOKENS = tuple(f"x-ratelimit-{part}-tokens".encode() for part in PARTS)
+
+
 def rate_headers(
-    unit: str, limit: int, remaining: float, reset: float
+    names: tuple[bytes, ...], limit: bytes, remaining: float, reset: float
 ) -> list[tuple[bytes, bytes]]:
-    """OpenAI's `X-RateLimit-{Limit,Remaining,Reset}-{Requests,Tokens}`."""
+    """One limit's three headers: `names` is REQUESTS or TOKENS, `limit` encoded."""
     return [
-        (f"x-ratelimit-limit-{unit.lower()}".encode(), str(limit).encode()),
-        (f"x-ratelimit-remaining-{unit.lower()}".encode(), str(int(remaining)).encode()),
-        (f"x-ratelimit-reset-{unit.lower()}".encode(), format_reset(reset).encode()),
+        (names[0], limit),
+        (names[1], str(int(remaining)).encode()),
+        (names[2], format_reset(reset).encode()),
     ]
 
 

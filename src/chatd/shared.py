@@ -39,6 +39,10 @@ LOG_EVERY_SECS = 60.0  # "Redis down" at most once a minute
 class SharedState(ABC):
     """The primitives replicas agree on. Times are seconds; keys are plain strings."""
 
+    # False: only the async interface. (The callers' in-process MemoryStore says True and
+    # offers sync twins, `hit`/`incr`/`value`, that the request path calls without a task.)
+    local = False
+
     @abstractmethod
     async def window_hit(
         self, key: str, amount: float, limit: float, window_secs: float
