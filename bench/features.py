@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -63,7 +64,7 @@ def variants(up: int, redis_port: int | None) -> dict[str, tuple[str, dict[str, 
     if redis_port is not None:
         url = f'redis_url = "redis://127.0.0.1:{redis_port}/0"\n'
         found["redis_url set (no cache, no callers)"] = (chatd_toml(up, chatd_extra=OFF + url), {})
-    found["bare, again (the noise: same config, last in each round)"] = found["bare"]
+    found["bare, again (a second process, same config: the noise floor)"] = found["bare"]
     return found
 
 
@@ -73,10 +74,44 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def paired(values: list[float], base: list[float]) -> str:
+    """Median and quartiles of round-by-round ratios `values[i] / base[i]`."""
+    ratios = sorted(v / b for v, b in zip(values, base, strict=True) if b)
+    if not ratios:
+        return "n/a"
+    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    return f"{statistics.median(ratios):.3f} [{q1:.3f}, {q3:.3f}]"
+
+
+def in_process_costs() -> list[str]:
+    """Microseconds of CPU that callers and the ledger add to one request, measured in
+    this process (bench/costs.py): free of the machine's noise, to read beside the table."""
+    from costs import measure  # imports chatd: the checkout's .venv runs this script
+
+    rows = measure()
+    lines = [
+        "## The same features' own code, timed in process (bench/costs.py)",
+        "",
+        "µs of CPU per request (median of 5 runs of 20,000 calls), on the same machine; "
+        "compare with the CPU-µs a bare request costs here: 10⁶ ÷ bare's req per CPU-second.",
+        "",
+        "| code | µs per request |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {micros:.1f} |" for name, micros in rows]
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--secs", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated substrings: only the variants whose name holds one (and "
+        "always bare); the table is printed, bench/FEATURES.md is left as it is",
+    )
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     for stale in OUT.glob("features-*.sqlite3*"):
@@ -96,6 +131,9 @@ def main() -> int:
     requests: dict[str, Request] = {}
     pids: dict[str, int] = {}
     found = variants(up, redis_port)
+    if args.only:
+        words = [w.strip() for w in args.only.split(",") if w.strip()]
+        found = {k: v for k, v in found.items() if k == "bare" or any(w in k for w in words)}
     baseline = os.environ.get("BENCH_BASELINE_SRC")
     if baseline:
         found = {"baseline": (chatd_toml(up), {}), **found}  # it knows no part-two keys
@@ -120,10 +158,12 @@ def main() -> int:
                for i, (name, req) in enumerate(requests.items())}  # fmt: skip
     rates: dict[str, list[float]] = {name: [] for name in requests}
     per_cpu: dict[str, list[float]] = {name: [] for name in requests}
+    shuffle = random.Random(20261126)  # a fixed seed: the same visiting orders every run
     for n in range(args.rounds):
-        for name, req in requests.items():
+        # A new order each round: no variant always runs first, or right after another.
+        for name in shuffle.sample(list(requests), len(requests)):
             before = cpu_seconds(pids[name])
-            result = run_wrk(req, scripts[name], 32, args.secs)
+            result = run_wrk(requests[name], scripts[name], 32, args.secs)
             used = cpu_seconds(pids[name]) - before
             rates[name].append(result.rps)
             per_cpu[name].append(result.rps * args.secs / used if used else 0.0)
@@ -132,28 +172,36 @@ def main() -> int:
                 f"{per_cpu[name][-1]:,.0f} req per CPU-second",
                 flush=True,
             )
-    base = statistics.median(rates["bare"])
-    base_cpu = statistics.median(per_cpu["bare"])
     lines = [
         "# What part two's features cost on the hot path (bench/features.py)",
         "",
-        f"- {datetime.now(UTC):%Y-%m-%d %H:%M UTC}, wrk c=32, {args.rounds} interleaved "
-        f"rounds of {args.secs} s, `/v1/chat` (ollama kind) from a static nginx upstream",
+        f"- {datetime.now(UTC):%Y-%m-%d %H:%M UTC}, wrk c=32, {args.rounds} rounds of "
+        f"{args.secs} s, every variant once a round in a shuffled order, `/v1/chat` "
+        "(ollama kind) from a static nginx upstream",
+        "- ÷ bare: each round's figure over bare's in the same round, then the median of "
+        "those ratios over the rounds, [first quartile, third quartile]. Pairing within a "
+        "round cancels the machine's drift between rounds; the quartiles show what is left. "
+        "The last row, a second process with bare's configuration, is the noise floor: a "
+        "difference inside its spread is no difference",
         "- req per CPU-second: requests answered ÷ the CPU time chatd's process used "
-        "(all its threads) during the run: the hot path's cost, less exposed to the "
-        "scheduler's noise on a shared 2-core machine than req/s",
+        "(all its threads) during the run: the hot path's cost, less exposed than req/s "
+        "to the scheduler on a shared 2-core machine",
         "",
-        "| chatd | req/s (median) | ÷ bare | req per CPU-second (median) | ÷ bare |",
+        "| chatd | req/s (median) | ÷ bare [q1, q3] | req per CPU-second (median) "
+        "| ÷ bare [q1, q3] |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name, values in rates.items():
-        rps, cpu = statistics.median(values), statistics.median(per_cpu[name])
+    for name in requests:
         lines.append(
-            f"| {name} | {rps:,.0f} | {rps / base:.3f} | {cpu:,.0f} | {cpu / base_cpu:.3f} |"
+            f"| {name} | {statistics.median(rates[name]):,.0f} | "
+            f"{paired(rates[name], rates['bare'])} | "
+            f"{statistics.median(per_cpu[name]):,.0f} | {paired(per_cpu[name], per_cpu['bare'])} |"
         )
+    lines += ["", *in_process_costs()]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    (BENCH / "FEATURES.md").write_text(text)
+    if not args.only:
+        (BENCH / "FEATURES.md").write_text(text)
     return 0
 
 

@@ -221,7 +221,7 @@ def chatd_toml(
             f'base_url = "http://127.0.0.1:{up}{base}"\n{extra}\n'
         )
 
-    usage = '' if ledger == "on" else 'usage_db = ""\n'  # on: the default SQLite file
+    usage = "" if ledger == "on" else 'usage_db = ""\n'  # on: the default SQLite file
     limits = ""
     if callers:  # limits high enough never to refuse: the bench measures their cost
         limits = (
