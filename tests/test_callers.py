@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from chatd.app import create_app
-from chatd.callers import Callers, MemoryStore, admit_anyone, format_reset, period_bounds
+from chatd.callers import Callers, MemoryStore, format_reset, period_bounds
 from chatd.config import ConfigError, Price, build_settings
 from chatd.providers.openai import parse_openai_response, upstream_cost
 from chatd.usage.prices import Prices
@@ -124,9 +124,9 @@ def test_auth_tokens_env_tokens_are_the_default_caller_with_no_limits() -> None:
     assert callers.identify(b"nope") is None
 
 
-def test_with_no_callers_admission_is_the_do_nothing_function() -> None:
+def test_with_no_callers_there_is_no_admission_to_await() -> None:
     app = create_app(make_settings())
-    assert app.state.admit is admit_anyone
+    assert app.state.admit is None
     assert app.state.operations.callers is None and app.state.operations.ledger is None
 
 

@@ -66,7 +66,7 @@ def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Set
         note(request, model=model)
         stream = bool(body.get("stream"))
         upstream = to_openai_body(body, stream=stream)  # every block checked before admission
-        admit = getattr(request.app.state, "admit", None)  # callers (SPEC §12), when present
+        admit = request.app.state.admit  # callers (SPEC §12), when configured
         if admit is not None:
             await admit(request, model)
         stops = body.get("stop_sequences")

@@ -12,7 +12,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .anthropic_api import install_anthropic_routes
-from .callers import admit_anyone
 from .chat_api import install_chat_routes
 from .config import Settings
 from .contract import (
@@ -84,9 +83,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.dispatcher = dispatcher
     app.state.operations = ops
-    # SPEC §12: every model-calling route awaits admit(request, model) after parsing.
-    admit = ops.callers.admit if ops.callers is not None else None
-    app.state.admit = admit or admit_anyone
+    # SPEC §12: every model-calling route awaits app.state.admit(request, model) after
+    # parsing; None (nothing to await) when no callers are configured.
+    app.state.admit = ops.callers.admit if ops.callers is not None else None
     if ops.callers is not None:  # the dashboard: admins only, and callers' spend
         callers, ledger = ops.callers, ops.ledger
         app.state.ui_admin = callers.is_admin
@@ -97,8 +96,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.add_middleware(RequestContext, logger=log, authorize=ops.authorize, finished=ops.finished)
     ops.install(app)
 
-    install_chat_routes(app, dispatcher, settings, admit, cache)
-    install_openai_routes(app, dispatcher, registry, settings, admit, cache)
+    install_chat_routes(app, dispatcher, settings, cache)
+    install_openai_routes(app, dispatcher, registry, settings, cache)
     install_embeddings_routes(app, dispatcher, settings)
     install_anthropic_routes(app, dispatcher, settings)
     install_usage_routes(app, ops)

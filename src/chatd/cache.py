@@ -33,6 +33,7 @@ from .config import CacheConfig
 from .errors import ChatdError
 from .registry import Registry
 from .shared import BytesLRU, SharedState
+from .tasks import spawn
 from .web import note, sse
 
 CACHE_HEADER = "X-Chatd-Cache"
@@ -76,7 +77,6 @@ class ResponseCache:
         # A leader's lock on another replica lasts as long as its slowest possible call.
         self.lock_secs = max((p.timeout for p in registry.providers.values()), default=180.0)
         self._flights: dict[str, Flight] = {}
-        self._storing: set[asyncio.Task[None]] = set()
 
     # -- planning ---------------------------------------------------------------------
 
@@ -122,9 +122,7 @@ class ResponseCache:
 
     def put_later(self, key: str, value: bytes) -> None:
         """Store off the answer's path (a finished stream)."""
-        task = asyncio.get_running_loop().create_task(self.put(key, value))
-        self._storing.add(task)
-        task.add_done_callback(self._storing.discard)
+        spawn(self.put(key, value))
 
     async def lookup(self, plan: Plan) -> bytes | None:
         """A stored answer for a plan that may read; counts the hit (a miss is counted

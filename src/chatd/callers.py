@@ -28,6 +28,7 @@ from starlette.types import Scope
 from .auth import CHALLENGE, PROTECTED, auth_tokens
 from .config import CallerConfig, ConfigError, Settings
 from .errors import BudgetExceeded, ChatdError, Forbidden, RateLimited, Unauthorized
+from .tasks import spawn
 
 DEFAULT_CALLER = "default"  # the caller made of `auth_tokens_env`'s tokens: no limits
 WINDOW_SECS = 60.0
@@ -362,13 +363,13 @@ class Callers:
             key = caller.tpm_key
             if local:
                 store.hit(key, tokens, 0, WINDOW_SECS)
-            else:  # pragma: no cover - a remote store (issue 13)
+            else:  # Redis (SPEC §13): off the request's end
                 spawn(store.window_hit(key, tokens, 0, WINDOW_SECS))
         if caller.budget_usd and cost:
             key, _, left = caller.period(time.time())
             if local:
                 store.incr(key, cost, left + 3600)
-            else:  # pragma: no cover - a remote store (issue 13)
+            else:  # Redis (SPEC §13): off the request's end
                 spawn(store.add(key, cost, left + 3600))
 
     async def load_spend(self, spent: Mapping[str, float], now: float | None = None) -> None:
@@ -388,13 +389,6 @@ class Callers:
         """Callers with a budget → the start of their current period."""
         now = time.time() if now is None else now
         return {c.name: c.period_start(now) for c in self.callers.values() if c.budget_usd}
-
-
-def spawn(work: Any) -> None:
-    """Run a remote store's update without holding up the request's end."""
-    import asyncio
-
-    asyncio.get_running_loop().create_task(work)
 
 
 def presented_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -426,8 +420,3 @@ def rate_headers(
         (names[1], str(int(remaining)).encode()),
         (names[2], format_reset(reset).encode()),
     ]
-
-
-async def admit_anyone(request: Request, model: str) -> None:
-    """`app.state.admit` when no callers are configured."""
-    return None

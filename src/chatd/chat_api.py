@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -50,7 +50,6 @@ def install_chat_routes(
     app: FastAPI,
     dispatcher: Dispatcher,
     settings: Settings,
-    admit: Callable[[Request, str], Awaitable[None]] | None,
     cache: ResponseCache | None,
 ) -> None:
     max_body = settings.chatd.max_body_bytes
@@ -73,6 +72,7 @@ def install_chat_routes(
         started = time.perf_counter()
         body = parse_body(ChatRequest, await read_body(request, max_body))
         note(request, model=body.model)
+        admit = request.app.state.admit  # callers (SPEC §12), when configured
         if admit is not None:
             await admit(request, body.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))

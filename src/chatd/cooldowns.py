@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from .resilience import Breaker
 from .shared import SharedState
+from .tasks import spawn, stop
 
 log = logging.getLogger("chatd")
 
@@ -42,7 +43,6 @@ class SharedCooldowns:
         self.breakers = {key: b for key, b in breakers.items() if b.enabled}
         self.every = every
         self._task: asyncio.Task[None] | None = None
-        self._publishing: set[asyncio.Task[None]] = set()
         for key, breaker in self.breakers.items():
             breaker.on_trip = self._chain(breaker.on_trip, key, breaker)
 
@@ -52,11 +52,7 @@ class SharedCooldowns:
         def tripped() -> None:
             if told is not None:
                 told()
-            task = asyncio.get_running_loop().create_task(
-                self.state.set_flag(key, breaker.cooldown)
-            )
-            self._publishing.add(task)
-            task.add_done_callback(self._publishing.discard)
+            spawn(self.state.set_flag(key, breaker.cooldown))
 
         return tripped
 
@@ -81,9 +77,4 @@ class SharedCooldowns:
             await asyncio.sleep(self.every)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop(self._task)

@@ -225,7 +225,7 @@ def install_embeddings_routes(app: FastAPI, dispatcher: Dispatcher, settings: Se
     async def embeddings(request: Request) -> Response:
         job = check_request(loads_body(await read_body(request, max_body)))
         note(request, model=job.model)
-        admit = getattr(request.app.state, "admit", None)  # callers (SPEC §12), when present
+        admit = request.app.state.admit  # callers (SPEC §12), when configured
         if admit is not None:
             await admit(request, job.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))

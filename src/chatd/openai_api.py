@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -60,7 +60,6 @@ def install_openai_routes(
     dispatcher: Dispatcher,
     registry: Registry,
     settings: Settings,
-    admit: Callable[[Request, str], Awaitable[None]] | None = None,
     cache: ResponseCache | None = None,
 ) -> None:
     max_body = settings.chatd.max_body_bytes
@@ -85,6 +84,7 @@ def install_openai_routes(
         body = check_body(loads_body(await read_body(request, max_body)))
         model: str = body["model"]
         note(request, model=model)
+        admit = request.app.state.admit  # callers (SPEC §12), when configured
         if admit is not None:
             await admit(request, model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))

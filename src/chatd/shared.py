@@ -26,6 +26,8 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from .tasks import stop
+
 log = logging.getLogger("chatd")
 
 T = TypeVar("T")
@@ -320,12 +322,7 @@ class RedisState(SharedState):
         self._monitor = asyncio.create_task(self._watch(), name="chatd-redis-monitor")
 
     async def aclose(self) -> None:
-        if self._monitor is not None:
-            self._monitor.cancel()
-            try:
-                await self._monitor
-            except asyncio.CancelledError:
-                pass
+        await stop(self._monitor)
         await self.redis.aclose()
 
     async def check(self) -> bool:

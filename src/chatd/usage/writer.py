@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ..tasks import stop
 from . import Backend, Row
 
 log = logging.getLogger("chatd")
@@ -116,13 +117,8 @@ class UsageWriter:
 
     async def aclose(self, grace_secs: float = 10.0) -> None:
         """Stop the loop and write what is buffered, trying for up to `grace_secs`."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop(self._task)
+        self._task = None
         deadline = time.monotonic() + grace_secs
         try:
             while not await asyncio.wait_for(self.flush(), max(0.1, deadline - time.monotonic())):
