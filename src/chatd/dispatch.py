@@ -27,6 +27,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .hedging import race
+from .providers import Provider
 from .registry import Registry, Route
 from .resilience import Guard, backoff_delay, is_retryable, may_fall_back, parse_retry_after
 from .types import ChatRequest, ChatResult, StreamEvent
@@ -365,9 +366,7 @@ class Dispatcher:
             except TimeoutError:
                 if not window.expired():
                     raise
-                # Only a stall that had the provider's whole timeout counts against it,
-                # not one cut short by a caller's tighter X-Chatd-Timeout-Ms.
-                if remaining >= 0.95 * route.provider.timeout:
+                if had_whole_timeout(remaining, route.provider):
                     guard.record(UpstreamTimeout(name))
                 raise UpstreamTimeout(f"{name}: no answer within the request's deadline") from None
             except (UpstreamError, UpstreamTimeout) as exc:
@@ -380,23 +379,24 @@ class Dispatcher:
                 self.observer.upstream_call(name, loop.time() - called)
             if not is_retryable(last) or retry == guard.max_retries:
                 raise last
-            delay = self._retry_delay(last, guard.max_retry_after, retry)
-            if delay is None or loop.time() + delay >= deadline:
-                raise last
-            await asyncio.sleep(delay)
+            await self._wait_before_retry(last, guard.max_retry_after, retry, deadline)
             tally.retries += 1
             self.observer.retried(name)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _retry_delay(self, error: ChatdError, limit: float, retry: int) -> float | None:
-        """The wait before the next try: the upstream's Retry-After, else backoff; None
-        when the upstream asks for longer than `limit` (`max_retry_after_secs`)."""
+    async def _wait_before_retry(
+        self, error: ChatdError, limit: float, retry: int, deadline: float
+    ) -> None:
+        """Sleep before the next try: the upstream's Retry-After, else backoff. Raises
+        `error` instead when the upstream asks for longer than `limit`
+        (`max_retry_after_secs`) or the wait would pass the request's deadline."""
         hint = parse_retry_after(error.retry_after if isinstance(error, UpstreamError) else None)
-        if hint is None:
-            return self.backoff(retry)
-        if hint > limit:
-            return None
-        return hint
+        if hint is not None and hint > limit:
+            raise error
+        delay = self.backoff(retry) if hint is None else hint
+        if asyncio.get_running_loop().time() + delay >= deadline:
+            raise error
+        await asyncio.sleep(delay)
 
     # -- balanced providers (SPEC §10) -------------------------------------------
 
@@ -440,10 +440,7 @@ class Dispatcher:
                 raise last
             failed = endpoint
             if not balancer.has_other(endpoint):
-                delay = self._retry_delay(last, balancer.max_retry_after, retry)
-                if delay is None or loop.time() + delay >= deadline:
-                    raise last
-                await asyncio.sleep(delay)
+                await self._wait_before_retry(last, balancer.max_retry_after, retry, deadline)
             tally.retries += 1
             self.observer.retried(name)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -472,7 +469,7 @@ class Dispatcher:
             if not window.expired():
                 raise
             error = UpstreamTimeout(f"{balancer.name}: no answer within the request's deadline")
-            outcome = "failed" if remaining >= 0.95 * endpoint.provider.timeout else "cut"
+            outcome = "failed" if had_whole_timeout(remaining, endpoint.provider) else "cut"
             raise error from None
         except (UpstreamError, UpstreamTimeout) as exc:
             error, outcome = exc, "failed"
@@ -482,10 +479,8 @@ class Dispatcher:
             raise
         finally:
             seconds = loop.time() - called
-            if outcome == "ok":
-                balancer.finished(endpoint, seconds, None)
-            elif outcome == "failed":
-                balancer.finished(endpoint, seconds, error)
+            if outcome in ("ok", "failed"):
+                balancer.finished(endpoint, seconds, error)  # error is None when ok
             elif outcome == "cut":
                 balancer.abandoned(endpoint, seconds)
             self.observer.upstream_call(balancer.name, seconds)
@@ -551,6 +546,12 @@ class GuardedEvents(AsyncIterator[E]):
             await _aclose(self._events)
         finally:
             self._guard.limiter.release()
+
+
+def had_whole_timeout(remaining: float, provider: Provider) -> bool:
+    """Only a stall that had the provider's whole timeout counts against it, not one cut
+    short by a caller's tighter X-Chatd-Timeout-Ms."""
+    return remaining >= 0.95 * provider.timeout
 
 
 async def _discard(served: tuple[Route, Any]) -> None:
