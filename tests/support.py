@@ -144,6 +144,24 @@ def make_settings(
     )
 
 
+def nginx_conf(tmp: Path, http: str) -> str:
+    """A foreground nginx config that keeps every file under `tmp`, with `http` (the
+    test's upstream and server blocks) inside its `http {}`."""
+    return (
+        "daemon off;\nmaster_process off;\nworker_processes 1;\n"
+        f"pid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
+        "events { worker_connections 256; }\n"
+        "http {\n"
+        f"    access_log {tmp}/access.log;\n"
+        + "".join(
+            f"    {kind}_temp_path {tmp}/{kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        + http
+        + "}\n"
+    )
+
+
 @contextmanager
 def running_nginx(tmp: Path, config: Callable[[Path, int], str]) -> Iterator[str]:
     """A real nginx with `config(tmp, port)` on a free port; yields its base URL and stops

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from tests.fakes.upstream import ANSWER, THINKING, FakeUpstream
-from tests.support import ChatdProcess, provider_toml, running_nginx
-from tests.test_nginx_e2e import NGINX_CONF
+from tests.support import ChatdProcess, nginx_conf, provider_toml, running_nginx
+from tests.test_nginx_e2e import NGINX_HTTP
 
 KEY = "sk-or-test-key-not-for-printing"
 TOKEN = "chatd-caller-token"
@@ -574,8 +574,8 @@ def nginx(chatd: ChatdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """A real nginx in front of chatd with default buffering; yields its base URL."""
 
     def config(tmp: Path, port: int) -> str:
-        conf = NGINX_CONF.format(tmp=tmp, port=port, chatd_port=chatd.port)
-        return conf.replace("location /v1/chat {", "location /v1/ {")
+        http = NGINX_HTTP.format(port=port, chatd_port=chatd.port)
+        return nginx_conf(tmp, http.replace("location /v1/chat {", "location /v1/ {"))
 
     with running_nginx(tmp_path_factory.mktemp("nginx-anthropic"), config) as url:
         yield url

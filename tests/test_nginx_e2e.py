@@ -25,29 +25,12 @@ import httpx
 import pytest
 
 from tests.fakes.upstream import ANSWER, FakeUpstream
-from tests.support import ChatdProcess, provider_toml, running_nginx
+from tests.support import ChatdProcess, nginx_conf, provider_toml, running_nginx
 
 USER = [{"role": "user", "content": "hi"}]
 
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log info;
-
-events {{
-    worker_connections 64;
-}}
-
-http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-
+# The upstream and server blocks; support.nginx_conf wraps them in the rest.
+NGINX_HTTP = """\
     upstream chatd {{
         server 127.0.0.1:{chatd_port};
     }}
@@ -80,7 +63,6 @@ http {{
             proxy_ignore_headers X-Accel-Buffering;
         }}
     }}
-}}
 """
 
 
@@ -98,7 +80,7 @@ def nginx(chatd: ChatdProcess, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """A real nginx in front of chatd; yields its base URL, stops it on the way out."""
 
     def config(tmp: Path, port: int) -> str:
-        return NGINX_CONF.format(tmp=tmp, port=port, chatd_port=chatd.port)
+        return nginx_conf(tmp, NGINX_HTTP.format(port=port, chatd_port=chatd.port))
 
     with running_nginx(tmp_path_factory.mktemp("nginx"), config) as url:
         yield url

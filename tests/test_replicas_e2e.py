@@ -27,22 +27,9 @@ import pytest
 
 from tests.fakes.upstream import ANSWER, FakeUpstream
 from tests.redis_server import RedisServer
-from tests.support import ChatdProcess, provider_toml, running_nginx
+from tests.support import ChatdProcess, nginx_conf, provider_toml, running_nginx
 
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+NGINX_HTTP = """\
     upstream chatd {{
         server 127.0.0.1:{a};
         server 127.0.0.1:{b};
@@ -54,7 +41,6 @@ http {{
             proxy_http_version 1.1;
         }}
     }}
-}}
 """
 
 
@@ -91,7 +77,7 @@ def running_fleet(
         ):
 
             def proxy(ngx: Path, port: int) -> str:
-                return NGINX_CONF.format(tmp=ngx, port=port, a=a.port, b=b.port)
+                return nginx_conf(ngx, NGINX_HTTP.format(port=port, a=a.port, b=b.port))
 
             with running_nginx(tmp_path_factory.mktemp("nginx"), proxy) as url:
                 fleet = Fleet(a, b, url, redis)
