@@ -307,7 +307,8 @@ class ChatCompletion(BaseModel):
 # The OpenAI Chat Completions request as chatd checks it (openai_compat.check_body):
 # only what chatd reads or translates is constrained; other fields pass through to
 # openai-kind vendors, which judge them.
-PART = "#/components/schemas/ContentPart"
+# A model name: not empty, not only blanks (the routes refuse both with a 400).
+MODEL_NAME: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": r"\S"}
 
 
 def nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -319,7 +320,7 @@ CHAT_COMPLETION_REQUEST: dict[str, Any] = {
     "title": "ChatCompletionRequest",
     "required": ["model", "messages"],
     "properties": {
-        "model": {"type": "string", "minLength": 1, "pattern": r"\S"},
+        "model": MODEL_NAME,
         "messages": {
             "type": "array",
             "minItems": 1,
@@ -374,7 +375,7 @@ EMBEDDINGS_REQUEST: dict[str, Any] = {
     "title": "EmbeddingsRequest",
     "required": ["model", "input"],
     "properties": {
-        "model": {"type": "string", "minLength": 1, "pattern": r"\S"},
+        "model": MODEL_NAME,
         "input": {
             "description": "A string, or a list of strings (token-id arrays are refused).",
             "anyOf": [
@@ -604,7 +605,7 @@ MESSAGES_SCHEMAS: dict[str, Any] = {
         'Completions for any provider kind. `null` is "not set" for optional fields.',
         "required": ["model", "max_tokens", "messages"],
         "properties": {
-            "model": {"type": "string", "minLength": 1, "pattern": r"\S"},
+            "model": MODEL_NAME,
             "max_tokens": {"type": "integer", "minimum": 1, "maximum": INT32_MAX},
             "messages": {
                 "type": "array",
