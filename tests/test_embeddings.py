@@ -71,10 +71,12 @@ def test_ollama_embed_answer_is_read() -> None:
     ],
 )
 def test_a_wrong_ollama_embed_answer_is_a_502(embeddings: Any, says: str) -> None:
-    with pytest.raises(UpstreamError) as caught:
-        parse_ollama_embed(provider(), {"embeddings": embeddings}, 2)
-    assert caught.value.status == 502
-    assert says in caught.value.message
+    data = {"embeddings": embeddings}
+    for raw in (b"", orjson.dumps(data)):  # with the answer's bytes too: the same checks
+        with pytest.raises(UpstreamError) as caught:
+            parse_ollama_embed(provider(), data, 2, raw)
+        assert caught.value.status == 502
+        assert says in caught.value.message
 
 
 def test_openai_embed_body_is_the_callers_but_for_model_input_and_floats() -> None:
@@ -126,8 +128,67 @@ def test_openai_embed_answer_in_base64_is_decoded() -> None:
     ],
 )
 def test_a_wrong_openai_embed_answer_is_a_502(data: Any) -> None:
-    with pytest.raises(UpstreamError):
-        parse_openai_embed(provider(), data, 2)
+    for raw in (b"", orjson.dumps(data)):
+        with pytest.raises(UpstreamError):
+            parse_openai_embed(provider(), data, 2, raw)
+
+
+# -- the vectors' own text, sent as it came ---------------------------------------------
+
+
+def test_ollama_vectors_keep_their_own_text() -> None:
+    raw = b'{"model":"m", "embeddings" : [ [0.5, -2.5E-3,1e+2] ,[ 1,0,-0.0 ] ],"x":1}'
+    result = parse_ollama_embed(provider(), orjson.loads(raw), 2, raw)
+    assert result.vectors == [[0.5, -0.0025, 100.0], [1, 0, -0.0]]
+    assert result.texts == [b"[0.5, -2.5E-3,1e+2]", b"[ 1,0,-0.0 ]"]
+    assert [orjson.loads(text) for text in result.texts] == result.vectors
+
+
+def test_openai_vectors_keep_their_own_text_in_index_order() -> None:
+    raw = (
+        b'{"object":"list","model":"\\"embedding\\":[9]","data":['
+        b'{"object":"embedding","index":1,"embedding":[0.25,0.75]},'
+        b'{"object":"embedding","index":0,"embedding": [1.5, -1]}]}'
+    )
+    result = parse_openai_embed(provider(), orjson.loads(raw), 2, raw)
+    assert result.vectors == [[1.5, -1], [0.25, 0.75]]
+    assert result.texts == [b"[1.5, -1]", b"[0.25,0.75]"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # a vector answered in base64 has no text of numbers: the floats are sent
+        b'{"data":[{"index":0,"embedding":"AAAAPw=="},{"index":1,"embedding":[1.0]}]}',
+        # a second "embedding" key with a list, somewhere else: not certainly the vectors
+        b'{"data":[{"index":0,"embedding":[0.5]},{"index":1,"embedding":[1.0]}],'
+        b'"meta":{"embedding":[2.0]}}',
+    ],
+)
+def test_vectors_whose_text_is_not_certain_are_formatted_again(raw: bytes) -> None:
+    result = parse_openai_embed(provider(), orjson.loads(raw), 2, raw)
+    assert result.texts is None
+    assert len(result.vectors) == 2
+
+
+def test_vector_texts_are_used_only_when_certainly_the_vectors() -> None:
+    from chatd.providers.base import vector_texts
+
+    def texts(raw: bytes, key: str = "embeddings") -> list[bytes] | None:
+        data = orjson.loads(raw)  # the vectors as parsed, as the providers pass them
+        vectors = data[key] if key == "embeddings" else [d[key] for d in data["data"]]
+        return vector_texts(raw, key, vectors)
+
+    assert texts(b'{"embeddings":[[1,2,3]]}') == [b"[1,2,3]"]
+    assert texts(b'{"m":"embeddings","embeddings":[[1],[2]]}') == [b"[1]", b"[2]"]
+    assert texts(b'{"embeddings":[[1,true]]}') is None  # not numbers only
+    assert texts(b'{"embeddings":[[1,null]]}') is None
+    assert texts(b'{"embeddings":[[1,2]],"x":{"embeddings":[3]}}') is None  # a second key
+    assert texts(b'{"data":[{"embedding":"AAAAPw=="}]}', "embedding") is None  # base64
+    assert texts(b'{"data":[{"embedding":[0.5]},{"embedding":[1]}]}', "embedding") == [
+        b"[0.5]",
+        b"[1]",
+    ]
 
 
 def test_mock_embedding_is_a_deterministic_unit_vector() -> None:
@@ -256,6 +317,18 @@ def ollama_embed(request: httpx.Request) -> httpx.Response:
     body = orjson.loads(request.content)
     vectors = [[float(len(text)), float(i)] for i, text in enumerate(body["input"])]
     return httpx.Response(200, json={"embeddings": vectors, "prompt_eval_count": len(vectors)})
+
+
+@respx.mock
+async def test_float_vectors_go_out_as_the_upstream_wrote_them(app_client: Any) -> None:
+    answer = b'{"embeddings":[[1e-3, 2.50,-0]],"prompt_eval_count":2}'
+    respx.post(f"{OLLAMA}/api/embed").mock(return_value=httpx.Response(200, content=answer))
+    response = await post(app_client, {"model": "nomic", "input": "hi there"})
+    assert response.status_code == 200, response.text
+    assert b'"embedding":[1e-3, 2.50,-0]' in response.content
+    assert response.json()["data"][0]["embedding"] == [0.001, 2.5, 0]
+    packed = await post(app_client, {"model": "nomic", "input": "hi", "encoding_format": "base64"})
+    assert decode(packed.json()["data"][0]["embedding"]) == pytest.approx([0.001, 2.5, 0])
 
 
 @respx.mock

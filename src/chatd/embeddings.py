@@ -135,13 +135,15 @@ async def send_batch(route: Route, inputs: list[str], job: EmbeddingsRequest) ->
     if len(inputs) <= size:
         return await provider.embed(inputs, route.model, job.dimensions, job.body)
     vectors: list[list[float]] = []
+    texts: list[bytes] | None = []
     tokens = 0
     for start in range(0, len(inputs), size):
         piece = inputs[start : start + size]
         result = await provider.embed(piece, route.model, job.dimensions, job.body)
         vectors.extend(result.vectors)
         tokens += result.input_tokens
-    return EmbedResult(vectors, tokens)
+        texts = texts + result.texts if texts is not None and result.texts else None
+    return EmbedResult(vectors, tokens, texts)
 
 
 async def embed_all(
@@ -194,14 +196,11 @@ def answer(job: EmbeddingsRequest, served: list[Served[EmbedResult]]) -> dict[st
         tokens += batch.result.input_tokens
         if len(batch.result.vectors[0]) != width:  # batches agree within themselves
             raise UpstreamError(batch.route.provider.name, "answered vectors of different lengths")
-        for vector in batch.result.vectors:
-            data.append(
-                {
-                    "object": "embedding",
-                    "index": len(data),
-                    "embedding": encode(vector, job.encoding),
-                }
-            )
+        # Floats asked for and the upstream's own text at hand: sent as it came.
+        texts = batch.result.texts if job.encoding == "float" else None
+        for i, vector in enumerate(batch.result.vectors):
+            embedding = orjson.Fragment(texts[i]) if texts else encode(vector, job.encoding)
+            data.append({"object": "embedding", "index": len(data), "embedding": embedding})
     return {
         "object": "list",
         "data": data,

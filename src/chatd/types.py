@@ -78,3 +78,6 @@ class EmbedResult:
 
     vectors: list[list[float]]
     input_tokens: int = 0
+    # The vectors' own text in the upstream's answer (providers.base.vector_texts), to
+    # send as it came when floats are asked for; None: format `vectors`.
+    texts: list[bytes] | None = None

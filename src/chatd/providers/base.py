@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 import socket
 import ssl
 from abc import ABC, abstractmethod
@@ -147,6 +148,10 @@ class Provider(ABC):
 
     async def post_json(self, path: str, body: dict[str, Any]) -> Any:
         """POST `body` as JSON and return the parsed 2xx answer, or raise a sentinel."""
+        return (await self.post_for_json(path, body))[0]
+
+    async def post_for_json(self, path: str, body: dict[str, Any]) -> tuple[Any, bytes]:
+        """`post_json`, with the answer's bytes as they came beside what they parse to."""
         try:
             response = await self.client.post(
                 self.url(path), content=orjson.dumps(body), headers=JSON_HEADERS
@@ -156,8 +161,9 @@ class Provider(ABC):
         response.stream = READ  # the body is read: cut the response <-> stream cycle
         if response.status_code >= 300:
             raise self.status_error(response.status_code, response.text, response.headers)
+        raw = response.content
         try:
-            return orjson.loads(response.content)
+            return orjson.loads(raw), raw
         except orjson.JSONDecodeError:
             raise UpstreamError(
                 self.name, "unparseable JSON", body=self.redact(response.text)
@@ -344,9 +350,12 @@ def loads_line(provider: Provider, line: str) -> Any:
         raise provider.bad_shape("unparseable stream line", line) from None
 
 
-def check_vectors(provider: Provider, vectors: Any, expected: int) -> list[list[float]]:
+def check_vectors(
+    provider: Provider, vectors: Any, expected: int, raw: bytes = b"", key: str = ""
+) -> tuple[list[list[float]], list[bytes] | None]:
     """An upstream's embeddings, checked: one list of numbers per input, all one length.
-    Anything else is a 502 (a half answer must never reach the caller)."""
+    Anything else is a 502 (a half answer must never reach the caller). With the
+    answer's bytes (`raw`) and the vectors' key, also their own text (vector_texts)."""
     if not isinstance(vectors, list) or len(vectors) != expected:
         got = len(vectors) if isinstance(vectors, list) else "no"
         raise UpstreamError(provider.name, f"answered {got} vectors for {expected} inputs")
@@ -358,11 +367,55 @@ def check_vectors(provider: Provider, vectors: Any, expected: int) -> list[list[
             width = len(vector)
         elif len(vector) != width:
             raise UpstreamError(provider.name, "answered vectors of different lengths")
-        try:
-            sum(vector)  # C speed: a string, null, list or object raises TypeError
-        except TypeError:
-            raise UpstreamError(provider.name, "answered a vector with non-numbers") from None
-    return vectors
+    texts = vector_texts(raw, key, vectors) if raw else None
+    if texts is None:  # texts of numbers only need no second look
+        for vector in vectors:
+            try:
+                sum(vector)  # C speed: a string, null, list or object raises TypeError
+            except TypeError:
+                raise UpstreamError(provider.name, "answered a vector with non-numbers") from None
+    return vectors, texts
+
+
+# How every JSON value but a number starts: a vector's text holds none of them.
+NOT_A_NUMBER = (b'"', b"{", b"[", b"t", b"f", b"n")
+_AFTER_KEY = re.compile(rb"\s*:\s*(\[(\s*\[)?)?")
+_NEXT_VECTOR = re.compile(rb"\s*,\s*\[")
+
+
+def vector_texts(raw: bytes, key: str, vectors: list[list[Any]]) -> list[bytes] | None:
+    """Each checked vector's own text in the upstream's answer (`b"[0.1,-0.2]"`): the
+    value of every `"key"` in the document (`"embeddings": [[..],[..]]`, or one
+    `"embedding": [..]` per item), in document order. Sent on as it came, a vector's
+    floats need not be formatted again (most of an embedding answer's cost).
+
+    None, and the floats are sent instead, unless every text is certainly its vector:
+    every such key holds a list (of lists) of numbers only, and there are exactly as
+    many as `vectors`, so the keys are the vectors' own and no other. The answer has
+    parsed, so `"key"` then `:` is a key, never inside a string; and the search is
+    `bytes.find` (memchr speed) over `raw`, not a scan in Python."""
+    quoted = f'"{key}"'.encode()
+    texts: list[bytes] = []
+    at = raw.find(quoted)
+    while at >= 0:
+        at += len(quoted)
+        found = _AFTER_KEY.match(raw, at)
+        if found is not None:  # a key, not a string value
+            if found[1] is None:
+                return None  # its value is not a list (base64, say)
+            start = found.end()
+            while True:
+                end = raw.find(b"]", start)
+                if end < 0 or any(raw.find(c, start, end) >= 0 for c in NOT_A_NUMBER):
+                    return None
+                texts.append(raw[start - 1 : end + 1])  # with its brackets
+                more = _NEXT_VECTOR.match(raw, end + 1) if found[2] else None
+                if more is None:  # flat: one vector; nested: the list has ended
+                    break
+                start = more.end()
+            at = end
+        at = raw.find(quoted, at)
+    return texts if len(texts) == len(vectors) else None
 
 
 def as_int(value: Any) -> int:

@@ -62,12 +62,15 @@ def to_ollama_embed_body(inputs: list[str], model: str, dimensions: int | None) 
     return body
 
 
-def parse_ollama_embed(provider: Provider, data: Any, expected: int) -> EmbedResult:
-    """Read /api/embed's `embeddings` and `prompt_eval_count`."""
+def parse_ollama_embed(
+    provider: Provider, data: Any, expected: int, raw: bytes = b""
+) -> EmbedResult:
+    """Read /api/embed's `embeddings` and `prompt_eval_count` (`raw`: the answer's bytes,
+    for the vectors' own text)."""
     if not isinstance(data, dict):
         raise provider.bad_shape("unexpected response shape", data)
-    vectors = check_vectors(provider, data.get("embeddings"), expected)
-    return EmbedResult(vectors, as_int(data.get("prompt_eval_count")))
+    vectors, texts = check_vectors(provider, data.get("embeddings"), expected, raw, "embeddings")
+    return EmbedResult(vectors, as_int(data.get("prompt_eval_count")), texts)
 
 
 async def read_ndjson_stream(
@@ -132,8 +135,9 @@ class OllamaProvider(Provider):
     async def embed(
         self, inputs: list[str], model: str, dimensions: int | None, body: dict[str, Any]
     ) -> EmbedResult:
-        data = await self.post_json("/api/embed", to_ollama_embed_body(inputs, model, dimensions))
-        return parse_ollama_embed(self, data, len(inputs))
+        upstream = to_ollama_embed_body(inputs, model, dimensions)
+        data, raw = await self.post_for_json("/api/embed", upstream)
+        return parse_ollama_embed(self, data, len(inputs), raw)
 
 
 def ollama_tags(data: Any) -> list[str]:

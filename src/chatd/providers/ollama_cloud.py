@@ -103,5 +103,6 @@ class OllamaCloudProvider(Provider):
     async def embed(
         self, inputs: list[str], model: str, dimensions: int | None, body: dict[str, Any]
     ) -> EmbedResult:
-        data = await self.post_json("/api/embed", to_ollama_embed_body(inputs, model, dimensions))
-        return parse_ollama_embed(self, data, len(inputs))
+        upstream = to_ollama_embed_body(inputs, model, dimensions)
+        data, raw = await self.post_for_json("/api/embed", upstream)
+        return parse_ollama_embed(self, data, len(inputs), raw)

@@ -64,20 +64,24 @@ def to_openai_embed_body(body: dict[str, Any], inputs: list[str], model: str) ->
     return {**body, "model": model, "input": inputs, "encoding_format": "float"}
 
 
-def parse_openai_embed(provider: Provider, data: Any, expected: int) -> EmbedResult:
-    """Read `data[].embedding` in `index` order and `usage.prompt_tokens`. A vendor that
-    answers base64 although floats were asked for is decoded, not refused."""
+def parse_openai_embed(
+    provider: Provider, data: Any, expected: int, raw: bytes = b""
+) -> EmbedResult:
+    """Read `data[].embedding` in `index` order and `usage.prompt_tokens` (`raw`: the
+    answer's bytes, for the vectors' own text). A vendor that answers base64 although
+    floats were asked for is decoded, not refused."""
     items = data.get("data") if isinstance(data, dict) else None
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise provider.bad_shape("unexpected response shape", data)
+    embeddings = [as_vector(provider, item.get("embedding")) for item in items]
+    vectors, texts = check_vectors(provider, embeddings, expected, raw, "embedding")  # doc order
     indices = [item.get("index") for item in items]
     if sorted(i for i in indices if isinstance(i, int)) == list(range(len(items))):
-        items = sorted(items, key=lambda item: item["index"])
-    vectors = [as_vector(provider, item.get("embedding")) for item in items]
+        order = sorted(range(len(items)), key=indices.__getitem__)
+        vectors = [vectors[i] for i in order]
+        texts = [texts[i] for i in order] if texts is not None else None
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    return EmbedResult(
-        check_vectors(provider, vectors, expected), as_int(usage.get("prompt_tokens"))
-    )
+    return EmbedResult(vectors, as_int(usage.get("prompt_tokens")), texts)
 
 
 def as_vector(provider: Provider, embedding: Any) -> Any:
@@ -166,8 +170,9 @@ class OpenAIProvider(Provider):
     async def embed(
         self, inputs: list[str], model: str, dimensions: int | None, body: dict[str, Any]
     ) -> EmbedResult:
-        data = await self.post_json("/embeddings", to_openai_embed_body(body, inputs, model))
-        return parse_openai_embed(self, data, len(inputs))
+        upstream = to_openai_embed_body(body, inputs, model)
+        data, raw = await self.post_for_json("/embeddings", upstream)
+        return parse_openai_embed(self, data, len(inputs), raw)
 
     async def list_models(self) -> list[str]:
         data = await self.get_json(self.models_path)
