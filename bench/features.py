@@ -6,7 +6,12 @@ Every variant is a chatd process serving `/v1/chat` (ollama kind) from the same 
 nginx upstream as bench/run.py; wrk at c=32 visits them in turn, round after round, so
 a neighbour's noise lands on all of them alike. Printed: median req/s and its ratio to
 `bare` (the part-one configuration: no ledger, no dashboard), and writes
-bench/FEATURES.md.
+bench/FEATURES.md. With `--fresh`, every process is started anew each round: two
+processes of one configuration differ by up to 20% here for their whole life, so a
+variant measured in one process carries that luck into every round.
+
+bench/instructions.py counts the same variants' work in instructions, which this
+machine's noise does not reach.
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from load import Request, run_wrk, write_lua
 from run import (
@@ -83,6 +92,80 @@ def paired(values: list[float], base: list[float]) -> str:
     return f"{statistics.median(ratios):.3f} [{q1:.3f}, {q3:.3f}]"
 
 
+def start_upstream() -> int:
+    """The static nginx upstream of bench/run.py, on a free port; returns the port."""
+    up = free_port()
+    conf = OUT / "nginx.conf"
+    conf.write_text(nginx_config(OUT, up))
+    nginx = spawn("nginx", ["nginx", "-p", str(OUT), "-e", str(OUT / "nginx-error.log"),
+                            "-c", str(conf)])  # fmt: skip
+    wait_first_served(nginx, time.monotonic(), Request(up, "/api/chat", {}))
+    return up
+
+
+def select(found: dict[str, Any], only: str) -> dict[str, Any]:
+    """`--only`: the variants whose name holds one of the comma-separated words, and bare."""
+    words = [w.strip() for w in only.split(",") if w.strip()]
+    if not words:
+        return found
+    return {k: v for k, v in found.items() if k == "bare" or any(w in k for w in words)}
+
+
+def publish(lines: list[str], name: str, only: str) -> None:
+    """Print the table; write it to bench/<name> when every variant ran."""
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if not only:
+        (BENCH / name).write_text(text)
+
+
+def start_variants(
+    found: dict[str, tuple[str, dict[str, str]]],
+    baseline: str | None,
+    ports: dict[str, int] | None = None,
+) -> tuple[dict[str, Request], dict[str, subprocess.Popen]]:
+    """Start one chatd per variant (each with its own config and, when on, its own empty
+    ledger file), on `ports` when given (a restart: the same port, so the same wrk
+    script); return the requests that reach them and their processes."""
+    requests: dict[str, Request] = {}
+    procs: dict[str, subprocess.Popen] = {}
+    for i, (name, (toml, headers)) in enumerate(found.items()):
+        ledger = re.search(r'sqlite:///([^"]+)', toml)
+        if ledger:  # each start begins with an empty ledger
+            for stale in OUT.glob(ledger[1] + "*"):
+                stale.unlink()
+        gw = Gateway(f"features-{i}", port=ports[name] if ports else free_port())
+        path = OUT / f"features-{i}.toml"
+        path.write_text(toml)
+        temperature = 0.5 if name.startswith("cache on") else 0
+        body = {"model": "qwen3.5:latest", "messages": MSGS, "temperature": temperature}
+        req = Request(gw.port, "/v1/chat", body, headers)
+        argv = [str(CHATD), "--config", str(path), "--bind", f"127.0.0.1:{gw.port}",
+                "--log-level", "warning"]  # fmt: skip
+        env = {"BENCH_CALLER_TOKEN": CHATD_TOKEN}
+        if name == "baseline":
+            env["PYTHONPATH"] = str(baseline)
+            argv = [str(CHATD.parent / "python"), "-m", "chatd", *argv[1:]]
+        start_gateway(gw, argv, env, req)
+        if gw.na is None and gw.proc is not None:
+            requests[name] = req
+            procs[name] = gw.proc
+    return requests, procs
+
+
+def stop_all(procs: Iterable[subprocess.Popen]) -> None:
+    """SIGTERM each (its ledger rows land), then wait for all of them."""
+    procs = list(procs)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def in_process_costs() -> list[str]:
     """Microseconds of CPU that callers and the ledger add to one request, measured in
     this process (bench/costs.py): free of the machine's noise, to read beside the table."""
@@ -112,59 +195,49 @@ def main() -> int:
         help="comma-separated substrings: only the variants whose name holds one (and "
         "always bare); the table is printed, bench/FEATURES.md is left as it is",
     )
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start every variant's process anew each round (and warm it for 1 s): the "
+        "process-to-process spread then lands in the quartiles instead of biasing a row",
+    )
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     for stale in OUT.glob("features-*.sqlite3*"):
         stale.unlink()
-    up = free_port()
-    conf = OUT / "nginx.conf"
-    conf.write_text(nginx_config(OUT, up))
-    nginx = spawn("nginx", ["nginx", "-p", str(OUT), "-e", str(OUT / "nginx-error.log"),
-                            "-c", str(conf)])  # fmt: skip
-    wait_first_served(nginx, time.monotonic(), Request(up, "/api/chat", {}))
+    up = start_upstream()
     redis_port = None
     if shutil.which("redis-server"):
         redis_port = free_port()
         spawn("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                         "--save", "", "--appendonly", "no", "--dir", str(OUT)])  # fmt: skip
         time.sleep(0.5)
-    requests: dict[str, Request] = {}
-    pids: dict[str, int] = {}
-    found = variants(up, redis_port)
-    if args.only:
-        words = [w.strip() for w in args.only.split(",") if w.strip()]
-        found = {k: v for k, v in found.items() if k == "bare" or any(w in k for w in words)}
+    found = select(variants(up, redis_port), args.only)
     baseline = os.environ.get("BENCH_BASELINE_SRC")
     if baseline:
         found = {"baseline": (chatd_toml(up), {}), **found}  # it knows no part-two keys
-    for i, (name, (toml, headers)) in enumerate(found.items()):
-        gw = Gateway(f"features-{i}", port=free_port())
-        path = OUT / f"features-{i}.toml"
-        path.write_text(toml)
-        temperature = 0.5 if name.startswith("cache on") else 0
-        body = {"model": "qwen3.5:latest", "messages": MSGS, "temperature": temperature}
-        req = Request(gw.port, "/v1/chat", body, headers)
-        argv = [str(CHATD), "--config", str(path), "--bind", f"127.0.0.1:{gw.port}",
-                "--log-level", "warning"]  # fmt: skip
-        env = {"BENCH_CALLER_TOKEN": CHATD_TOKEN}
-        if name == "baseline":
-            env["PYTHONPATH"] = str(baseline)
-            argv = [str(CHATD.parent / "python"), "-m", "chatd", *argv[1:]]
-        start_gateway(gw, argv, env, req)
-        if gw.na is None and gw.proc is not None:
-            requests[name] = req
-            pids[name] = gw.proc.pid
+    requests, procs = start_variants(found, baseline)
     scripts = {name: write_lua(req, OUT / f"features-{i}.lua")
                for i, (name, req) in enumerate(requests.items())}  # fmt: skip
     rates: dict[str, list[float]] = {name: [] for name in requests}
     per_cpu: dict[str, list[float]] = {name: [] for name in requests}
     shuffle = random.Random(20261126)  # a fixed seed: the same visiting orders every run
     for n in range(args.rounds):
+        if args.fresh and n:
+            # New processes each round: a process's own luck (where its memory and its
+            # thread land) lasts its lifetime, so only new draws average it out.
+            stop_all(procs.values())
+            ports = {name: req.port for name, req in requests.items()}
+            procs = start_variants({k: found[k] for k in requests}, baseline, ports)[1]
+        if args.fresh:
+            for name in requests:  # warm every new process alike before measuring
+                run_wrk(requests[name], scripts[name], 32, 1)
         # A new order each round: no variant always runs first, or right after another.
         for name in shuffle.sample(list(requests), len(requests)):
-            before = cpu_seconds(pids[name])
+            pid = procs[name].pid
+            before = cpu_seconds(pid)
             result = run_wrk(requests[name], scripts[name], 32, args.secs)
-            used = cpu_seconds(pids[name]) - before
+            used = cpu_seconds(pid) - before
             rates[name].append(result.rps)
             per_cpu[name].append(result.rps * args.secs / used if used else 0.0)
             print(
@@ -198,10 +271,7 @@ def main() -> int:
             f"{statistics.median(per_cpu[name]):,.0f} | {paired(per_cpu[name], per_cpu['bare'])} |"
         )
     lines += ["", *in_process_costs()]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if not args.only:
-        (BENCH / "FEATURES.md").write_text(text)
+    publish(lines, "FEATURES.md", args.only)
     return 0
 
 
