@@ -1,6 +1,6 @@
 """What part two's features cost one request, counted in instructions: the deterministic
 twin of bench/features.py (`.venv/bin/python bench/instructions.py [--requests 600]`;
-needs nginx and valgrind, which `bash bench/run.sh` installs).
+needs nginx, which `bash bench/run.sh` installs, and valgrind: `apt-get install -y valgrind`).
 
 Throughput on this shared 2-core VM moves ±10–20% between two processes of one
 configuration, so req/s cannot settle a 10% or 15% claim. Instructions can: each variant
