@@ -66,6 +66,7 @@ def test_ollama_embed_answer_is_read() -> None:
         ([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], "answered 3 vectors for 2 inputs"),
         ([[0.1, 0.2], [0.3]], "different lengths"),
         ([[0.1, 0.2], ["x", 0.4]], "non-numbers"),
+        ([[0.1, 0.2], [[0.3], 0.4]], "non-numbers"),
         ([[0.1, 0.2], []], "not a vector"),
         (None, "answered no vectors for 2 inputs"),
     ],
@@ -124,6 +125,8 @@ def test_openai_embed_answer_in_base64_is_decoded() -> None:
         {"data": [{"index": 0, "embedding": [0.1]}, {"index": 1, "embedding": [0.1, 0.2]}]},
         {"data": "nope"},
         {"data": [{"index": 0, "embedding": "not base64!"}, {"index": 1, "embedding": [1.0]}]},
+        # a vector of lists, answered as if it were numbers: not flattened, refused
+        {"data": [{"index": 0, "embedding": [[0.5]]}, {"index": 1, "embedding": [[1.0]]}]},
         ["not", "an", "object"],
     ],
 )
@@ -176,8 +179,9 @@ def test_vector_texts_are_used_only_when_certainly_the_vectors() -> None:
 
     def texts(raw: bytes, key: str = "embeddings") -> list[bytes] | None:
         data = orjson.loads(raw)  # the vectors as parsed, as the providers pass them
-        vectors = data[key] if key == "embeddings" else [d[key] for d in data["data"]]
-        return vector_texts(raw, key, vectors)
+        if key == "embeddings":
+            return vector_texts(raw, key, data[key], nested=True)
+        return vector_texts(raw, key, [d[key] for d in data["data"]])
 
     assert texts(b'{"embeddings":[[1,2,3]]}') == [b"[1,2,3]"]
     assert texts(b'{"m":"embeddings","embeddings":[[1],[2]]}') == [b"[1]", b"[2]"]
@@ -185,6 +189,8 @@ def test_vector_texts_are_used_only_when_certainly_the_vectors() -> None:
     assert texts(b'{"embeddings":[[1,null]]}') is None
     assert texts(b'{"embeddings":[[1,2]],"x":{"embeddings":[3]}}') is None  # a second key
     assert texts(b'{"data":[{"embedding":"AAAAPw=="}]}', "embedding") is None  # base64
+    assert texts(b'{"data":[{"embedding":[[1]]}]}', "embedding") is None  # too deep
+    assert texts(b'{"embeddings":[[[1]]]}') is None
     assert texts(b'{"data":[{"embedding":[0.5]},{"embedding":[1]}]}', "embedding") == [
         b"[0.5]",
         b"[1]",

@@ -351,7 +351,12 @@ def loads_line(provider: Provider, line: str) -> Any:
 
 
 def check_vectors(
-    provider: Provider, vectors: Any, expected: int, raw: bytes = b"", key: str = ""
+    provider: Provider,
+    vectors: Any,
+    expected: int,
+    raw: bytes = b"",
+    key: str = "",
+    nested: bool = False,
 ) -> tuple[list[list[float]], list[bytes] | None]:
     """An upstream's embeddings, checked: one list of numbers per input, all one length.
     Anything else is a 502 (a half answer must never reach the caller). With the
@@ -367,7 +372,7 @@ def check_vectors(
             width = len(vector)
         elif len(vector) != width:
             raise UpstreamError(provider.name, "answered vectors of different lengths")
-    texts = vector_texts(raw, key, vectors) if raw else None
+    texts = vector_texts(raw, key, vectors, nested) if raw else None
     if texts is None:  # texts of numbers only need no second look
         for vector in vectors:
             try:
@@ -383,10 +388,12 @@ _AFTER_KEY = re.compile(rb"\s*:\s*(\[(\s*\[)?)?")
 _NEXT_VECTOR = re.compile(rb"\s*,\s*\[")
 
 
-def vector_texts(raw: bytes, key: str, vectors: list[list[Any]]) -> list[bytes] | None:
+def vector_texts(
+    raw: bytes, key: str, vectors: list[list[Any]], nested: bool = False
+) -> list[bytes] | None:
     """Each checked vector's own text in the upstream's answer (`b"[0.1,-0.2]"`): the
-    value of every `"key"` in the document (`"embeddings": [[..],[..]]`, or one
-    `"embedding": [..]` per item), in document order. Sent on as it came, a vector's
+    value of every `"key"` in the document (`nested`: `"embeddings": [[..],[..]]`, or
+    else one `"embedding": [..]` per item), in document order. Sent on as it came, a vector's
     floats need not be formatted again (most of an embedding answer's cost).
 
     None, and the floats are sent instead, unless every text is certainly its vector:
@@ -401,8 +408,8 @@ def vector_texts(raw: bytes, key: str, vectors: list[list[Any]]) -> list[bytes] 
         at += len(quoted)
         found = _AFTER_KEY.match(raw, at)
         if found is not None:  # a key, not a string value
-            if found[1] is None:
-                return None  # its value is not a list (base64, say)
+            if found[1] is None or (found[2] is not None) != nested:
+                return None  # its value is not a list (base64, say), or not as deep
             start = found.end()
             while True:
                 end = raw.find(b"]", start)

@@ -69,7 +69,8 @@ def parse_ollama_embed(
     for the vectors' own text)."""
     if not isinstance(data, dict):
         raise provider.bad_shape("unexpected response shape", data)
-    vectors, texts = check_vectors(provider, data.get("embeddings"), expected, raw, "embeddings")
+    embeddings = data.get("embeddings")
+    vectors, texts = check_vectors(provider, embeddings, expected, raw, "embeddings", nested=True)
     return EmbedResult(vectors, as_int(data.get("prompt_eval_count")), texts)
 
 
