@@ -249,7 +249,9 @@ def main() -> int:
         "# What part two's features cost on the hot path (bench/features.py)",
         "",
         f"- {datetime.now(UTC):%Y-%m-%d %H:%M UTC}, wrk c=32, {args.rounds} rounds of "
-        f"{args.secs} s, every variant once a round in a shuffled order, `/v1/chat` "
+        f"{args.secs} s, every variant once a round in a shuffled order"
+        + (", every process started anew each round (--fresh)" if args.fresh else "")
+        + ", `/v1/chat` "
         "(ollama kind) from a static nginx upstream",
         "- ÷ bare: each round's figure over bare's in the same round, then the median of "
         "those ratios over the rounds, [first quartile, third quartile]. Pairing within a "
