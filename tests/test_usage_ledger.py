@@ -138,6 +138,29 @@ def test_sqlite_ledger_is_a_wal_file(tmp_path: Path) -> None:
     ]
 
 
+def test_a_batch_past_one_statement_lands_whole_and_in_order(tmp_path: Path) -> None:
+    """SQLite takes a batch as `INSERT … VALUES (…), (…)` of up to CHUNK_ROWS rows each:
+    a longer batch is several statements, every row lands once, values intact."""
+    from chatd.usage.sqlite import CHUNK_ROWS
+
+    path = tmp_path / "ledger.sqlite3"
+    total = 2 * CHUNK_ROWS + 7
+    rows = [row(1_700_000_000 + i, f"c{i}", "hot", input_tokens=i) for i in range(total)]
+
+    async def write() -> None:
+        backend = open_backend(f"sqlite:///{path}")
+        await backend.write(rows)
+        await backend.aclose()
+
+    asyncio.run(write())
+    db = sqlite3.connect(path)
+    got = db.execute("SELECT time, caller, input_tokens, status FROM chatd_usage").fetchall()
+    assert len(got) == total
+    assert sorted(got, key=lambda r: r[2]) == [
+        (iso(1_700_000_000 + i), f"c{i}", i, 200) for i in range(total)
+    ]
+
+
 async def test_postgres_killed_mid_run_loses_no_row(pg: PostgresServer) -> None:
     await empty_postgres(pg.dsn)
     backend = open_backend(pg.dsn)
