@@ -20,11 +20,13 @@ import http.client
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from features import publish, select, start_upstream, variants
 from load import Request
@@ -41,7 +43,6 @@ from run import (
 )
 
 CONNECTIONS = 8
-RATE = [0.0]  # requests a second under callgrind, the last variant's
 WARMUP = 200
 START_TIMEOUT_S = 180.0  # chatd's imports run under valgrind's translator
 
@@ -79,6 +80,12 @@ def callgrind(pid: int, *args: str) -> str:
     ).stdout
 
 
+class Count(NamedTuple):
+    loop: float  # instructions per request on the event loop's thread
+    others: float  # ... on every other thread (the ledger's database thread)
+    rate: float  # requests a second while counted (callgrind runs ~30× slower)
+
+
 def count(
     name: str,
     toml: str,
@@ -87,9 +94,9 @@ def count(
     n: int,
     index: int,
     route: tuple[str, dict] | None = None,
-) -> tuple[float, float]:
-    """Instructions per request of one variant, (event-loop thread, other threads): warm
-    it, zero the counters, serve `n`, dump."""
+) -> Count:
+    """Instructions per request of one variant: warm it, zero the counters, serve `n`,
+    dump."""
     path = OUT / f"instructions-{index}.toml"
     path.write_text(toml)
     ledger = re.search(r'sqlite:///([^"]+)', toml)
@@ -122,7 +129,7 @@ def count(
     callgrind(proc.pid, "--zero")
     began = time.monotonic()
     served = drive(req, n)
-    RATE[0] = n / (time.monotonic() - began)
+    rate = n / (time.monotonic() - began)
     out = callgrind(proc.pid, "--dump")
     proc.terminate()
     proc.wait(60)
@@ -139,7 +146,7 @@ def count(
         threads[part.name != f"{dump.name}.1-01"] += int(match[1]) / n
     if not threads[0]:
         raise RuntimeError(f"{name}: no dump of the event-loop thread ({dump}.1-01)")
-    return threads[0], threads[1]
+    return Count(threads[0], threads[1], rate)
 
 
 def caller_only(toml: str) -> str:
@@ -171,12 +178,13 @@ def main() -> int:
     toml, headers = found["callers + limits + prices"]
     found["callers, no limits or prices (+ ledger + dashboard)"] = (caller_only(toml), headers)
     found = select(found, args.only)
-    per_request: dict[str, tuple[float, float]] = {}
+    per_request: dict[str, Count] = {}
     for index, (name, (toml, headers)) in enumerate(found.items()):
         per_request[name] = count(name, toml, headers, up, args.requests, index)
-        loop, others = per_request[name]
+        loop, others, _ = per_request[name]
         print(f"  {name}: {loop:,.0f} + {others:,.0f} instructions per request", flush=True)
-    bare = sum(per_request["bare"])
+    bare = per_request["bare"].loop + per_request["bare"].others
+    rate = statistics.median(c.rate for c in per_request.values())
     lines = [
         "# What part two's features cost, in instructions (bench/instructions.py)",
         "",
@@ -188,7 +196,7 @@ def main() -> int:
         "Deterministic to about 0.2% run to run (bare: 1,667,507–1,671,494 over five "
         "runs), where req/s here moves 10–20%",
         "- the writer's figure is pessimistic: it writes a batch every 0.5 s, and under "
-        f"callgrind chatd serves ~{RATE[0]:.0f} requests a second instead of ~1,000, so each "
+        f"callgrind chatd serves ~{rate:.0f} requests a second instead of ~1,000, so each "
         "batch's fixed cost (a transaction, a thread hand-off) is shared by that many fewer "
         "rows (bench/costs.py: ~15 µs a row in batches of 500)",
         "- throughput left: bare's instructions ÷ the variant's, the req/s a CPU-bound "
@@ -198,7 +206,7 @@ def main() -> int:
         "| chatd | event loop | other threads | total per request | ÷ bare | throughput left |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, (loop, others) in per_request.items():
+    for name, (loop, others, _) in per_request.items():
         total = loop + others
         lines.append(
             f"| {name} | {loop:,.0f} | {others:,.0f} | {total:,.0f} | {total / bare:.3f} "

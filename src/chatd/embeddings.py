@@ -135,14 +135,17 @@ async def send_batch(route: Route, inputs: list[str], job: EmbeddingsRequest) ->
     if len(inputs) <= size:
         return await provider.embed(inputs, route.model, job.dimensions, job.body)
     vectors: list[list[float]] = []
-    texts: list[bytes] | None = []
+    texts: list[bytes] | None = []  # the vectors' own text while every piece has it
     tokens = 0
     for start in range(0, len(inputs), size):
         piece = inputs[start : start + size]
         result = await provider.embed(piece, route.model, job.dimensions, job.body)
         vectors.extend(result.vectors)
         tokens += result.input_tokens
-        texts = texts + result.texts if texts is not None and result.texts else None
+        if texts is not None and result.texts is not None:
+            texts.extend(result.texts)
+        else:
+            texts = None
     return EmbedResult(vectors, tokens, texts)
 
 

@@ -33,7 +33,8 @@ ROW = f"({', '.join('?' * len(COLUMNS))})"
 
 @functools.lru_cache(maxsize=8)
 def insert(rows: int) -> str:
-    """`INSERT` of `rows` rows (the cache keeps the few sizes a writer uses)."""
+    """`INSERT` of `rows` rows. A batch is full chunks of CHUNK_ROWS (always cached) and
+    one shorter remainder, whose size changes from flush to flush."""
     return f"INSERT INTO chatd_usage ({', '.join(COLUMNS)}) VALUES {', '.join([ROW] * rows)}"
 
 
