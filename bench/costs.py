@@ -83,9 +83,9 @@ def measure() -> list[tuple[str, float]]:
     from starlette.requests import Request
 
     from chatd.config import load_settings
-    from chatd.operations import Operations
-    from chatd.registry import Registry
-    from chatd.usage.sqlite import parameters
+    from chatd.routing.registry import Registry
+    from chatd.state.usage.sqlite import parameters
+    from chatd.surfaces.operations import Operations
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "chatd.toml"

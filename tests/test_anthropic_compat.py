@@ -12,7 +12,9 @@ import httpx
 import httpx2
 import pytest
 
-from chatd.anthropic_compat import (
+from chatd.app import create_app
+from chatd.errors import ChatdError, InvalidRequest, PayloadTooLarge, UpstreamError
+from chatd.wire.anthropic_compat import (
     StreamTranslator,
     check_body,
     error_body,
@@ -21,8 +23,6 @@ from chatd.anthropic_compat import (
     to_message,
     to_openai,
 )
-from chatd.app import create_app
-from chatd.errors import ChatdError, InvalidRequest, PayloadTooLarge, UpstreamError
 from tests.support import make_settings
 
 USER = [{"role": "user", "content": "hi"}]
@@ -669,7 +669,7 @@ def test_the_route_is_documented_in_openapi() -> None:
 def test_inbound_auth_takes_a_token_from_either_header(
     headers: list[tuple[bytes, bytes]], allowed: bool
 ) -> None:
-    from chatd.auth import BearerAuth
+    from chatd.state.auth import BearerAuth
 
     refusal = BearerAuth(["tok-a"])({"path": "/v1/messages", "headers": headers})
     assert (refusal is None) is allowed

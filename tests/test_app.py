@@ -12,7 +12,7 @@ import respx
 
 from chatd.config import ProviderConfig
 from chatd.providers.mock import MockProvider
-from chatd.registry import Registry
+from chatd.routing.registry import Registry
 from chatd.types import ChatRequest, ChatResult
 from tests.support import make_settings
 

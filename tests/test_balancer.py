@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from chatd.balancer import Balancer, Endpoint
 from chatd.config import ConfigError, ProviderConfig, build_settings
-from chatd.dispatch import Dispatcher
 from chatd.errors import ProviderCoolingDown, ProviderOverloaded, UpstreamError
-from chatd.hedging import race
-from chatd.registry import Registry
+from chatd.routing.balancer import Balancer, Endpoint
+from chatd.routing.dispatch import Dispatcher
+from chatd.routing.hedging import race
+from chatd.routing.registry import Registry
 from chatd.types import ChatRequest, StreamEvent
 from tests.test_resilience import Scripted, ask, status, unreachable
 

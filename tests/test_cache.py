@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from chatd.cache import ResponseCache
 from chatd.config import CacheConfig
-from chatd.registry import Registry
-from chatd.shared import LocalState
+from chatd.routing.registry import Registry
+from chatd.state.cache import ResponseCache
+from chatd.state.shared import LocalState
 from tests.fakes.upstream import ANSWER, FakeUpstream
 from tests.support import make_settings
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from chatd.app import create_app
-from chatd.callers import Callers, MemoryStore, format_reset, period_bounds
 from chatd.config import ConfigError, Price, build_settings
 from chatd.providers.openai import parse_openai_response, upstream_cost
-from chatd.usage.prices import Prices
+from chatd.state.callers import Callers, MemoryStore, format_reset, period_bounds
+from chatd.state.usage.prices import Prices
 from tests.support import make_settings
 
 
@@ -187,7 +187,7 @@ async def test_a_flush_cancelled_mid_write_neither_loses_nor_repeats_rows() -> N
     """`/v1/usage` gives up on a slow flush (wait_for): the batch in flight must land once."""
     import asyncio
 
-    from chatd.usage.writer import UsageWriter
+    from chatd.state.usage.writer import UsageWriter
 
     class SlowBackend:  # like the SQLite one: the write runs on a thread, uncancellable
         def __init__(self) -> None:

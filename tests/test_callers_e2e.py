@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from chatd.callers import period_bounds
-from chatd.usage import COLUMNS
+from chatd.state.callers import period_bounds
+from chatd.state.usage import COLUMNS
 from tests.fakes.upstream import FakeUpstream
 from tests.support import ChatdProcess, provider_toml
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from chatd.config import ConfigError, build_settings, load_settings, resolve_key
-from chatd.registry import Registry
+from chatd.routing.registry import Registry
 from tests.support import REPO, clean_env, make_settings
 
 

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from chatd.cooldowns import SharedCooldowns, cooldown_key
 from chatd.errors import ProviderCoolingDown
-from chatd.resilience import Breaker
-from chatd.shared import LocalState
+from chatd.routing.resilience import Breaker
+from chatd.state.cooldowns import SharedCooldowns, cooldown_key
+from chatd.state.shared import LocalState
 
 
 async def test_a_trip_is_published_and_held_by_the_other_replica() -> None:

@@ -18,7 +18,7 @@ from chatd.errors import InvalidRequest, UpstreamError
 from chatd.providers.mock import mock_embedding
 from chatd.providers.ollama import parse_ollama_embed, to_ollama_embed_body
 from chatd.providers.openai import parse_openai_embed, to_openai_embed_body
-from chatd.registry import Registry
+from chatd.routing.registry import Registry
 from tests.support import make_settings
 
 OLLAMA = "http://ollama.test"

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from chatd.errors import InvalidRequest
-from chatd.openai_compat import check_body, chunks, to_ollama_chat
 from chatd.providers.ollama_cloud import generate_body_from_openai
 from chatd.types import StreamEvent
+from chatd.wire.openai_compat import check_body, chunks, to_ollama_chat
 
 USER = [{"role": "user", "content": "hi"}]
 

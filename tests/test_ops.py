@@ -12,11 +12,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatd.auth import BearerAuth, auth_tokens, check_auth_config
 from chatd.config import ConfigError
-from chatd.metrics import Metrics, ProviderStats
-from chatd.requestlog import JsonFormatter, TextFormatter, log_request, request_line
-from chatd.resilience import Breaker, Limiter
+from chatd.routing.resilience import Breaker, Limiter
+from chatd.state.auth import BearerAuth, auth_tokens, check_auth_config
+from chatd.telemetry.metrics import Metrics, ProviderStats
+from chatd.telemetry.requestlog import JsonFormatter, TextFormatter, log_request, request_line
 from tests.support import make_settings
 
 SECRET_CONTENT = "purple-walrus-content-8812"

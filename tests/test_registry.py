@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatd.errors import InvalidRequest, ProviderDisabled, ProviderNotFound
-from chatd.registry import Registry
+from chatd.routing.registry import Registry
 from tests.support import make_settings
 
 

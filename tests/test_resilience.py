@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from chatd.config import ProviderConfig
-from chatd.dispatch import Dispatcher
 from chatd.errors import (
     ChatdError,
     InvalidRequest,
@@ -22,8 +21,9 @@ from chatd.errors import (
     UpstreamTimeout,
 )
 from chatd.providers.base import Provider
-from chatd.registry import Registry
-from chatd.resilience import (
+from chatd.routing.dispatch import Dispatcher
+from chatd.routing.registry import Registry
+from chatd.routing.resilience import (
     Breaker,
     Limiter,
     backoff_delay,

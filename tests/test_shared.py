@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd.shared import BytesLRU, LocalState, RedisState, SharedState, describe_url
+from chatd.state.shared import BytesLRU, LocalState, RedisState, SharedState, describe_url
 from tests.redis_server import RedisServer
 
 

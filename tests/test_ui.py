@@ -257,7 +257,7 @@ async def test_ui_off_adds_no_routes_and_nothing_per_request(app_client: Any) ->
 def test_the_grafana_dashboard_is_valid_and_uses_chatds_metric_names() -> None:
     from prometheus_client import generate_latest
 
-    from chatd.metrics import Metrics
+    from chatd.telemetry.metrics import Metrics
 
     dashboard = json.loads((REPO / "grafana" / "chatd.json").read_text())
     assert dashboard["title"] == "chatd" and len(dashboard["panels"]) >= 5

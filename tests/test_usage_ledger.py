@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from chatd.usage import COLUMNS, open_backend
-from chatd.usage.report import iso
-from chatd.usage.writer import UsageWriter
+from chatd.state.usage import COLUMNS, open_backend
+from chatd.state.usage.report import iso
+from chatd.state.usage.writer import UsageWriter
 from tests.servers import PostgresServer
 
 DAY = 86_400.0
@@ -141,7 +141,7 @@ def test_sqlite_ledger_is_a_wal_file(tmp_path: Path) -> None:
 def test_a_batch_past_one_statement_lands_whole_and_in_order(tmp_path: Path) -> None:
     """SQLite takes a batch as `INSERT … VALUES (…), (…)` of up to CHUNK_ROWS rows each:
     a longer batch is several statements, every row lands once, values intact."""
-    from chatd.usage.sqlite import CHUNK_ROWS
+    from chatd.state.usage.sqlite import CHUNK_ROWS
 
     path = tmp_path / "ledger.sqlite3"
     total = 2 * CHUNK_ROWS + 7

@@ -11,33 +11,33 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from .anthropic_api import install_anthropic_routes
-from .chat_api import install_chat_routes
-from .config import Settings
-from .contract import (
-    Health,
-    ProviderListing,
-    error_responses,
-    install_openapi,
-    ok,
-)
-from .dispatch import Dispatcher
-from .embeddings import install_embeddings_routes
-from .errors import (
+from chatd.config import Settings
+from chatd.errors import (
     ChatdError,
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
 )
-from .openai_api import install_openai_routes
-from .operations import Operations
-from .registry import Registry
-from .replicas import replica_state
-from .ui import install_ui
-from .usage.spend import spend_report
-from .usage_api import install_usage_routes
-from .web import (
+from chatd.replicas import replica_state
+from chatd.routing.dispatch import Dispatcher
+from chatd.routing.registry import Registry
+from chatd.state.usage.spend import spend_report
+from chatd.surfaces.anthropic import install_anthropic_routes
+from chatd.surfaces.chat import install_chat_routes
+from chatd.surfaces.contract import (
+    Health,
+    ProviderListing,
+    error_responses,
+    install_openapi,
+    ok,
+)
+from chatd.surfaces.embeddings import install_embeddings_routes
+from chatd.surfaces.openai import install_openai_routes
+from chatd.surfaces.operations import Operations
+from chatd.surfaces.usage import install_usage_routes
+from chatd.ui import install_ui
+from chatd.web import (
     ClientGone,
     RequestContext,
     error_response,

@@ -15,11 +15,11 @@ import sys
 import tempfile
 from typing import Any
 
-from .auth import auth_tokens, check_auth_config
-from .callers import Callers
-from .config import ConfigError, Settings, load_settings, parse_bind, resolve_key
-from .requestlog import LOG_FORMATS, formatter
-from .shared import describe_url
+from chatd.config import ConfigError, Settings, load_settings, parse_bind, resolve_key
+from chatd.state.auth import auth_tokens, check_auth_config
+from chatd.state.callers import Callers
+from chatd.state.shared import describe_url
+from chatd.telemetry.requestlog import LOG_FORMATS, formatter
 
 CONFIG_ENV = "LAKEHOUSE_CONFIG"
 # How `--workers N` tells the worker processes what the command line said.
@@ -95,15 +95,23 @@ def print_usage(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
     import time
 
-    from .usage import open_backend
-    from .usage.report import iso, month_start, parse_group_by, parse_time, shape, table, totals
-    from .usage.writer import describe
+    from chatd.state.usage import open_backend
+    from chatd.state.usage.report import (
+        iso,
+        month_start,
+        parse_group_by,
+        parse_time,
+        shape,
+        table,
+        totals,
+    )
+    from chatd.state.usage.writer import describe
 
     if not settings.chatd.usage_db:
         print('chatd: the usage ledger is off (usage_db = "")', file=sys.stderr)
         return 2
     if settings.chatd.usage_db.startswith("sqlite://"):
-        from .usage.sqlite import sqlite_path
+        from chatd.state.usage.sqlite import sqlite_path
 
         if not os.path.exists(sqlite_path(settings.chatd.usage_db)):
             path = sqlite_path(settings.chatd.usage_db)
@@ -138,7 +146,7 @@ def print_usage(settings: Settings, args: argparse.Namespace) -> int:
 def serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
+    from chatd.app import create_app
 
     bind = args.bind or settings.chatd.bind
     host, port = parse_bind(bind)
@@ -187,7 +195,7 @@ def exit_zero_after_drain() -> None:
 
 def app_factory() -> Any:
     """Used by `--workers N`: every worker loads the settings itself."""
-    from .app import create_app
+    from chatd.app import create_app
 
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"), os.environ.get(LOG_FORMAT_ENV, "json"))
     app = create_app(load_settings())

@@ -4,14 +4,14 @@ response cache."""
 
 from __future__ import annotations
 
-from .cache import ResponseCache
-from .config import Settings
-from .cooldowns import SharedCooldowns, cooldown_key
-from .dispatch import Dispatcher
-from .operations import Operations
-from .registry import Registry
-from .resilience import Breaker
-from .shared import SharedState, build_state
+from chatd.config import Settings
+from chatd.routing.dispatch import Dispatcher
+from chatd.routing.registry import Registry
+from chatd.routing.resilience import Breaker
+from chatd.state.cache import ResponseCache
+from chatd.state.cooldowns import SharedCooldowns, cooldown_key
+from chatd.state.shared import SharedState, build_state
+from chatd.surfaces.operations import Operations
 
 
 def replica_state(

@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ChatdError, InternalError, InvalidRequest, PayloadTooLarge
+from chatd.errors import ChatdError, InternalError, InvalidRequest, PayloadTooLarge
 
 REQUEST_ID_HEADER = b"x-request-id"
 SAFE_REQUEST_ID = re.compile(rb"^[\x21-\x7e]{1,128}$")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .base import Attribution, Provider
-from .mock import MockProvider
-from .ollama import OllamaProvider
-from .ollama_cloud import OllamaCloudProvider
-from .openai import OpenAIProvider
+from chatd.providers.base import Attribution, Provider
+from chatd.providers.mock import MockProvider
+from chatd.providers.ollama import OllamaProvider
+from chatd.providers.ollama_cloud import OllamaCloudProvider
+from chatd.providers.openai import OpenAIProvider
 
 KINDS: dict[str, type[Provider]] = {
     "ollama": OllamaProvider,

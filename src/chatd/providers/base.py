@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from ..config import ProviderConfig
-from ..errors import InvalidRequest, UpstreamError, UpstreamTimeout
-from ..openai_compat import chunks, completion, to_chat_request, wants_usage
-from ..types import ChatRequest, ChatResult, EmbedResult, StreamEvent
+from chatd.config import ProviderConfig
+from chatd.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from chatd.types import ChatRequest, ChatResult, EmbedResult, StreamEvent
+from chatd.wire.openai_compat import chunks, completion, to_chat_request, wants_usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from ..types import ChatRequest, ChatResult, EmbedResult, StreamEvent
-from .base import Provider
+from chatd.providers.base import Provider
+from chatd.types import ChatRequest, ChatResult, EmbedResult, StreamEvent
 
 MOCK_DIMENSIONS = 8
 

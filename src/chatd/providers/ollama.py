@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..openai_compat import chunks, completion, to_ollama_chat, wants_usage
-from ..types import ChatRequest, ChatResult, EmbedResult, StreamEvent
-from .base import Provider, as_int, check_vectors, loads_line
+from chatd.providers.base import Provider, as_int, check_vectors, loads_line
+from chatd.types import ChatRequest, ChatResult, EmbedResult, StreamEvent
+from chatd.wire.openai_compat import chunks, completion, to_ollama_chat, wants_usage
 
 
 def ollama_options(request: ChatRequest) -> dict[str, Any]:

@@ -6,7 +6,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from ..openai_compat import (
+from chatd.providers.base import Provider
+from chatd.providers.ollama import (
+    ollama_options,
+    ollama_tags,
+    parse_ollama_embed,
+    parse_ollama_response,
+    read_ndjson_stream,
+    to_ollama_embed_body,
+)
+from chatd.types import ChatRequest, ChatResult, EmbedResult, Message, StreamEvent
+from chatd.wire.openai_compat import (
     as_messages,
     chunks,
     completion,
@@ -14,16 +24,6 @@ from ..openai_compat import (
     ollama_think,
     options_from_openai,
     wants_usage,
-)
-from ..types import ChatRequest, ChatResult, EmbedResult, Message, StreamEvent
-from .base import Provider
-from .ollama import (
-    ollama_options,
-    ollama_tags,
-    parse_ollama_embed,
-    parse_ollama_response,
-    read_ndjson_stream,
-    to_ollama_embed_body,
 )
 
 SPEAKERS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}

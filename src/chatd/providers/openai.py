@@ -10,8 +10,8 @@ from array import array
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..types import ChatRequest, ChatResult, EmbedResult, StreamEvent
-from .base import Provider, as_int, check_vectors, loads_line
+from chatd.providers.base import Provider, as_int, check_vectors, loads_line
+from chatd.types import ChatRequest, ChatResult, EmbedResult, StreamEvent
 
 
 def to_openai_body(request: ChatRequest, model: str, *, stream: bool = False) -> dict[str, Any]:

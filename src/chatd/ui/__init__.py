@@ -19,14 +19,14 @@ from importlib.resources import files
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from ..config import Settings
-from ..contract import DashboardAccess, DashboardOverview, error_responses, ok
-from ..dispatch import Dispatcher
-from ..errors import NotFound, Unauthorized
-from ..operations import Operations
-from ..web import error_response, json_response
-from .overview import overview
-from .series import Activity
+from chatd.config import Settings
+from chatd.errors import NotFound, Unauthorized
+from chatd.routing.dispatch import Dispatcher
+from chatd.surfaces.contract import DashboardAccess, DashboardOverview, error_responses, ok
+from chatd.surfaces.operations import Operations
+from chatd.ui.overview import overview
+from chatd.ui.series import Activity
+from chatd.web import error_response, json_response
 
 STATIC = {
     "app.js": "text/javascript; charset=utf-8",

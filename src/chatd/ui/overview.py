@@ -11,10 +11,10 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 
-from ..dispatch import Dispatcher
-from ..operations import Operations
-from ..resilience import Guard
-from .series import Activity
+from chatd.routing.dispatch import Dispatcher
+from chatd.routing.resilience import Guard
+from chatd.surfaces.operations import Operations
+from chatd.ui.series import Activity
 
 REFRESH_MS = 2000  # how often the page asks again
 OK = "ok"

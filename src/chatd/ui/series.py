@@ -17,9 +17,9 @@ from typing import Any
 
 from starlette.types import Scope
 
-from ..errors import NotFound
-from ..metrics import NO_PROVIDER
-from ..operations import CLIENT_GONE
+from chatd.errors import NotFound
+from chatd.surfaces.operations import CLIENT_GONE
+from chatd.telemetry.metrics import NO_PROVIDER
 
 WINDOW_SECS = 900  # 15 minutes of one-second slots
 ERRORS_KEPT = 50

@@ -1,0 +1,1 @@
+"""Choosing and calling a provider: the registry, the dispatcher, balancing, resilience."""

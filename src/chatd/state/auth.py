@@ -1,0 +1,85 @@
+"""Inbound auth (SPEC §9), off by default.
+
+When `[chatd] auth_tokens_env` names an environment variable holding comma-separated
+tokens, every `/v1/*` route — whoever adds it — wants `Authorization: Bearer <token>`
+(or `x-api-key: <token>`, as Anthropic's SDKs send it, SPEC §12);
+`/health`, `/ready` and `/metrics` stay open. The check runs in the request middleware,
+by path prefix, before any route.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping
+
+from starlette.types import Scope
+
+from chatd.config import ConfigError, Settings
+from chatd.errors import Unauthorized
+
+PROTECTED = "/v1"
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def auth_tokens(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str] | None:
+    """The accepted tokens; None when inbound auth is off."""
+    name = settings.chatd.auth_tokens_env
+    if not name:
+        return None
+    environ = os.environ if environ is None else environ
+    return [token.strip() for token in environ.get(name, "").split(",") if token.strip()]
+
+
+def check_auth_config(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Auth that is on but has no token would refuse every caller: refuse to start."""
+    if auth_tokens(settings, environ) == []:
+        raise ConfigError(
+            f"chatd.auth_tokens_env: ${settings.chatd.auth_tokens_env} is unset or empty "
+            "(it must hold comma-separated bearer tokens)"
+        )
+
+
+class BearerAuth:
+    """`authorize(scope)`: None to let the request through, else the 401 to answer."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self._tokens = [token.encode() for token in tokens]
+
+    def __call__(self, scope: Scope) -> Unauthorized | None:
+        path: str = scope["path"]
+        if not (path == PROTECTED or path.startswith(PROTECTED + "/")):
+            return None
+        header = api_key = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value
+            elif name == b"x-api-key":
+                api_key = value.strip()
+        if header is None and not api_key:
+            return Unauthorized(
+                "missing Authorization: Bearer <token> (or x-api-key: <token>)",
+                headers=dict(CHALLENGE),
+            )
+        tokens = [api_key] if api_key else []
+        if header is not None:
+            scheme, _, token = header.strip().partition(b" ")
+            token = token.strip()
+            if scheme.lower() == b"bearer" and token:
+                tokens.append(token)
+            elif not tokens:
+                return Unauthorized(
+                    "Authorization must be 'Bearer <token>'", headers=dict(CHALLENGE)
+                )
+        if not any(self.accepts(token) for token in tokens):
+            return Unauthorized("invalid token", headers=dict(CHALLENGE))
+        # SPEC §12: these tokens are the caller named "default" (no limits).
+        scope.setdefault("state", {}).setdefault("log", {})["caller"] = "default"
+        return None
+
+    def accepts(self, token: bytes) -> bool:
+        # Compare with every token, so the time taken says nothing about which one matched.
+        matched = False
+        for known in self._tokens:
+            matched |= hmac.compare_digest(known, token)
+        return matched

@@ -1,0 +1,477 @@
+"""Response cache and single flight (SPEC §13), off unless `[chatd.cache] enabled`.
+
+The routes ask the cache around their dispatcher call; the cache never calls a provider
+itself. Only requests with temperature 0 are cacheable (omitted counts as 0 on
+`/v1/chat`, not on `/v1/chat/completions`, where the model's default applies). The key
+hashes the resolved targets (provider, upstream model), the messages and every
+generation parameter — never the caller — so `hot` and the model it names share entries.
+
+Entries live in an in-process LRU bounded by bytes, or in Redis (`shared.SharedState`
+blobs) when `redis_url` is set. A stream and a non-streamed request for the same thing
+share one entry: a finished stream is stored as the whole answer and a hit on a stream
+replays it as one delta and the end.
+
+Single flight: identical cacheable requests in flight at once wait for the first one's
+answer, in this process (a shared task, cancelled only when every waiter has left) and,
+with Redis, across replicas (a `claim`ed lock; the others poll for the stored answer).
+Streams do not wait for each other: a follower would lose streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from chatd.config import CacheConfig
+from chatd.errors import ChatdError
+from chatd.routing.registry import Registry
+from chatd.state.shared import BytesLRU, SharedState
+from chatd.tasks import spawn
+from chatd.web import note, sse
+
+CACHE_HEADER = "X-Chatd-Cache"
+HIT, MISS, BYPASS = "hit", "miss", "bypass"
+POLL_SECS = 0.02  # a follower on another replica looks for the leader's answer this often
+
+
+@dataclass(slots=True)
+class Plan:
+    """What the cache does for one cacheable request: its key, and whether it may look
+    (not with `Cache-Control: no-cache` / `no-store`) and store (not with `no-store`)."""
+
+    key: str
+    read: bool
+    write: bool
+
+    def tag(self, error: ChatdError) -> ChatdError:
+        """An error answer to a cacheable request says what the cache did, too."""
+        error.headers[CACHE_HEADER] = MISS if self.write else BYPASS
+        return error
+
+
+class ResponseCache:
+    """Keys, storage (LRU or shared state), single flight and the cache metrics."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        registry: Registry,
+        *,
+        state: SharedState | None = None,
+        count: Callable[[str], None] | None = None,
+        size: Callable[[int], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.ttl = config.ttl_secs
+        self.state = state  # None: the in-process LRU below
+        self.lru = BytesLRU(config.max_bytes)
+        self.count = count or (lambda result: None)
+        self._size = size or (lambda nbytes: None)
+        # A leader's lock on another replica lasts as long as its slowest possible call.
+        self.lock_secs = max((p.timeout for p in registry.providers.values()), default=180.0)
+        self._flights: dict[str, Flight] = {}
+
+    # -- planning ---------------------------------------------------------------------
+
+    def plan(self, request: Request, namespace: str, model: str, params: Any) -> Plan | None:
+        """The cache's part in a cacheable request; None when no target resolves (the
+        dispatcher then answers its own 404/503)."""
+        key = self.key(namespace, model, params)
+        if key is None:
+            return None
+        directives = cache_directives(request.headers.get("cache-control"))
+        no_store = "no-store" in directives
+        return Plan(key, read=not no_store and "no-cache" not in directives, write=not no_store)
+
+    def key(self, namespace: str, model: str, params: Any) -> str | None:
+        targets = []
+        for target in self.registry.targets(model):
+            try:
+                route = self.registry.resolve(target)
+            except ChatdError:
+                continue
+            targets.append((route.provider.name, route.model))
+        if not targets:
+            return None
+        blob = orjson.dumps([namespace, targets, params], option=orjson.OPT_SORT_KEYS)
+        return namespace + ":" + hashlib.sha256(blob).hexdigest()
+
+    # -- storage ----------------------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        if self.state is None:
+            value = self.lru.get(key)
+            if value is None:
+                self._size(self.lru.bytes)  # an expired entry may just have gone
+            return value
+        return await self.state.get_blob("cache:" + key)
+
+    async def put(self, key: str, value: bytes) -> None:
+        if self.state is None:
+            self.lru.set(key, value, self.ttl)
+            self._size(self.lru.bytes)
+        else:
+            await self.state.set_blob("cache:" + key, value, self.ttl)
+
+    def put_later(self, key: str, value: bytes) -> None:
+        """Store off the answer's path (a finished stream)."""
+        spawn(self.put(key, value))
+
+    async def lookup(self, plan: Plan) -> bytes | None:
+        """A stored answer for a plan that may read; counts the hit (a miss is counted
+        by `counted`, once the request goes on)."""
+        if not plan.read:
+            return None
+        value = await self.get(plan.key)
+        if value is not None:
+            self.count(HIT)
+        return value
+
+    def counted(self, plan: Plan) -> str:
+        """Count and return the result of a request that goes to the upstream."""
+        result = MISS if plan.write else BYPASS
+        self.count(result)
+        return result
+
+    # -- single flight ----------------------------------------------------------------
+
+    async def fetch(self, plan: Plan, run: Callable[[], Awaitable[bytes]]) -> tuple[bytes, str]:
+        """The answer for `plan`: stored, another request's in flight, or `run()`'s
+        (stored when the plan may write). Returns (answer, "hit" | "miss" | "bypass")."""
+        try:
+            value, result = await self.get_or_run(plan.key, run, read=plan.read, write=plan.write)
+        except ChatdError as exc:
+            raise plan.tag(exc) from None
+        return value, result
+
+    async def get_or_run(
+        self,
+        key: str,
+        run: Callable[[], Awaitable[bytes]],
+        *,
+        read: bool = True,
+        write: bool = True,
+    ) -> tuple[bytes, str]:
+        """`key`'s stored bytes, else `run()`'s (stored), with single flight; for any
+        route (embeddings use it per input). Returns (bytes, "hit" | "miss" | "bypass")."""
+        if not read:
+            value = await run()
+            if write:
+                await self.put(key, value)
+            result = MISS if write else BYPASS
+            self.count(result)
+            return value, result
+        value = await self.get(key)
+        if value is not None:
+            self.count(HIT)
+            return value, HIT
+        flight = self._flights.get(key)
+        leader = flight is None
+        if flight is None:
+            flight = self._flights[key] = Flight(self._lead(key, run))
+            flight.task.add_done_callback(lambda _: self._flights.pop(key, None))
+        value, result = await flight.join()
+        result = result if leader else HIT
+        self.count(result)
+        return value, result
+
+    async def _lead(self, key: str, run: Callable[[], Awaitable[bytes]]) -> tuple[bytes, str]:
+        if self.state is None:
+            value = await run()
+            await self.put(key, value)
+            return value, MISS
+        lock = "flight:" + key
+        while not await self.state.claim(lock, self.lock_secs):
+            await asyncio.sleep(POLL_SECS)  # another replica is asking: wait for its answer
+            value = await self.get(key)
+            if value is not None:
+                return value, HIT
+        try:
+            value = await self.get(key)  # stored between our look and our claim?
+            if value is not None:
+                return value, HIT
+            value = await run()
+            await self.put(key, value)
+        finally:
+            await self.state.release(lock)
+        return value, MISS
+
+
+class Flight:
+    """One shared upstream call; its waiters come and go, the last one out cancels it."""
+
+    def __init__(self, work: Awaitable[tuple[bytes, str]]) -> None:
+        self.task: asyncio.Future[tuple[bytes, str]] = asyncio.ensure_future(work)
+        self.waiters = 0
+
+    async def join(self) -> tuple[bytes, str]:
+        self.waiters += 1
+        try:
+            return await asyncio.shield(self.task)
+        finally:
+            self.waiters -= 1
+            if not self.waiters and not self.task.done():
+                self.task.cancel()
+
+
+def cache_directives(value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    return frozenset(part.strip().lower() for part in value.split(","))
+
+
+def note_hit(request: Request, entry: dict[str, Any]) -> None:
+    """A cache hit for the log (and the ledger): who once answered, no upstream call, no
+    tokens spent (a hit costs the caller 0)."""
+    note(
+        request,
+        provider=entry["provider"],
+        upstream_model=entry["model"],
+        attempts=0,
+        input_tokens=0,
+        output_tokens=0,
+        cache=HIT,
+    )
+
+
+# -- /v1/chat entries ---------------------------------------------------------------------
+
+
+def chat_params(body: Any) -> dict[str, Any]:
+    """What makes two `/v1/chat` requests the same answer (model is in the key's targets)."""
+    return body.model_dump(exclude={"model", "stream"})
+
+
+def chat_entry(
+    provider: str,
+    model: str,
+    *,
+    content: str,
+    thinking: str | None,
+    input_tokens: int,
+    output_tokens: int,
+    finish_reason: str,
+) -> bytes:
+    """A `/v1/chat` answer as stored: what the JSON answer and a replayed stream need."""
+    return orjson.dumps(
+        {
+            "provider": provider,
+            "model": model,
+            "content": content,
+            "thinking": thinking,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "finish_reason": finish_reason,
+        }
+    )
+
+
+def served_chat_entry(served: Any) -> bytes:
+    """`chat_entry` of a dispatcher `Served[ChatResult]`."""
+    result = served.result
+    return chat_entry(
+        served.route.provider.name,
+        served.route.model,
+        content=result.content,
+        thinking=result.thinking,
+        input_tokens=result.input_tokens,
+        output_tokens=result.output_tokens,
+        finish_reason=result.finish_reason,
+    )
+
+
+async def replay_chat(entry: dict[str, Any], started: float) -> AsyncIterator[bytes]:
+    """A stored `/v1/chat` answer as SPEC §6 events: thinking, one delta, then done."""
+    if entry.get("thinking"):
+        yield sse({"thinking": entry["thinking"]})
+    ttft_ms = round((time.perf_counter() - started) * 1000)
+    yield sse({"delta": entry["content"]})
+    yield sse(
+        {
+            "done": True,
+            "model": entry["model"],
+            "provider": entry["provider"],
+            "input_tokens": entry["input_tokens"],
+            "output_tokens": entry["output_tokens"],
+            "finish_reason": entry["finish_reason"],
+            "latency_ms": round((time.perf_counter() - started) * 1000),
+            "ttft_ms": ttft_ms,
+        }
+    )
+
+
+class RecordedChatStream:
+    """The rest of a `/v1/chat` stream, passed through while the answer is gathered; a
+    stream that reaches `done` is stored."""
+
+    def __init__(self, cache: ResponseCache, key: str, opened: Any) -> None:
+        self.cache = cache
+        self.key = key
+        self.provider = opened.route.provider.name
+        self.model = opened.route.model
+        self.rest = opened.rest
+        self.content: list[str] = []
+        self.thinking: list[str] = []
+        self.see(opened.first)
+
+    def __aiter__(self) -> RecordedChatStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        event = await anext(self.rest)
+        self.see(event)
+        return event
+
+    def see(self, event: Any) -> None:
+        if event.done:
+            entry = chat_entry(
+                self.provider,
+                self.model,
+                content="".join(self.content),
+                thinking="".join(self.thinking) or None,
+                input_tokens=event.input_tokens,
+                output_tokens=event.output_tokens,
+                finish_reason=event.finish_reason,
+            )
+            self.cache.put_later(self.key, entry)
+            return
+        if event.delta:
+            self.content.append(event.delta)
+        if event.thinking:
+            self.thinking.append(event.thinking)
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# -- /v1/chat/completions entries ---------------------------------------------------------
+
+NOT_GENERATION = ("model", "stream", "stream_options", "user")
+
+
+def completion_params(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The key's parameters of a cacheable completions request (explicit temperature 0),
+    or None when it is not cacheable."""
+    temperature = body.get("temperature")
+    if isinstance(temperature, bool) or temperature != 0:
+        return None
+    return {k: v for k, v in body.items() if k not in NOT_GENERATION}
+
+
+def completion_entry(provider: str, model: str, completion: dict[str, Any]) -> bytes:
+    return orjson.dumps({"provider": provider, "model": model, "body": completion})
+
+
+def replay_completion(entry: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """A stored `chat.completion` as `chat.completion.chunk`s (before `[DONE]`)."""
+    body = entry["body"]
+    base = {
+        "id": body.get("id", "chatcmpl-cached"),
+        "object": "chat.completion.chunk",
+        "created": body.get("created", int(time.time())),
+        "model": body.get("model", entry["model"]),
+    }
+    chunks = []
+    for choice in body.get("choices") or ():
+        message = dict(choice.get("message") or {})
+        delta = {k: v for k, v in message.items() if v is not None}
+        if "tool_calls" in delta:
+            delta["tool_calls"] = [
+                {"index": i, **call} for i, call in enumerate(delta["tool_calls"])
+            ]
+        index = choice.get("index", 0)
+        chunks.append({**base, "choices": [{"index": index, "delta": delta}]})
+        chunks.append(
+            {
+                **base,
+                "choices": [
+                    {"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}
+                ],
+            }
+        )
+    if include_usage and body.get("usage") is not None:
+        chunks.append({**base, "choices": [], "usage": body["usage"]})
+    return chunks
+
+
+class RecordedCompletionStream:
+    """The rest of a completions stream, passed through while the answer is gathered into
+    a `chat.completion`; stored when the stream ends with a finish reason. Streams with
+    tool-call deltas or several choices are passed through and not stored."""
+
+    def __init__(self, cache: ResponseCache, key: str, opened: Any) -> None:
+        self.cache = cache
+        self.key = key
+        self.provider = opened.route.provider.name
+        self.model = opened.route.model
+        self.rest = opened.rest
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.finish: str | None = None
+        self.usage: Any = None
+        self.head: dict[str, Any] = {}
+        self.storable = True
+        self.see(opened.first)
+
+    def __aiter__(self) -> RecordedCompletionStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            chunk = await anext(self.rest)
+        except StopAsyncIteration:
+            self.store()
+            raise
+        self.see(chunk)
+        return chunk
+
+    def see(self, chunk: Any) -> None:
+        if not isinstance(chunk, dict):
+            self.storable = False
+            return
+        if not self.head:
+            self.head = {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
+        if chunk.get("usage") is not None:
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if choice.get("index", 0) != 0 or delta.get("tool_calls"):
+                self.storable = False
+            if delta.get("content"):
+                self.content.append(delta["content"])
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning:
+                self.reasoning.append(reasoning)
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+
+    def store(self) -> None:
+        if not self.storable or self.finish is None:
+            return
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        completion = {
+            "id": self.head.get("id", "chatcmpl-cached"),
+            "object": "chat.completion",
+            "created": self.head.get("created", int(time.time())),
+            "model": self.head.get("model", self.model),
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish}],
+        }
+        if self.usage is not None:
+            completion["usage"] = self.usage
+        self.cache.put_later(self.key, completion_entry(self.provider, self.model, completion))
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.rest, "aclose", None)
+        if aclose is not None:
+            await aclose()

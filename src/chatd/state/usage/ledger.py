@@ -1,0 +1,79 @@
+"""The ledger as the app sees it: a row per finished request (from its facts), the
+writer that takes it away, and the spend read back at start."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from starlette.types import Scope
+
+from chatd.state.usage import open_backend
+from chatd.state.usage.writer import UsageWriter, describe
+from chatd.telemetry.requestlog import clip
+
+log = logging.getLogger("chatd")
+
+LEDGER_STATUSES = frozenset({401, 403, 429})  # refusals get a row even without a model
+
+
+class Ledger:
+    def __init__(self, url: str, buffer_rows: int, on_drop: Any = lambda: None) -> None:
+        self.backend = open_backend(url)
+        self.writer = UsageWriter(self.backend, buffer_rows, on_drop)
+
+    async def start(self, callers: Any = None) -> None:
+        """Create the schema, start the writer, and give callers back their spend."""
+        try:
+            await self.backend.open()
+            if callers is not None:
+                periods = {name: s.timestamp() for name, s in callers.budget_periods().items()}
+                if periods:
+                    await callers.load_spend(await self.backend.spend_since(periods))
+        except Exception as exc:
+            log.warning(
+                "usage ledger: database unreachable at start (%s); rows will wait in memory, "
+                "and spend this period starts from 0",
+                describe(exc),
+            )
+        self.writer.start()
+
+    def record(
+        self,
+        scope: Scope,
+        facts: dict[str, Any],
+        status: int,
+        seconds: float,
+        cost: float,
+        source: str,
+    ) -> None:
+        """Enqueue the request's row when it reached the dispatcher or was refused."""
+        if facts.get("model") is None and status not in LEDGER_STATUSES:
+            return
+        state = scope.get("state") or {}
+        self.writer.enqueue(
+            (
+                time.time() - seconds,
+                state.get("request_id"),
+                facts.get("caller"),
+                scope.get("path"),
+                clip(facts.get("model")),
+                facts.get("provider"),
+                facts.get("endpoint"),
+                clip(facts.get("upstream_model")),
+                status,
+                facts.get("error"),
+                facts.get("input_tokens"),
+                facts.get("output_tokens"),
+                cost,
+                source,
+                round(seconds * 1000, 1),
+                facts.get("ttft_ms"),
+                facts.get("attempts"),
+                facts.get("cache"),
+            )
+        )
+
+    async def aclose(self, grace_secs: float) -> None:
+        await self.writer.aclose(grace_secs)

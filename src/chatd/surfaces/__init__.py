@@ -1,0 +1,1 @@
+"""HTTP in: each route chatd serves, and the OpenAPI contract it publishes (docs/design.md)."""

@@ -1,0 +1,147 @@
+"""The Anthropic Messages surface (SPEC §14): `POST /v1/messages`.
+
+The request is checked and translated into an OpenAI-shaped Chat Completions body
+(`anthropic_compat.py`), so every provider kind serves it the way it serves SPEC §7, under
+the dispatcher's routing, retries, fallbacks, limits and deadline. The answer (or its
+chunks) is translated back into an Anthropic message (or Anthropic stream events).
+Errors on this path take Anthropic's shape, with §3's statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response, StreamingResponse
+
+from chatd.config import Settings
+from chatd.errors import ChatdError, InternalError, UpstreamError
+from chatd.routing.dispatch import Dispatcher, OpenStream
+from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
+from chatd.surfaces.contract import (
+    MESSAGES_PARAMETERS,
+    MODEL_CALL,
+    anthropic_error_responses,
+    anthropic_ok,
+    json_body,
+)
+from chatd.surfaces.openai import loads_body, served_headers
+from chatd.web import SSE_HEADERS, json_response, note, note_served, read_body, until_disconnect
+from chatd.wire.anthropic_compat import (
+    StreamTranslator,
+    check_body,
+    error_body,
+    sse_event,
+    to_message,
+)
+from chatd.wire.anthropic_compat import to_openai as to_openai_body
+
+log = logging.getLogger("chatd")
+
+PATH = "/v1/messages"
+DESCRIPTION = (
+    "The Anthropic Messages API (SPEC §14), for Anthropic SDKs and the tools built on them, "
+    "served by any provider. A caller token (when inbound auth is on) may come as "
+    "`x-api-key: <token>` as well as `Authorization: Bearer <token>`. Errors take "
+    "Anthropic's shape (`AnthropicError`) with §3's statuses."
+)
+
+
+def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Settings) -> None:
+    """Add `POST /v1/messages`; errors under its path answer in Anthropic's shape."""
+    max_body = settings.chatd.max_body_bytes
+    shapes = getattr(app.state, "error_shapes", None) or {}
+    app.state.error_shapes = {**shapes, PATH: error_body}
+
+    @app.post(
+        PATH,
+        operation_id="createMessage",
+        summary="Anthropic Messages",
+        description=DESCRIPTION,
+        openapi_extra={**json_body("MessagesRequest"), "parameters": MESSAGES_PARAMETERS},
+        responses={**anthropic_ok(), **anthropic_error_responses(*MODEL_CALL)},
+    )
+    async def messages(request: Request) -> Response:
+        started = time.perf_counter()
+        body = check_body(loads_body(await read_body(request, max_body)))
+        model: str = body["model"]
+        note(request, model=model)
+        stream = bool(body.get("stream"))
+        upstream = to_openai_body(body, stream=stream)  # every block checked before admission
+        admit = request.app.state.admit  # callers (SPEC §12), when configured
+        if admit is not None:
+            await admit(request, model)
+        stops = body.get("stop_sequences")
+        budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        if stream:
+            opened = await until_disconnect(
+                request,
+                dispatcher.open(
+                    model,
+                    lambda route: route.provider.complete_stream(upstream, route.model),
+                    budget,
+                ),
+            )
+            note_served(request, opened)
+            return StreamingResponse(
+                message_events(request, opened, started, stops),
+                media_type="text/event-stream",
+                headers={**SSE_HEADERS, **served_headers(opened)},
+            )
+        served = await until_disconnect(
+            request,
+            dispatcher.call(
+                model, lambda route: route.provider.complete(upstream, route.model), budget
+            ),
+        )
+        note_served(request, served)
+        try:
+            answer = to_message(served.result, served.route.model, stops)
+        except ValueError as exc:
+            raise UpstreamError(served.route.provider.name, str(exc)) from None
+        note(request, **answer["usage"])
+        return json_response(answer, headers=served_headers(served))
+
+
+async def message_events(
+    request: Request,
+    opened: OpenStream[dict[str, Any]],
+    started: float,
+    stop_sequences: list[str] | None,
+) -> AsyncIterator[bytes]:
+    """Anthropic stream events as the chunks come; an `error` event if the stream fails."""
+    translator = StreamTranslator(opened.route.model, stop_sequences)
+    chunk: dict[str, Any] | None = opened.first
+    try:
+        for event in translator.start():
+            yield sse_event(event)
+        while chunk is not None:
+            timed = translator.has_text
+            for event in translator.feed(chunk):
+                yield sse_event(event)
+            if not timed and translator.has_text:
+                note(request, ttft_ms=round((time.perf_counter() - started) * 1000))
+            chunk = await anext(opened.rest, None)
+        note(
+            request,
+            input_tokens=translator.input_tokens,
+            output_tokens=translator.output_tokens,
+        )
+        for event in translator.finish_events():
+            yield sse_event(event)
+    except asyncio.CancelledError:  # the caller went away: Starlette cancels the stream
+        note(request, error="client_gone")
+        raise
+    except ChatdError as exc:
+        note(request, error=exc.type)
+        yield sse_event(("error", error_body(exc)))
+    except Exception:
+        log.exception("stream from %s failed", opened.route.provider.name)
+        note(request, error=InternalError.type)
+        yield sse_event(("error", error_body(InternalError("internal error during stream"))))
+    finally:
+        await opened.aclose()

@@ -1,0 +1,1 @@
+"""Wire-format checks and translations that both the surfaces and the providers use."""
