@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from load import Request, run_wrk, write_lua
+from load import VARY, Request, run_wrk, write_lua
 from run import (
     BENCH,
     CHATD,
@@ -48,6 +48,9 @@ from run import (
 )
 
 MOCK = '[chatd.providers.mock]\nkind = "mock"\n\n'
+CACHE_ON = "[chatd.cache]\nenabled = true\n\n"
+# Every limit, the ledger, Redis and the cache, each request a new question (a miss).
+FULL = "full gateway (callers + limits + ledger + Redis + cache on, all misses)"
 OFF = 'ui = false\nusage_db = ""\n'
 
 
@@ -66,13 +69,21 @@ def variants(up: int, redis_port: int | None) -> dict[str, tuple[str, dict[str, 
         "as shipped (ledger + dashboard)": (chatd_toml(up, chatd_extra=ledger("b")), {}),
         "callers + limits + prices": (chatd_toml(up, callers=True, chatd_extra=ledger("c")), auth),
         "cache on, a miss each time (temperature 0.5)": (
-            chatd_toml(up, chatd_extra=OFF, tables="[chatd.cache]\nenabled = true\n\n" + MOCK),
+            chatd_toml(up, chatd_extra=OFF, tables=CACHE_ON + MOCK),
             {},
         ),
     }
     if redis_port is not None:
         url = f'redis_url = "redis://127.0.0.1:{redis_port}/0"\n'
         found["redis_url set (no cache, no callers)"] = (chatd_toml(up, chatd_extra=OFF + url), {})
+        found["callers + limits + Redis"] = (
+            chatd_toml(up, callers=True, chatd_extra=ledger("d") + url),
+            auth,
+        )
+        found[FULL] = (
+            chatd_toml(up, callers=True, chatd_extra=ledger("e") + url, tables=CACHE_ON),
+            auth,
+        )
     found["bare, again (a second process, same config: the noise floor)"] = found["bare"]
     return found
 
@@ -90,6 +101,28 @@ def paired(values: list[float], base: list[float]) -> str:
         return "n/a"
     q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
     return f"{statistics.median(ratios):.3f} [{q1:.3f}, {q3:.3f}]"
+
+
+def chat_request(name: str, port: int, headers: dict[str, str]) -> Request:
+    """The `/v1/chat` request a variant serves: temperature 0.5 for "cache on" (not
+    cacheable), a new question each time for the full gateway (a miss), else the same."""
+    temperature = 0.5 if name.startswith("cache on") else 0
+    messages = MSGS
+    if name == FULL:
+        messages = [{"role": "user", "content": f"hi {VARY}"}]
+    body = {"model": "qwen3.5:latest", "messages": messages, "temperature": temperature}
+    return Request(port, "/v1/chat", body, headers, vary=name == FULL)
+
+
+def start_redis() -> int | None:
+    """A throwaway redis-server on a free port (None when not installed)."""
+    if not shutil.which("redis-server"):
+        return None
+    port = free_port()
+    spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                    "--save", "", "--appendonly", "no", "--dir", str(OUT)])  # fmt: skip
+    time.sleep(0.5)
+    return port
 
 
 def start_upstream() -> int:
@@ -137,9 +170,7 @@ def start_variants(
         gw = Gateway(f"features-{i}", port=ports[name] if ports else free_port())
         path = OUT / f"features-{i}.toml"
         path.write_text(toml)
-        temperature = 0.5 if name.startswith("cache on") else 0
-        body = {"model": "qwen3.5:latest", "messages": MSGS, "temperature": temperature}
-        req = Request(gw.port, "/v1/chat", body, headers)
+        req = chat_request(name, gw.port, headers)
         argv = [str(CHATD), "--config", str(path), "--bind", f"127.0.0.1:{gw.port}",
                 "--log-level", "warning"]  # fmt: skip
         env = {"BENCH_CALLER_TOKEN": CHATD_TOKEN}
@@ -206,12 +237,7 @@ def main() -> int:
     for stale in OUT.glob("features-*.sqlite3*"):
         stale.unlink()
     up = start_upstream()
-    redis_port = None
-    if shutil.which("redis-server"):
-        redis_port = free_port()
-        spawn("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                        "--save", "", "--appendonly", "no", "--dir", str(OUT)])  # fmt: skip
-        time.sleep(0.5)
+    redis_port = start_redis()
     found = select(variants(up, redis_port), args.only)
     baseline = os.environ.get("BENCH_BASELINE_SRC")
     if baseline:

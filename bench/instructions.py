@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import re
 import shutil
 import statistics
@@ -25,15 +24,15 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import NamedTuple
 
-from features import publish, select, start_upstream, variants
+from features import chat_request, publish, select, start_redis, start_upstream, variants
 from load import Request
 from run import (
     CHATD,
     CHATD_TOKEN,
-    MSGS,
     OAI_KEY,
     OUT,
     cleanup,
@@ -49,14 +48,14 @@ START_TIMEOUT_S = 180.0  # chatd's imports run under valgrind's translator
 
 def drive(req: Request, total: int) -> int:
     """`total` requests over CONNECTIONS keep-alive connections; returns the 2xx count."""
-    body = json.dumps(req.body)
     headers = {"Content-Type": "application/json", **req.headers}
     ok = [0] * CONNECTIONS
+    run = uuid.uuid4().hex[:8]  # a varied body never repeats across runs (a shared cache)
 
     def worker(slot: int, count: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", req.port, timeout=60)
-        for _ in range(count):
-            conn.request("POST", req.path, body, headers)
+        for i in range(count):
+            conn.request("POST", req.path, req.body_for(f"{run}-{slot}-{i}"), headers)
             response = conn.getresponse()
             response.read()
             ok[slot] += 200 <= response.status < 300
@@ -113,10 +112,9 @@ def count(
     ]  # fmt: skip
     env = {"BENCH_CALLER_TOKEN": CHATD_TOKEN, "BENCH_OAI_KEY": OAI_KEY, "PYTHONHASHSEED": "0"}
     proc = spawn(f"instructions-{index}", argv, env)
-    temperature = 0.5 if name.startswith("cache on") else 0
-    path, body = route or ("/v1/chat", {"model": "qwen3.5:latest", "messages": MSGS,
-                                        "temperature": temperature})  # fmt: skip
-    req = Request(port, path, body, headers)
+    req = chat_request(name, port, headers)
+    if route is not None:
+        req = Request(port, route[0], route[1], headers)
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:  # wait_first_served's own timeout is for native speed
         try:
@@ -171,7 +169,7 @@ def main() -> int:
     for stale in OUT.glob("instructions-*"):
         stale.unlink()
     up = start_upstream()
-    found = variants(up, None)
+    found = variants(up, start_redis())
     found.pop("bare, again (a second process, same config: the noise floor)")
     # One more row, to part the callers' own cost from their limits': a caller with a
     # token and nothing else (no rpm, tpm, budget or prices).

@@ -15,12 +15,18 @@ from pathlib import Path
 
 @dataclass
 class Request:
-    """One HTTP request to replay: the same body every time."""
+    """One HTTP request to replay: the same body every time, unless `vary` (then every
+    `@N@` in the body becomes a token no other request has: a cache miss each time)."""
 
     port: int
     path: str
     body: dict
     headers: dict[str, str] = field(default_factory=dict)
+    vary: bool = False
+
+    def body_for(self, n: int | str) -> str:
+        body = json.dumps(self.body, separators=(",", ":"))
+        return body.replace(VARY, str(n)) if self.vary else body
 
     @property
     def url(self) -> str:
@@ -51,6 +57,7 @@ wrk.method = "POST"
 wrk.body = [==[{body}]==]
 wrk.headers["Content-Type"] = "application/json"
 {headers}
+{vary}
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -58,6 +65,26 @@ done = function(summary, latency, requests)
     '"status_errors":%d,"socket_errors":%d}}\\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
     e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+VARY = "@N@"
+# A per-request body for `Request.vary`: each wrk thread its own id, a random start and a
+# counter, so no body repeats across threads, rounds or processes.
+LUA_VARY = """local id, counter = 0, 0
+setup = function(thread)
+  thread:set("id", id)
+  id = id + 1
+end
+init = function(args)
+  math.randomseed(os.time() + id)
+  counter = math.random(1, 1000000000)
+end
+request = function()
+  counter = counter + 1
+  local body = string.gsub(wrk.body, "@N@", id .. "-" .. counter)
+  return wrk.format(nil, nil, nil, body)
 end
 """
 
@@ -77,7 +104,8 @@ class WrkResult:
 def write_lua(req: Request, path: Path) -> Path:
     headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in req.headers.items())
     body = json.dumps(req.body, separators=(",", ":"))
-    path.write_text(LUA.format(body=body, headers=headers))
+    vary = LUA_VARY if req.vary else ""
+    path.write_text(LUA.format(body=body, headers=headers, vary=vary))
     return path
 
 
