@@ -13,7 +13,7 @@ import pytest
 from chatd.config import CacheConfig
 from chatd.routing.registry import Registry
 from chatd.state.cache import ResponseCache
-from chatd.state.shared import LocalState
+from chatd.state.shared_local import LocalState
 from tests.fakes.upstream import ANSWER, FakeUpstream
 from tests.support import make_settings
 

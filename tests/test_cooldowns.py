@@ -9,7 +9,7 @@ import pytest
 from chatd.errors import ProviderCoolingDown
 from chatd.routing.resilience import Breaker
 from chatd.state.cooldowns import SharedCooldowns, cooldown_key
-from chatd.state.shared import LocalState
+from chatd.state.shared_local import LocalState
 
 
 async def test_a_trip_is_published_and_held_by_the_other_replica() -> None:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from chatd.state.shared import BytesLRU, LocalState, RedisState, SharedState, describe_url
+from chatd.state.shared import SharedState
+from chatd.state.shared_local import BytesLRU, LocalState
+from chatd.state.shared_redis import RedisState, describe_url
 from tests.redis_server import RedisServer
 
 

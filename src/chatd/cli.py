@@ -18,7 +18,7 @@ from typing import Any
 from chatd.config import ConfigError, Settings, load_settings, parse_bind, resolve_key
 from chatd.state.auth import auth_tokens, check_auth_config
 from chatd.state.callers import Callers
-from chatd.state.shared import describe_url
+from chatd.state.shared_redis import describe_url
 from chatd.telemetry.requestlog import LOG_FORMATS, formatter
 
 CONFIG_ENV = "LAKEHOUSE_CONFIG"

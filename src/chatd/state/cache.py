@@ -32,7 +32,8 @@ from starlette.requests import Request
 from chatd.config import CacheConfig
 from chatd.errors import ChatdError
 from chatd.routing.registry import Registry
-from chatd.state.shared import BytesLRU, SharedState
+from chatd.state.shared import SharedState
+from chatd.state.shared_local import BytesLRU
 from chatd.tasks import spawn
 from chatd.web import note, sse
 
