@@ -169,10 +169,11 @@ class ResponseCache:
             result = MISS if write else BYPASS
             self.count(result)
             return value, result
-        value = await self.get(key)
-        if value is not None:
-            self.count(HIT)
-            return value, HIT
+        if self.state is None:  # shared: the flight's leader looks and claims in one call
+            value = await self.get(key)
+            if value is not None:
+                self.count(HIT)
+                return value, HIT
         flight = self._flights.get(key)
         leader = flight is None
         if flight is None:
@@ -189,19 +190,21 @@ class ResponseCache:
             await self.put(key, value)
             return value, MISS
         lock = "flight:" + key
-        while not await self.state.claim(lock, self.lock_secs):
+        while True:  # one round trip: the stored answer, or the lock to go and get it
+            stored, claimed = await self.state.get_or_claim("cache:" + key, lock, self.lock_secs)
+            if stored is not None:
+                return stored, HIT
+            if claimed:
+                break
             await asyncio.sleep(POLL_SECS)  # another replica is asking: wait for its answer
-            value = await self.get(key)
-            if value is not None:
-                return value, HIT
         try:
-            value = await self.get(key)  # stored between our look and our claim?
-            if value is not None:
-                return value, HIT
             value = await run()
-            await self.put(key, value)
-        finally:
+        except BaseException:
             await self.state.release(lock)
+            raise
+        # Stored and unlocked behind the answer, in the next batch: a follower on another
+        # replica waits for both at once.
+        self.state.set_blob_later("cache:" + key, value, self.ttl, unlock=lock)
         return value, MISS
 
 

@@ -28,7 +28,6 @@ from starlette.types import Scope
 from chatd.config import CallerConfig, ConfigError, Settings
 from chatd.errors import BudgetExceeded, ChatdError, Forbidden, RateLimited, Unauthorized
 from chatd.state.auth import CHALLENGE, PROTECTED, auth_tokens
-from chatd.tasks import spawn
 
 DEFAULT_CALLER = "default"  # the caller made of `auth_tokens_env`'s tokens: no limits
 WINDOW_SECS = 60.0
@@ -292,53 +291,70 @@ class Callers:
         if not caller.limited:
             return
         store = self.store
-        local = store.local  # in process: the sync primitives, no coroutine per call
+        if not store.local:  # shared (Redis): every limit in one round trip
+            await self._admit_shared(state, caller)
+            return
         error: ChatdError | None = None
         if caller.budget_usd:
             key, ends_at, left = caller.period(time.time())
-            spent = store.value(key) if local else await store.get(key)
-            if spent >= caller.budget_usd:
-                error = BudgetExceeded(
-                    f"caller {caller.name} has spent ${spent:.4f} of its "
-                    f"${caller.budget_usd:g} {caller.budget_period} budget; "
-                    f"the period ends {ends_at}",
-                    headers={"Retry-After": str(max(1, math.ceil(left)))},
-                )
-        if error is None and caller.max_concurrency and caller.in_flight >= caller.max_concurrency:
-            error = RateLimited(
-                f"caller {caller.name} has {caller.in_flight} requests in flight "
-                f"(max_concurrency {caller.max_concurrency})",
-                headers={"Retry-After": "1"},
-            )
+            error = over_budget(caller, store.value(key), ends_at, left)
+        if error is None:
+            error = over_concurrency(caller)
         token_headers: list[tuple[bytes, bytes]] = []
         if caller.tpm:  # looked at before rpm counts, so a refused request is not counted
-            key, tpm = caller.tpm_key, caller.tpm
-            allowed, remaining, reset = (
-                store.hit(key, 0, tpm, WINDOW_SECS)
-                if local
-                else await store.window_hit(key, 0, tpm, WINDOW_SECS)
-            )
+            allowed, remaining, reset = store.hit(caller.tpm_key, 0, caller.tpm, WINDOW_SECS)
             token_headers = rate_headers(TOKENS, caller.tpm_limit, remaining, reset)
             if not allowed and error is None:
-                error = RateLimited(
-                    f"caller {caller.name} is over its {tpm} tokens per minute",
-                    headers={"Retry-After": str(max(1, math.ceil(reset)))},
-                )
+                error = over_rate(caller, "tokens", caller.tpm, reset)
         headers: list[tuple[bytes, bytes]] = []
         if caller.rpm:
-            key, rpm, count = caller.rpm_key, caller.rpm, 0 if error else 1
-            allowed, remaining, reset = (
-                store.hit(key, count, rpm, WINDOW_SECS)
-                if local
-                else await store.window_hit(key, count, rpm, WINDOW_SECS)
-            )
+            count = 0 if error else 1
+            allowed, remaining, reset = store.hit(caller.rpm_key, count, caller.rpm, WINDOW_SECS)
             headers = rate_headers(REQUESTS, caller.rpm_limit, remaining, reset)
             if not allowed and error is None:
-                error = RateLimited(
-                    f"caller {caller.name} is over its {rpm} requests per minute",
-                    headers={"Retry-After": str(max(1, math.ceil(reset)))},
-                )
+                error = over_rate(caller, "requests", caller.rpm, reset)
         headers += token_headers
+        self._admitted(state, caller, headers, error)
+
+    async def _admit_shared(self, state: dict[str, Any], caller: Caller) -> None:
+        """`admit` on a shared store: budget, tpm and rpm read and counted in one call."""
+        budget: tuple[str, float] | None = None
+        ends_at: str | None = None
+        left = 0.0
+        if caller.budget_usd:
+            key, ends_at, left = caller.period(time.time())
+            budget = (key, caller.budget_usd)
+        busy = over_concurrency(caller)
+        spent, tokens, requests = await self.store.admit(
+            (caller.rpm_key, caller.rpm) if caller.rpm else None,
+            (caller.tpm_key, caller.tpm) if caller.tpm else None,
+            budget,
+            WINDOW_SECS,
+            busy is None,
+        )
+        error = over_budget(caller, spent, ends_at, left) if budget else None
+        error = error or busy
+        headers: list[tuple[bytes, bytes]] = []
+        if requests is not None:
+            allowed, remaining, reset = requests
+            headers = rate_headers(REQUESTS, caller.rpm_limit, remaining, reset)
+        if tokens is not None:
+            allowed, remaining, reset = tokens
+            headers += rate_headers(TOKENS, caller.tpm_limit, remaining, reset)
+            if not allowed and error is None:
+                error = over_rate(caller, "tokens", caller.tpm, reset)
+        if requests is not None and not requests[0] and error is None:
+            error = over_rate(caller, "requests", caller.rpm, requests[2])
+        self._admitted(state, caller, headers, error)
+
+    @staticmethod
+    def _admitted(
+        state: dict[str, Any],
+        caller: Caller,
+        headers: list[tuple[bytes, bytes]],
+        error: ChatdError | None,
+    ) -> None:
+        """Leave the headers, refuse with `error`, or take a concurrency slot."""
         if headers:
             state["headers"] = headers
         if error is not None:
@@ -358,19 +374,19 @@ class Callers:
         if state.get("caller_slot"):
             caller.in_flight -= 1
         store = self.store
-        local = store.local  # in process: count now, no task needed
+        local = store.local  # in process: count now; shared: written behind, batched
         if caller.tpm and tokens:
             key = caller.tpm_key
             if local:
                 store.hit(key, tokens, 0, WINDOW_SECS)
-            else:  # Redis (SPEC §13): off the request's end
-                spawn(store.window_hit(key, tokens, 0, WINDOW_SECS))
+            else:
+                store.count_later(key, tokens, WINDOW_SECS)
         if caller.budget_usd and cost:
             key, _, left = caller.period(time.time())
             if local:
                 store.incr(key, cost, left + 3600)
-            else:  # Redis (SPEC §13): off the request's end
-                spawn(store.add(key, cost, left + 3600))
+            else:
+                store.add_later(key, cost, left + 3600)
 
     async def load_spend(self, spent: Mapping[str, float], now: float | None = None) -> None:
         """At start: each caller's spend in its current period, read from the ledger."""
@@ -389,6 +405,39 @@ class Callers:
         """Callers with a budget → the start of their current period."""
         now = time.time() if now is None else now
         return {c.name: c.period_start(now) for c in self.callers.values() if c.budget_usd}
+
+
+def over_budget(
+    caller: Caller, spent: float, ends_at: str | None, left: float
+) -> ChatdError | None:
+    """429 budget_exceeded once the period's spend reaches the budget."""
+    if spent < caller.budget_usd:
+        return None
+    return BudgetExceeded(
+        f"caller {caller.name} has spent ${spent:.4f} of its "
+        f"${caller.budget_usd:g} {caller.budget_period} budget; "
+        f"the period ends {ends_at}",
+        headers={"Retry-After": str(max(1, math.ceil(left)))},
+    )
+
+
+def over_concurrency(caller: Caller) -> ChatdError | None:
+    """429 rate_limited while the caller has max_concurrency requests in flight here."""
+    if not caller.max_concurrency or caller.in_flight < caller.max_concurrency:
+        return None
+    return RateLimited(
+        f"caller {caller.name} has {caller.in_flight} requests in flight "
+        f"(max_concurrency {caller.max_concurrency})",
+        headers={"Retry-After": "1"},
+    )
+
+
+def over_rate(caller: Caller, what: str, limit: int, reset: float) -> ChatdError:
+    """429 rate_limited over rpm ("requests") or tpm ("tokens")."""
+    return RateLimited(
+        f"caller {caller.name} is over its {limit} {what} per minute",
+        headers={"Retry-After": str(max(1, math.ceil(reset)))},
+    )
 
 
 def presented_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:

@@ -1,10 +1,12 @@
-"""Cooldowns that every replica honours (SPEC §13), when `[chatd] redis_url` is set.
+"""Cooldowns that every replica honours, when `[chatd] redis_url` is set
+(docs/shared-state.md).
 
-Each replica keeps its own §8 breakers (`resilience.Breaker`) and asks nothing of Redis
-per request. A breaker that trips publishes a flag, `cooldown:<provider>`, for its
-cooldown (`SET PX`); a background loop reads the flags of all breakers every
-SYNC_EVERY_SECS in one round trip and holds any breaker whose flag outlives its own
-cooldown. So a trip on one replica stops calls from all of them within about a second.
+Each replica keeps its own breakers (`resilience.Breaker`) and asks nothing of Redis per
+request. A breaker that trips publishes a flag, `cooldown:<provider>`, for its cooldown,
+written behind with the next batch (at most FLUSH_EVERY_SECS late); a background loop
+reads the flags of all breakers every SYNC_EVERY_SECS in one script (the local mirror)
+and holds any breaker whose flag outlives its own cooldown. So a trip on one replica
+stops calls from all of them within FLUSH_EVERY_SECS + SYNC_EVERY_SECS (0.2 s).
 
 Keyed by provider today; `cooldown_key(provider, endpoint)` is the one place an
 endpoint name joins the key when breakers become per endpoint.
@@ -18,11 +20,11 @@ from collections.abc import Callable
 
 from chatd.routing.resilience import Breaker
 from chatd.state.shared import SharedState
-from chatd.tasks import spawn, stop
+from chatd.tasks import stop
 
 log = logging.getLogger("chatd")
 
-SYNC_EVERY_SECS = 0.5
+SYNC_EVERY_SECS = 0.15  # the mirror's age at most; with a batch's 0.05 s, 0.2 s
 EPSILON_SECS = 0.05  # a flag that outlives our own cooldown by less is our own trip
 
 
@@ -52,7 +54,7 @@ class SharedCooldowns:
         def tripped() -> None:
             if told is not None:
                 told()
-            spawn(self.state.set_flag(key, breaker.cooldown))
+            self.state.set_flag_later(key, breaker.cooldown)
 
         return tripped
 
