@@ -332,7 +332,10 @@ class Callers:
             WINDOW_SECS,
             busy is None,
         )
-        error = over_budget(caller, spent, ends_at, left) if budget else None
+        error = None
+        if budget:
+            error = over_budget(caller, spent, ends_at, left)
+            state["spent"] = spent  # settle: did this call cross the budget?
         error = error or busy
         headers: list[tuple[bytes, bytes]] = []
         if requests is not None:
@@ -387,6 +390,8 @@ class Callers:
                 store.incr(key, cost, left + 3600)
             else:
                 store.add_later(key, cost, left + 3600)
+                if state.get("spent", 0.0) + cost >= caller.budget_usd:
+                    store.flush_soon()  # this call crossed the budget: tell the fleet now
 
     async def load_spend(self, spent: Mapping[str, float], now: float | None = None) -> None:
         """At start: each caller's spend in its current period, read from the ledger."""

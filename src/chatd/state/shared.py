@@ -141,6 +141,9 @@ class SharedState(ABC):
 
         spawn(both())
 
+    def flush_soon(self) -> None:  # noqa: B027 - optional hook
+        """Send what waits without waiting for the next batch (a budget just crossed)."""
+
     async def flush(self) -> None:  # noqa: B027 - optional hook
         """Send the writes that wait behind requests now (at shutdown; tests)."""
 

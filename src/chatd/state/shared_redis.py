@@ -22,7 +22,7 @@ from chatd.state.redis_pipe import RedisPipe
 from chatd.state.shared import FLUSH_EVERY_SECS, Admission, SharedState
 from chatd.state.shared_local import LocalState
 from chatd.state.shared_pending import Pending
-from chatd.tasks import stop
+from chatd.tasks import spawn, stop
 
 log = logging.getLogger("chatd")
 
@@ -229,6 +229,9 @@ class RedisState(SharedState):
             self.pending.blob(key, value, ttl_secs, unlock)
         else:
             self.fallback.set_blob_later(key, value, ttl_secs, unlock)
+
+    def flush_soon(self) -> None:
+        spawn(self.flush())
 
     async def flush(self) -> None:
         batch = self.pending.take()
