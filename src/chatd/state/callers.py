@@ -297,8 +297,10 @@ class Callers:
         error: ChatdError | None = None
         if caller.budget_usd:
             key, ends_at, left = caller.period(time.time())
-            error = over_budget(caller, store.value(key), ends_at, left)
-        if error is None:
+            spent = store.value(key)
+            if spent >= caller.budget_usd:
+                error = over_budget(caller, spent, ends_at, left)
+        if error is None and caller.max_concurrency and caller.in_flight >= caller.max_concurrency:
             error = over_concurrency(caller)
         token_headers: list[tuple[bytes, bytes]] = []
         if caller.tpm:  # looked at before rpm counts, so a refused request is not counted
@@ -314,17 +316,25 @@ class Callers:
             if not allowed and error is None:
                 error = over_rate(caller, "requests", caller.rpm, reset)
         headers += token_headers
-        self._admitted(state, caller, headers, error)
+        if headers:
+            state["headers"] = headers
+        if error is not None:
+            raise error
+        if caller.max_concurrency:
+            caller.in_flight += 1
+            state["caller_slot"] = True
 
     async def _admit_shared(self, state: dict[str, Any], caller: Caller) -> None:
         """`admit` on a shared store: budget, tpm and rpm read and counted in one call."""
         budget: tuple[str, float] | None = None
-        ends_at: str | None = None
+        ends_at = ""
         left = 0.0
         if caller.budget_usd:
             key, ends_at, left = caller.period(time.time())
             budget = (key, caller.budget_usd)
-        busy = over_concurrency(caller)
+        busy = None
+        if caller.max_concurrency and caller.in_flight >= caller.max_concurrency:
+            busy = over_concurrency(caller)
         spent, tokens, requests = await self.store.admit(
             (caller.rpm_key, caller.rpm) if caller.rpm else None,
             (caller.tpm_key, caller.tpm) if caller.tpm else None,
@@ -332,10 +342,11 @@ class Callers:
             WINDOW_SECS,
             busy is None,
         )
-        error = None
+        error: ChatdError | None = None
         if budget:
-            error = over_budget(caller, spent, ends_at, left)
             state["spent"] = spent  # settle: did this call cross the budget?
+            if spent >= caller.budget_usd:
+                error = over_budget(caller, spent, ends_at, left)
         error = error or busy
         headers: list[tuple[bytes, bytes]] = []
         if requests is not None:
@@ -348,16 +359,6 @@ class Callers:
                 error = over_rate(caller, "tokens", caller.tpm, reset)
         if requests is not None and not requests[0] and error is None:
             error = over_rate(caller, "requests", caller.rpm, requests[2])
-        self._admitted(state, caller, headers, error)
-
-    @staticmethod
-    def _admitted(
-        state: dict[str, Any],
-        caller: Caller,
-        headers: list[tuple[bytes, bytes]],
-        error: ChatdError | None,
-    ) -> None:
-        """Leave the headers, refuse with `error`, or take a concurrency slot."""
         if headers:
             state["headers"] = headers
         if error is not None:
@@ -412,12 +413,8 @@ class Callers:
         return {c.name: c.period_start(now) for c in self.callers.values() if c.budget_usd}
 
 
-def over_budget(
-    caller: Caller, spent: float, ends_at: str | None, left: float
-) -> ChatdError | None:
-    """429 budget_exceeded once the period's spend reaches the budget."""
-    if spent < caller.budget_usd:
-        return None
+def over_budget(caller: Caller, spent: float, ends_at: str, left: float) -> ChatdError:
+    """429 budget_exceeded: the period's spend has reached the budget."""
     return BudgetExceeded(
         f"caller {caller.name} has spent ${spent:.4f} of its "
         f"${caller.budget_usd:g} {caller.budget_period} budget; "
@@ -426,10 +423,8 @@ def over_budget(
     )
 
 
-def over_concurrency(caller: Caller) -> ChatdError | None:
-    """429 rate_limited while the caller has max_concurrency requests in flight here."""
-    if not caller.max_concurrency or caller.in_flight < caller.max_concurrency:
-        return None
+def over_concurrency(caller: Caller) -> ChatdError:
+    """429 rate_limited: the caller has max_concurrency requests in flight here."""
     return RateLimited(
         f"caller {caller.name} has {caller.in_flight} requests in flight "
         f"(max_concurrency {caller.max_concurrency})",
