@@ -437,3 +437,11 @@ def test_redis_killed_under_callers_traffic_nothing_fails(callers_fleet: Fleet) 
         stop.set()
         driver.join(30)
     assert len(statuses) > 10 and set(statuses) == {200}, statuses
+
+    # The restarted Redis is empty; the budget spent before (test above) comes back
+    # from the ledger, so "big" is refused again without any new spend.
+    def refused_for_budget() -> bool:
+        answer = as_caller(fleet.b.url, "big-token")
+        return answer.status_code == 429 and answer.json()["error"]["type"] == "budget_exceeded"
+
+    assert wait_until(refused_for_budget, 10)

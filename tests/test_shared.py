@@ -91,6 +91,48 @@ async def test_add_accumulates_floats_and_expires(state: SharedState) -> None:
     assert await state.add("spend", 1, 60) == pytest.approx(1)
 
 
+async def test_raise_to_brings_a_counter_up_never_down_nor_twice(state: SharedState) -> None:
+    await state.add("spend:r", 1.5, 60)
+    await state.raise_to("spend:r", 1.0, 60)
+    assert await state.get("spend:r") == pytest.approx(1.5)
+    await asyncio.gather(*(state.raise_to("spend:r", 4.0, 60) for _ in range(5)))
+    assert await state.get("spend:r") == pytest.approx(4.0)
+
+
+async def test_admit_counts_a_request_only_when_every_limit_allows(state: SharedState) -> None:
+    await state.add("spend:a", 5.0, 60)
+    over = await state.admit(("rpm:a", 10), ("tpm:a", 100), ("spend:a", 5.0), 60, True)
+    assert over.spent == pytest.approx(5.0) and over.requests == (True, 10, 0)
+    fine = await state.admit(("rpm:b", 2), ("tpm:b", 100), ("spend:b", 5.0), 60, True)
+    assert fine.spent == 0 and fine.tokens is not None and fine.tokens[:2] == (True, 100)
+    assert fine.requests is not None and fine.requests[:2] == (True, 1)
+    busy = await state.admit(("rpm:b", 2), None, None, 60, False)  # refused in process
+    assert busy.requests is not None and busy.requests[:2] == (True, 1) and busy.tokens is None
+    await state.admit(("rpm:b", 2), None, None, 60, True)
+    full = await state.admit(("rpm:b", 2), None, None, 60, True)
+    assert full.requests is not None and full.requests[:2] == (False, 0)
+
+
+async def test_writes_behind_arrive_merged_after_flush(state: SharedState) -> None:
+    for _ in range(3):
+        state.count_later("tpm:c", 10, 60)
+        state.add_later("spend:c", 0.25, 60)
+    state.set_flag_later("cooldown:x", 30)
+    await state.flush()
+    assert (await state.window_hit("tpm:c", 0, 100, 60))[:2] == (True, 70)
+    assert await state.get("spend:c") == pytest.approx(0.75)
+    assert await state.flag_remaining("cooldown:x") > 29
+
+
+async def test_get_or_claim_then_stored_behind_with_its_unlock(state: SharedState) -> None:
+    assert await state.get_or_claim("blob:q", "lock:q", 30) == (None, True)
+    assert await state.get_or_claim("blob:q", "lock:q", 30) == (None, False)  # held
+    state.set_blob_later("blob:q", b"answer", 60, unlock="lock:q")
+    await state.flush()
+    assert await state.get_or_claim("blob:q", "lock:q", 30) == (b"answer", False)
+    assert await state.claim("lock:q", 30)  # released with the store
+
+
 async def test_concurrent_adds_are_not_lost(state: SharedState) -> None:
     await asyncio.gather(*(state.add("n", 0.5, 60) for _ in range(40)))
     assert await state.get("n") == pytest.approx(20)

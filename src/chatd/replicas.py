@@ -4,14 +4,23 @@ response cache."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from functools import partial
+
 from chatd.config import Settings
 from chatd.routing.dispatch import Dispatcher
 from chatd.routing.registry import Registry
 from chatd.routing.resilience import Breaker
 from chatd.state.cache import ResponseCache
+from chatd.state.callers import Callers
 from chatd.state.cooldowns import SharedCooldowns, cooldown_key
 from chatd.state.shared import SharedState, build_state
+from chatd.state.usage.ledger import Ledger
 from chatd.surfaces.operations import Operations
+
+log = logging.getLogger("chatd")
+RELOAD_AFTER_SECS = 1.5  # the ledger's writer flushes at least once a second
 
 
 def replica_state(
@@ -24,7 +33,10 @@ def replica_state(
     cooldowns = None
     if chatd.redis_url:
         ops.metrics.shared_up(False)  # until Redis first answers
-        state = build_state(chatd.redis_url, chatd.cache.max_bytes, ops.metrics.shared_up)
+        back = []
+        if ops.callers is not None and ops.ledger is not None:
+            back.append(partial(reload_spend, ops.callers, ops.ledger))
+        state = build_state(chatd.redis_url, chatd.cache.max_bytes, ops.metrics.shared_up, back)
         cooldowns = SharedCooldowns(state, shared_breakers(registry, dispatcher))
         if ops.callers is not None:  # one rpm/tpm window and one spend for the fleet
             ops.callers.store = state
@@ -39,6 +51,16 @@ def replica_state(
             size=ops.metrics.cache_bytes.set,
         )
     return state, cooldowns, cache
+
+
+async def reload_spend(callers: Callers, ledger: Ledger) -> None:
+    """Redis is back, perhaps restarted empty: bring each budget's spend up to the ledger's
+    figure again, once the rows of the outage are in it (docs/shared-state.md)."""
+    await asyncio.sleep(RELOAD_AFTER_SECS)
+    try:
+        await ledger.load_spend(callers)
+    except Exception as exc:  # the ledger is away too: spend starts from what Redis has
+        log.warning("shared state: spend not reloaded from the ledger (%s)", type(exc).__name__)
 
 
 def shared_breakers(registry: Registry, dispatcher: Dispatcher) -> dict[str, Breaker]:

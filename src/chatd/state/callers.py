@@ -65,6 +65,11 @@ class MemoryStore:
     async def get(self, key: str) -> float:
         return self.value(key)
 
+    async def raise_to(self, key: str, value: float, ttl_secs: float) -> None:
+        missing = value - self.value(key)
+        if missing > 0:
+            self.incr(key, missing, ttl_secs)
+
     async def set_flag(self, key: str, ttl_secs: float) -> None:
         self._flags[key] = time.monotonic() + ttl_secs
 
@@ -395,7 +400,8 @@ class Callers:
                     store.flush_soon()  # this call crossed the budget: tell the fleet now
 
     async def load_spend(self, spent: Mapping[str, float], now: float | None = None) -> None:
-        """At start: each caller's spend in its current period, read from the ledger."""
+        """At start (and when Redis comes back): each caller's spend in its current period,
+        read from the ledger."""
         now = time.time() if now is None else now
         for name, amount in spent.items():
             caller = self.callers.get(name)
@@ -403,9 +409,7 @@ class Callers:
                 key, _, left = caller.period(now)
                 # A shared store (Redis) may hold this period's spend already: another
                 # replica put it there. Bring it up to the ledger's figure, never add twice.
-                missing = amount - await self.store.get(key)
-                if missing > 0:
-                    await self.store.add(key, missing, left + 3600)
+                await self.store.raise_to(key, amount, left + 3600)
 
     def budget_periods(self, now: float | None = None) -> dict[str, datetime]:
         """Callers with a budget → the start of their current period."""

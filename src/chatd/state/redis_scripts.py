@@ -69,6 +69,17 @@ return {allowed and 1 or 0, string.format('%.17g', used), string.format('%.17g',
 # KEYS: counter; ARGV: amount, ttl_ms -> the new value. The first add fixes the expiry.
 ADD = Script(WINDOW + "\nreturn add(KEYS[1], ARGV[1], ARGV[2])\n")
 
+# KEYS: counter; ARGV: value, ttl_ms. Up to `value` if below it, atomically (replicas
+# bringing a restarted Redis up to the ledger's spend at once never add it twice).
+RAISE_TO = Script(
+    WINDOW
+    + """
+local missing = tonumber(ARGV[1]) - tonumber(redis.call('GET', KEYS[1]) or '0')
+if missing > 0 then add(KEYS[1], string.format('%.17g', missing), ARGV[2]) end
+return 1
+"""
+)
+
 # Admission: every limit of a caller, checked and counted in one step.
 # KEYS: rpm zset, rpm hash, tpm zset, tpm hash, spend counter
 # ARGV: rpm, tpm, budget (0: none), window_us, count (1: count a request if all allow)

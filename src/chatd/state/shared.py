@@ -16,7 +16,7 @@ request, batched (at most FLUSH_EVERY_SECS late).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from chatd.tasks import spawn
@@ -62,6 +62,13 @@ class SharedState(ABC):
     @abstractmethod
     async def get(self, key: str) -> float:
         """The counter's value; 0 when absent or expired."""
+
+    async def raise_to(self, key: str, value: float, ttl_secs: float) -> None:
+        """Bring the counter `key` up to `value` if it holds less (spend from the ledger:
+        replicas doing it at once never add it twice)."""
+        missing = value - await self.get(key)
+        if missing > 0:
+            await self.add(key, missing, ttl_secs)
 
     @abstractmethod
     async def set_flag(self, key: str, ttl_secs: float) -> None:
@@ -163,9 +170,17 @@ class SharedState(ABC):
         return {"reachable": True}
 
 
-def build_state(redis_url: str, blob_max_bytes: int, on_up: Callable[[bool], None]) -> SharedState:
-    """The Redis store for `[chatd] redis_url`, with its in-process fallback."""
+def build_state(
+    redis_url: str,
+    blob_max_bytes: int,
+    on_up: Callable[[bool], None],
+    when_back: list[Callable[[], Awaitable[None]]] | None = None,
+) -> SharedState:
+    """The Redis store for `[chatd] redis_url`, with its in-process fallback; `on_up` told
+    of every change, `when_back` run each time Redis returns after an outage."""
     from chatd.state.shared_local import LocalState
     from chatd.state.shared_redis import RedisState
 
-    return RedisState(redis_url, fallback=LocalState(blob_max_bytes), on_up=on_up)
+    state = RedisState(redis_url, fallback=LocalState(blob_max_bytes), on_up=on_up)
+    state.when_back += when_back or []
+    return state

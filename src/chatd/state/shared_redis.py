@@ -64,6 +64,9 @@ class RedisState(SharedState):
         self._logged_at = -math.inf
         self._ever_up = False
         self._tasks: list[asyncio.Task[None]] = []
+        # Run each time Redis comes back after an outage (not at the first start): a
+        # restarted Redis is empty, and budgets' spend must be brought back into it.
+        self.when_back: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def up(self) -> bool:
@@ -117,6 +120,8 @@ class RedisState(SharedState):
         self._up = up
         if up and self._ever_up:
             log.warning("shared state: Redis at %s is back; limits are shared again", self.where)
+            for back in self.when_back:
+                spawn(back())
         elif up:
             log.info("shared state: Redis at %s", self.where)
         self._ever_up = self._ever_up or up
@@ -197,11 +202,13 @@ class RedisState(SharedState):
             found, value = await self.redis.script(lua.GET_OR_CLAIM, keys, [_ms(ttl_secs)])
             return (value, False) if found else (None, bool(value))
 
-        async def not_claimed() -> tuple[bytes | None, bool]:
-            return None, False  # a slow Redis may well have a holder: the caller asks again
+        async def go_ahead() -> tuple[bytes | None, bool]:
+            # Redis is slow: our claim may have landed unseen, and waiting on it would wait
+            # on ourselves. Go and call; the answer is stored and the lock dropped behind.
+            return None, True
 
         return await self._call(
-            op, lambda: self.fallback.get_or_claim(key, lock, ttl_secs), not_claimed
+            op, lambda: self.fallback.get_or_claim(key, lock, ttl_secs), go_ahead
         )
 
     # -- after the call: written behind, batched ------------------------------------------
@@ -277,6 +284,13 @@ class RedisState(SharedState):
             return float(await self.redis.script(lua.ADD, [PREFIX + "n:" + key], args))
 
         return await self._call(op, lambda: self.fallback.add(key, amount, ttl_secs))
+
+    async def raise_to(self, key: str, value: float, ttl_secs: float) -> None:
+        async def op() -> None:
+            args = [repr(float(value)), _ms(ttl_secs)]
+            await self.redis.script(lua.RAISE_TO, [PREFIX + "n:" + key], args)
+
+        await self._call(op, lambda: self.fallback.raise_to(key, value, ttl_secs))
 
     async def get(self, key: str) -> float:
         async def op() -> float:

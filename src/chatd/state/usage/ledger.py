@@ -28,9 +28,7 @@ class Ledger:
         try:
             await self.backend.open()
             if callers is not None:
-                periods = {name: s.timestamp() for name, s in callers.budget_periods().items()}
-                if periods:
-                    await callers.load_spend(await self.backend.spend_since(periods))
+                await self.load_spend(callers)
         except Exception as exc:
             log.warning(
                 "usage ledger: database unreachable at start (%s); rows will wait in memory, "
@@ -38,6 +36,12 @@ class Ledger:
                 describe(exc),
             )
         self.writer.start()
+
+    async def load_spend(self, callers: Any) -> None:
+        """Give callers with a budget their spend this period, as the ledger has it."""
+        periods = {name: s.timestamp() for name, s in callers.budget_periods().items()}
+        if periods:
+            await callers.load_spend(await self.backend.spend_since(periods))
 
     def record(
         self,
