@@ -46,10 +46,10 @@ WARMUP = 200
 START_TIMEOUT_S = 180.0  # chatd's imports run under valgrind's translator
 
 
-def drive(req: Request, total: int) -> int:
-    """`total` requests over CONNECTIONS keep-alive connections; returns the 2xx count."""
+def drive(req: Request, total: int, connections: int = CONNECTIONS) -> int:
+    """`total` requests over `connections` keep-alive connections; returns the 2xx count."""
     headers = {"Content-Type": "application/json", **req.headers}
-    ok = [0] * CONNECTIONS
+    ok = [0] * connections
     run = uuid.uuid4().hex[:8]  # a varied body never repeats across runs (a shared cache)
 
     def worker(slot: int, count: int) -> None:
@@ -61,10 +61,10 @@ def drive(req: Request, total: int) -> int:
             ok[slot] += 200 <= response.status < 300
         conn.close()
 
-    share, extra = divmod(total, CONNECTIONS)
+    share, extra = divmod(total, connections)
     threads = [
         threading.Thread(target=worker, args=(slot, share + (slot < extra)))
-        for slot in range(CONNECTIONS)
+        for slot in range(connections)
     ]
     for thread in threads:
         thread.start()
@@ -93,6 +93,7 @@ def count(
     n: int,
     index: int,
     route: tuple[str, dict] | None = None,
+    connections: int = CONNECTIONS,
 ) -> Count:
     """Instructions per request of one variant: warm it, zero the counters, serve `n`,
     dump."""
@@ -123,10 +124,10 @@ def count(
         except RuntimeError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise
-    drive(req, WARMUP)
+    drive(req, WARMUP, connections)
     callgrind(proc.pid, "--zero")
     began = time.monotonic()
-    served = drive(req, n)
+    served = drive(req, n, connections)
     rate = n / (time.monotonic() - began)
     out = callgrind(proc.pid, "--dump")
     proc.terminate()
@@ -160,6 +161,13 @@ def caller_only(toml: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument(
+        "--connections",
+        type=int,
+        default=CONNECTIONS,
+        help="keep-alive connections driving chatd (under callgrind, more connections make "
+        "longer event-loop turns, and Redis calls may pass their 200 ms timeout)",
+    )
     ap.add_argument("--only", default="", help="comma-separated substrings (bare always runs)")
     args = ap.parse_args()
     if not shutil.which("valgrind"):
@@ -178,7 +186,9 @@ def main() -> int:
     found = select(found, args.only)
     per_request: dict[str, Count] = {}
     for index, (name, (toml, headers)) in enumerate(found.items()):
-        per_request[name] = count(name, toml, headers, up, args.requests, index)
+        per_request[name] = count(
+            name, toml, headers, up, args.requests, index, connections=args.connections
+        )
         loop, others, _ = per_request[name]
         print(f"  {name}: {loop:,.0f} + {others:,.0f} instructions per request", flush=True)
     bare = per_request["bare"].loop + per_request["bare"].others
@@ -188,7 +198,7 @@ def main() -> int:
         "",
         f"- {datetime.now(UTC):%Y-%m-%d %H:%M UTC}: each variant a chatd under valgrind's "
         f"callgrind; after {WARMUP} warm-up requests, {args.requests} `/v1/chat` requests "
-        f"(ollama kind, {CONNECTIONS} keep-alive connections) from a static nginx upstream",
+        f"(ollama kind, {args.connections} keep-alive connections) from a static nginx upstream",
         "- instructions: what chatd executed in user space while serving them, ÷ requests; "
         "the event loop's thread, and the others (the ledger's SQLite writer). "
         "Deterministic to about 0.2% run to run (bare: 1,667,507–1,671,494 over five "
