@@ -468,8 +468,20 @@ def rate_headers(
     names: tuple[bytes, ...], limit: bytes, remaining: float, reset: float
 ) -> list[tuple[bytes, bytes]]:
     """One limit's three headers: `names` is REQUESTS or TOKENS, `limit` encoded."""
-    return [
-        (names[0], limit),
-        (names[1], str(int(remaining)).encode()),
-        (names[2], format_reset(reset).encode()),
-    ]
+    remaining_text = str(int(remaining)).encode()
+    return [(names[0], limit), (names[1], remaining_text), (names[2], reset_text(reset))]
+
+
+_RESET_TEXTS: dict[int, bytes] = {}  # a whole second (or -1 - ms below one) -> its text
+
+
+def reset_text(seconds: float) -> bytes:
+    """`format_reset`, encoded, made once per distinct second (a window's reset is at most
+    60 s away: ~1,060 texts in all) rather than on every answer."""
+    key = math.ceil(seconds) if seconds >= 1 else -1 - max(0, round(seconds * 1000))
+    text = _RESET_TEXTS.get(key)
+    if text is None:
+        text = format_reset(seconds).encode()
+        if len(_RESET_TEXTS) < 4096:
+            _RESET_TEXTS[key] = text
+    return text

@@ -27,9 +27,14 @@ class Lost(ConnectionError):
     """The connection closed (or could not open) before Redis answered."""
 
 
-def pack(args: tuple[Any, ...]) -> bytes:
+def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
     """One command in RESP: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
+    return b"*%d\r\n" % len(args) + bulks(args)
+
+
+def bulks(args: tuple[Any, ...] | list[Any]) -> bytes:
+    """Arguments as RESP bulk strings: a command's tail, or pieces of one made once."""
+    out = []
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
@@ -88,7 +93,7 @@ class _Protocol(asyncio.Protocol):
             if found is None:
                 break
             value, pos = found
-            future = waiting.popleft()
+            future = waiting.popleft()[0]
             if not future.done():  # its caller may have timed out and left
                 future.set_result(value)
         del buf[:pos]
@@ -101,7 +106,7 @@ class RedisPipe:
     """One pipelined connection to the Redis of a `redis://` or `rediss://` URL (its user,
     password and database number included). Opens on first use and again after a loss."""
 
-    def __init__(self, url: str, connect_timeout: float) -> None:
+    def __init__(self, url: str, timeout: float) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 6379
@@ -109,36 +114,61 @@ class RedisPipe:
         self.username = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password else None
         self.db = int(parts.path.strip("/") or 0)
-        self.connect_timeout = connect_timeout
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.timeout = timeout  # a command's, unless told otherwise; and connecting's
+        # Callers waiting for a reply, oldest first, each with its deadline.
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
         self._out: list[bytes] = []
         self._opening: asyncio.Lock = asyncio.Lock()
+        self._watching: asyncio.TimerHandle | None = None
 
-    async def call(self, *args: Any) -> Any:
+    async def call(self, *args: Any, within: float | None = None) -> Any:
         """One command's answer; an error reply raises RedisReplyError, a lost connection
-        Lost. Commands from one event-loop turn share one write."""
+        Lost, no answer `within` seconds (default: the pipe's timeout) TimeoutError."""
+        return await self.send(pack(args), within)
+
+    async def send(self, command: bytes, within: float | None = None) -> Any:
+        """`call` for a command already in RESP (`pack`, or pieces made once)."""
         if self._transport is None:
             await self._open()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiting.append(future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.waiting.append((future, loop.time() + (within or self.timeout)))
         if not self._out:
-            asyncio.get_running_loop().call_soon(self._write)
-        self._out.append(pack(args))
+            loop.call_soon(self._write)
+        if self._watching is None:
+            self._watching = loop.call_later(self.timeout / 4, self._expire)
+        self._out.append(command)
         value = await future
         if isinstance(value, RedisReplyError):
             raise value
         return value
 
-    async def script(self, script: Script, keys: list[Any], args: list[Any]) -> Any:
+    async def script(
+        self, script: Script, keys: list[Any], args: list[Any], within: float | None = None
+    ) -> Any:
         """EVALSHA, or EVAL the first time this Redis sees the script (NOSCRIPT)."""
         try:
-            return await self.call(b"EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.call(b"EVALSHA", script.sha, len(keys), *keys, *args, within=within)
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self.call(b"EVAL", script.text, len(keys), *keys, *args)
+        return await self.call(b"EVAL", script.text, len(keys), *keys, *args, within=within)
+
+    def _expire(self) -> None:
+        """Fail the callers whose deadline has passed (their replies, if they come, are
+        skipped in turn). One timer for the whole pipe, only while callers wait: no timer
+        per command."""
+        self._watching = None
+        if not self.waiting:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for future, deadline in self.waiting:
+            if deadline <= now and not future.done():
+                future.set_exception(TimeoutError())
+        self._watching = loop.call_later(self.timeout / 4, self._expire)
 
     def _write(self) -> None:
         data = b"".join(self._out)
@@ -153,7 +183,7 @@ class RedisPipe:
             loop = asyncio.get_running_loop()
             context = ssl.create_default_context() if self.tls else None
             try:
-                async with asyncio.timeout(self.connect_timeout):
+                async with asyncio.timeout(self.timeout):
                     transport, protocol = await loop.create_connection(
                         lambda: _Protocol(self), self.host, self.port, ssl=context
                     )
@@ -168,9 +198,10 @@ class RedisPipe:
                 hello.append((b"SELECT", self.db))
             for command in hello:  # first on the wire: before any caller's command
                 future = loop.create_future()
-                self.waiting.append(future)
+                self.waiting.append((future, loop.time() + self.timeout))
                 transport.write(pack(command))
-                reply = await future
+                async with asyncio.timeout(self.timeout):
+                    reply = await future
                 if isinstance(reply, RedisReplyError):
                     self.drop(reply)
                     raise Lost(f"{command[0].decode()} refused") from None
@@ -179,6 +210,9 @@ class RedisPipe:
         """Close the connection; every caller still waiting gets Lost."""
         transport, self._transport = self._transport, None
         self._protocol = None
+        if self._watching is not None:
+            self._watching.cancel()
+            self._watching = None
         if transport is not None:
             transport.abort()
         self._fail_waiting()
@@ -191,7 +225,7 @@ class RedisPipe:
     def _fail_waiting(self) -> None:
         self._out.clear()
         waiting, self.waiting = self.waiting, deque()
-        for future in waiting:
+        for future, _ in waiting:
             if not future.done():
                 future.set_exception(Lost("connection to Redis lost"))
 

@@ -83,7 +83,8 @@ return 1
 # Admission: every limit of a caller, checked and counted in one step.
 # KEYS: rpm zset, rpm hash, tpm zset, tpm hash, spend counter
 # ARGV: rpm, tpm, budget (0: none), window_us, count (1: count a request if all allow)
-# -> {spent, tpm allowed, tpm used, tpm reset_us, rpm allowed, rpm used, rpm reset_us}
+# -> "spent tpm_allowed tpm_used tpm_reset_us rpm_allowed rpm_used rpm_reset_us": one
+# string, not an array, so the client reads one reply instead of eight
 ADMIT = Script(
     WINDOW
     + """
@@ -100,8 +101,9 @@ end
 local ra, ru, rr = true, 0, 0
 if rpm > 0 then ra, ru, rr = window(KEYS[1], KEYS[2], count and 1 or 0, rpm, window_us, now) end
 local f = '%.17g'
-return {string.format(f, spent), ta and 1 or 0, string.format(f, tu), string.format(f, tr),
-        ra and 1 or 0, string.format(f, ru), string.format(f, rr)}
+return table.concat({string.format(f, spent), ta and 1 or 0, string.format(f, tu),
+                     string.format(f, tr), ra and 1 or 0, string.format(f, ru),
+                     string.format(f, rr)}, ' ')
 """
 )
 
@@ -138,13 +140,13 @@ return 1
 """
 )
 
-# KEYS: blob, lock; ARGV: lock ttl_ms -> {1, blob} or {0, claimed}
+# KEYS: blob, lock; ARGV: lock ttl_ms -> "=" .. blob (stored), "+" (claimed), "-" (held)
 GET_OR_CLAIM = Script(
     """
 local value = redis.call('GET', KEYS[1])
-if value then return {1, value} end
-local claimed = redis.call('SET', KEYS[2], '1', 'PX', ARGV[1], 'NX')
-return {0, claimed and 1 or 0}
+if value then return '=' .. value end
+if redis.call('SET', KEYS[2], '1', 'PX', ARGV[1], 'NX') then return '+' end
+return '-'
 """
 )
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from chatd.state import redis_scripts as lua
-from chatd.state.redis_pipe import RedisPipe
+from chatd.state.redis_pipe import RedisPipe, RedisReplyError, Script, bulks
 from chatd.state.shared import FLUSH_EVERY_SECS, Admission, SharedState
 from chatd.state.shared_local import LocalState
 from chatd.state.shared_pending import Pending
@@ -57,7 +57,8 @@ class RedisState(SharedState):
         self.op_timeout = op_timeout
         self.check_every = check_every
         self.flush_every = flush_every
-        self.redis = RedisPipe(url, connect_timeout=op_timeout)
+        self.redis = RedisPipe(url, timeout=op_timeout)
+        self._heads: dict[tuple[str, str, str], bytes] = {}  # admission keys, in RESP
         self.where = describe_url(url)
         self.pending = Pending()
         self._up = False  # until the first answer: start-up never waits for Redis
@@ -93,7 +94,7 @@ class RedisState(SharedState):
         """Ping Redis once; switch to it (or away from it) accordingly."""
         try:
             async with asyncio.timeout(max(PING_TIMEOUT_SECS, self.op_timeout)):
-                await self.redis.call(b"PING")
+                await self.redis.call(b"PING", within=max(PING_TIMEOUT_SECS, self.op_timeout))
         except Exception as exc:  # whatever went wrong, Redis is not serving
             self.redis.drop()  # the next try opens a new connection
             self._down(exc)
@@ -145,13 +146,13 @@ class RedisState(SharedState):
         local: Callable[[], Awaitable[T]],
         slow: Callable[[], Awaitable[T]] | None = None,
     ) -> T:
-        """`op()` on Redis within the timeout; on a connection failure `local()` (and
-        Redis marked down); on a timeout `slow()` if given, else `local()`."""
+        """`op()` on Redis (whose pipe bounds each command by op_timeout); on a connection
+        failure `local()` (and Redis marked down); on a timeout `slow()` if given, else
+        `local()`."""
         if not self._up:
             return await local()
         try:
-            async with asyncio.timeout(self.op_timeout):
-                value = await op()
+            value = await op()
         except TimeoutError:
             # This call goes on without Redis; whether Redis is down is the monitor's
             # call (a burst that stalls this process's event loop is not an outage).
@@ -171,36 +172,66 @@ class RedisState(SharedState):
         window_secs: float,
         count: bool,
     ) -> Admission:
-        async def op() -> Admission:
-            keys = [
-                *window_keys(rpm[0] if rpm else ""),
-                *window_keys(tpm[0] if tpm else ""),
-                PREFIX + "n:" + (budget[0] if budget else ""),
-            ]
-            args = [
-                rpm[1] if rpm else 0,
-                tpm[1] if tpm else 0,
-                repr(float(budget[1])) if budget else 0,
-                int(window_secs * 1_000_000),
-                1 if count else 0,
-            ]
-            spent, ta, tu, tr, ra, ru, rr = await self.redis.script(lua.ADMIT, keys, args)
-            tokens = requests = None
-            if tpm:
-                tokens = bool(ta), max(tpm[1] - float(tu), 0.0), float(tr) / 1_000_000
-            if rpm:
-                requests = bool(ra), max(rpm[1] - float(ru), 0.0), float(rr) / 1_000_000
-            return Admission(float(spent), tokens, requests)
+        # The request path's one round trip, so written out without `_call`'s closures.
+        if self._up:
+            try:
+                command = self._admit_command(rpm, tpm, budget, window_secs, count)
+                reply = await self._run(lua.ADMIT, command)
+            except TimeoutError:
+                pass  # slow, not down: this request goes on with local state
+            except Exception as exc:
+                self._down(exc)
+            else:
+                spent, ta, tu, tr, ra, ru, rr = reply.split()
+                tokens = requests = None
+                if tpm:
+                    tokens = ta == b"1", max(tpm[1] - float(tu), 0.0), float(tr) / 1_000_000
+                if rpm:
+                    requests = ra == b"1", max(rpm[1] - float(ru), 0.0), float(rr) / 1_000_000
+                return Admission(float(spent), tokens, requests)
+        return await self.fallback.admit(rpm, tpm, budget, window_secs, count)
 
-        return await self._call(
-            op, lambda: self.fallback.admit(rpm, tpm, budget, window_secs, count)
-        )
+    def _admit_command(
+        self,
+        rpm: tuple[str, float] | None,
+        tpm: tuple[str, float] | None,
+        budget: tuple[str, float] | None,
+        window_secs: float,
+        count: bool,
+    ) -> bytes:
+        """ADMIT's EVALSHA in RESP; its keys' part made once per caller and period."""
+        names = (rpm[0] if rpm else "", tpm[0] if tpm else "", budget[0] if budget else "")
+        head = self._heads.get(names)
+        if head is None:
+            if len(self._heads) > 10_000:  # periods roll over: forget the old ones
+                self._heads.clear()
+            keys = [*window_keys(names[0]), *window_keys(names[1]), PREFIX + "n:" + names[2]]
+            head = b"*13\r\n" + bulks([b"EVALSHA", lua.ADMIT.sha, 5, *keys])
+            self._heads[names] = head
+        args = [
+            rpm[1] if rpm else 0,
+            tpm[1] if tpm else 0,
+            repr(float(budget[1])) if budget else 0,
+            int(window_secs * 1_000_000),
+            1 if count else 0,
+        ]
+        return head + bulks(args)
+
+    async def _run(self, script: Script, command: bytes) -> Any:
+        """A packed EVALSHA; loads the script first when this Redis lacks it (restarted)."""
+        try:
+            return await self.redis.send(command)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self.redis.call(b"SCRIPT", b"LOAD", script.text)
+        return await self.redis.send(command)
 
     async def get_or_claim(self, key: str, lock: str, ttl_secs: float) -> tuple[bytes | None, bool]:
         async def op() -> tuple[bytes | None, bool]:
             keys = [PREFIX + "b:" + key, PREFIX + "l:" + lock]
-            found, value = await self.redis.script(lua.GET_OR_CLAIM, keys, [_ms(ttl_secs)])
-            return (value, False) if found else (None, bool(value))
+            reply = await self.redis.script(lua.GET_OR_CLAIM, keys, [_ms(ttl_secs)])
+            return (reply[1:], False) if reply[:1] == b"=" else (None, reply == b"+")
 
         async def go_ahead() -> tuple[bytes | None, bool]:
             # Redis is slow: our claim may have landed unseen, and waiting on it would wait
@@ -323,13 +354,13 @@ class RedisState(SharedState):
         return await self._call(op, lambda: self.fallback.get_blob(key))
 
     async def set_blob(self, key: str, value: bytes, ttl_secs: float) -> None:
-        async def op() -> None:
-            await self.redis.call(b"SET", PREFIX + "b:" + key, value, b"PX", _ms(ttl_secs))
+        async def op(within: float | None = None) -> None:
+            command = (b"SET", PREFIX + "b:" + key, value, b"PX", _ms(ttl_secs))
+            await self.redis.call(*command, within=within)
 
         async def once_more() -> None:  # other replicas wait on this answer: try harder
             try:
-                async with asyncio.timeout(PING_TIMEOUT_SECS):
-                    await op()
+                await op(PING_TIMEOUT_SECS)
             except Exception:
                 await self.fallback.set_blob(key, value, ttl_secs)
 
