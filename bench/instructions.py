@@ -45,7 +45,7 @@ from run import (
 CONNECTIONS = 8
 WARMUP = 200
 IDLE_SECS = 5.0
-START_TIMEOUT_S = 600.0  # chatd's imports run under valgrind's translator (slow on a loaded machine)
+START_TIMEOUT_S = 600.0  # imports under valgrind's translator, on a loaded machine
 
 
 def drive(req: Request, total: int, connections: int = CONNECTIONS) -> int:

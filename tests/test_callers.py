@@ -12,7 +12,8 @@ import pytest
 from chatd.app import create_app
 from chatd.config import ConfigError, Price, build_settings
 from chatd.providers.openai import parse_openai_response, upstream_cost
-from chatd.state.callers import Callers, MemoryStore, format_reset, period_bounds
+from chatd.state.callers import Callers, MemoryStore, period_bounds
+from chatd.state.ratelimit import format_reset
 from chatd.state.usage.prices import Prices
 from tests.support import make_settings
 

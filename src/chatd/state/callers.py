@@ -12,7 +12,6 @@ interface (design point 5), so a Redis store can take its place.
 from __future__ import annotations
 
 import hmac
-import math
 import os
 import time
 from collections import deque
@@ -26,8 +25,16 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 from chatd.config import CallerConfig, ConfigError, Settings
-from chatd.errors import BudgetExceeded, ChatdError, Forbidden, RateLimited, Unauthorized
+from chatd.errors import ChatdError, Forbidden, Unauthorized
 from chatd.state.auth import CHALLENGE, PROTECTED, auth_tokens
+from chatd.state.ratelimit import (
+    REQUESTS,
+    TOKENS,
+    over_budget,
+    over_concurrency,
+    over_rate,
+    rate_headers,
+)
 
 DEFAULT_CALLER = "default"  # the caller made of `auth_tokens_env`'s tokens: no limits
 WINDOW_SECS = 60.0
@@ -136,15 +143,6 @@ def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime]:
         return start, start + timedelta(days=7)
     start = day.replace(day=1)
     return start, (start + timedelta(days=32)).replace(day=1)
-
-
-def format_reset(seconds: float) -> str:
-    """OpenAI's reset format: `1s`, `6m0s`, `250ms`."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    whole = math.ceil(seconds)
-    minutes, secs = divmod(whole, 60)
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 # -- callers ---------------------------------------------------------------------------
@@ -417,33 +415,6 @@ class Callers:
         return {c.name: c.period_start(now) for c in self.callers.values() if c.budget_usd}
 
 
-def over_budget(caller: Caller, spent: float, ends_at: str, left: float) -> ChatdError:
-    """429 budget_exceeded: the period's spend has reached the budget."""
-    return BudgetExceeded(
-        f"caller {caller.name} has spent ${spent:.4f} of its "
-        f"${caller.budget_usd:g} {caller.budget_period} budget; "
-        f"the period ends {ends_at}",
-        headers={"Retry-After": str(max(1, math.ceil(left)))},
-    )
-
-
-def over_concurrency(caller: Caller) -> ChatdError:
-    """429 rate_limited: the caller has max_concurrency requests in flight here."""
-    return RateLimited(
-        f"caller {caller.name} has {caller.in_flight} requests in flight "
-        f"(max_concurrency {caller.max_concurrency})",
-        headers={"Retry-After": "1"},
-    )
-
-
-def over_rate(caller: Caller, what: str, limit: int, reset: float) -> ChatdError:
-    """429 rate_limited over rpm ("requests") or tpm ("tokens")."""
-    return RateLimited(
-        f"caller {caller.name} is over its {limit} {what} per minute",
-        headers={"Retry-After": str(max(1, math.ceil(reset)))},
-    )
-
-
 def presented_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     """`Authorization: Bearer <token>`, else `x-api-key: <token>`."""
     api_key = None
@@ -456,32 +427,3 @@ def presented_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
         elif name == b"x-api-key":
             api_key = value.strip() or None
     return api_key
-
-
-# OpenAI's `X-RateLimit-{Limit,Remaining,Reset}-{Requests,Tokens}`, names encoded once.
-PARTS = ("limit", "remaining", "reset")
-REQUESTS = tuple(f"x-ratelimit-{part}-requests".encode() for part in PARTS)
-TOKENS = tuple(f"x-ratelimit-{part}-tokens".encode() for part in PARTS)
-
-
-def rate_headers(
-    names: tuple[bytes, ...], limit: bytes, remaining: float, reset: float
-) -> list[tuple[bytes, bytes]]:
-    """One limit's three headers: `names` is REQUESTS or TOKENS, `limit` encoded."""
-    remaining_text = str(int(remaining)).encode()
-    return [(names[0], limit), (names[1], remaining_text), (names[2], reset_text(reset))]
-
-
-_RESET_TEXTS: dict[int, bytes] = {}  # a whole second (or -1 - ms below one) -> its text
-
-
-def reset_text(seconds: float) -> bytes:
-    """`format_reset`, encoded, made once per distinct second (a window's reset is at most
-    60 s away: ~1,060 texts in all) rather than on every answer."""
-    key = math.ceil(seconds) if seconds >= 1 else -1 - max(0, round(seconds * 1000))
-    text = _RESET_TEXTS.get(key)
-    if text is None:
-        text = format_reset(seconds).encode()
-        if len(_RESET_TEXTS) < 4096:
-            _RESET_TEXTS[key] = text
-    return text
