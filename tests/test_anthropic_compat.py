@@ -14,15 +14,10 @@ import pytest
 
 from chatd.app import create_app
 from chatd.errors import ChatdError, InvalidRequest, PayloadTooLarge, UpstreamError
-from chatd.wire.anthropic_compat import (
-    StreamTranslator,
-    check_body,
-    error_body,
-    error_type,
-    sse_event,
-    to_message,
-    to_openai,
-)
+from chatd.wire.anthropic_checks import check_body
+from chatd.wire.anthropic_errors import error_body, error_type
+from chatd.wire.anthropic_reply import StreamTranslator, sse_event, to_message
+from chatd.wire.anthropic_request import to_openai
 from tests.support import make_settings
 
 USER = [{"role": "user", "content": "hi"}]

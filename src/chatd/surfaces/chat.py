@@ -19,14 +19,10 @@ from chatd.config import Settings
 from chatd.errors import ChatdError, InternalError, UpstreamError
 from chatd.routing.dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
-from chatd.state.cache import (
-    CACHE_HEADER,
-    HIT,
-    Plan,
+from chatd.state.cache import CACHE_HEADER, HIT, Plan, ResponseCache, note_hit
+from chatd.state.cache_entries import (
     RecordedChatStream,
-    ResponseCache,
     chat_params,
-    note_hit,
     replay_chat,
     served_chat_entry,
 )

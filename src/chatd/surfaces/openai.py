@@ -25,15 +25,11 @@ from chatd.providers.openai import upstream_cost
 from chatd.routing.dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream, Served
 from chatd.routing.registry import Registry
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
-from chatd.state.cache import (
-    CACHE_HEADER,
-    HIT,
-    Plan,
+from chatd.state.cache import CACHE_HEADER, HIT, Plan, ResponseCache, note_hit
+from chatd.state.cache_entries import (
     RecordedCompletionStream,
-    ResponseCache,
     completion_entry,
     completion_params,
-    note_hit,
     replay_completion,
 )
 from chatd.surfaces.contract import (
