@@ -2,7 +2,8 @@
 # The whole test suite, on a fresh machine: makes .venv, installs chatd with its test
 # extras, installs the real servers the tests start themselves when they are missing
 # (nginx: reverse-proxy tests; postgresql: the usage ledger; redis-server: shared state;
-# chromium + chromium-driver: the dashboard's browser test), lints, tests.
+# chromium + chromium-driver: the dashboard's browser test; systemd: systemd-analyze
+# verify for deploy/chatd.service), lints, tests.
 #   scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ declare -A NEEDED=(
   [redis-server]="$(command -v redis-server || true)"
   [chromium]="$(command -v chromium || true)"
   [chromium-driver]="$(command -v chromedriver || true)"
+  [systemd]="$(command -v systemd-analyze || true)"
 )
 missing=()
 for package in "${!NEEDED[@]}"; do

@@ -25,13 +25,9 @@ from chatd.routing.registry import Registry
 from chatd.state.usage.spend import spend_report
 from chatd.surfaces.anthropic import install_anthropic_routes
 from chatd.surfaces.chat import install_chat_routes
-from chatd.surfaces.contract import (
-    Health,
-    ProviderListing,
-    error_responses,
-    install_openapi,
-    ok,
-)
+from chatd.surfaces.contract.common import error_responses, ok
+from chatd.surfaces.contract.document import install_openapi
+from chatd.surfaces.contract.operations import Health, ProviderListing
 from chatd.surfaces.embeddings import install_embeddings_routes
 from chatd.surfaces.openai import install_openai_routes
 from chatd.surfaces.operations import Operations

@@ -23,13 +23,12 @@ from chatd.config import Settings
 from chatd.errors import ChatdError, InternalError, UpstreamError
 from chatd.routing.dispatch import Dispatcher, OpenStream
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
-from chatd.surfaces.contract import (
+from chatd.surfaces.contract.anthropic import (
     MESSAGES_PARAMETERS,
-    MODEL_CALL,
     anthropic_error_responses,
     anthropic_ok,
-    json_body,
 )
+from chatd.surfaces.contract.common import MODEL_CALL, json_body
 from chatd.surfaces.openai import loads_body, served_headers
 from chatd.web import SSE_HEADERS, json_response, note, note_served, read_body, until_disconnect
 from chatd.wire.anthropic_checks import check_body

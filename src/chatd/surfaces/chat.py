@@ -26,7 +26,8 @@ from chatd.state.cache_entries import (
     replay_chat,
     served_chat_entry,
 )
-from chatd.surfaces.contract import MODEL_CALL, ChatResponse, error_responses, model_call, ok
+from chatd.surfaces.contract.chat import ChatResponse
+from chatd.surfaces.contract.common import MODEL_CALL, error_responses, model_call, ok
 from chatd.types import ChatRequest, StreamEvent
 from chatd.web import (
     SSE_HEADERS,

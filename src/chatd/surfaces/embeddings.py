@@ -33,15 +33,8 @@ from chatd.routing.dispatch import Dispatcher, Served
 from chatd.routing.registry import Registry, Route
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
 from chatd.state.cache import CACHE_HEADER, HIT, Plan, ResponseCache, note_hit
-from chatd.surfaces.contract import (
-    MAX_DIMENSIONS,
-    MAX_INPUTS,
-    MODEL_CALL,
-    EmbeddingList,
-    error_responses,
-    model_call,
-    ok,
-)
+from chatd.surfaces.contract.common import MODEL_CALL, error_responses, model_call, ok
+from chatd.surfaces.contract.embeddings import MAX_DIMENSIONS, MAX_INPUTS, EmbeddingList
 from chatd.surfaces.openai import header_safe, loads_body, served_headers
 from chatd.types import EmbedResult, integral
 from chatd.web import json_response, note, note_served, read_body, until_disconnect

@@ -32,14 +32,8 @@ from chatd.state.cache_entries import (
     completion_params,
     replay_completion,
 )
-from chatd.surfaces.contract import (
-    MODEL_CALL,
-    ChatCompletion,
-    ModelList,
-    error_responses,
-    model_call,
-    ok,
-)
+from chatd.surfaces.contract.common import MODEL_CALL, error_responses, model_call, ok
+from chatd.surfaces.contract.openai import ChatCompletion, ModelList
 from chatd.web import (
     SSE_HEADERS,
     json_response,

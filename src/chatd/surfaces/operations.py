@@ -27,7 +27,8 @@ from chatd.state.auth import BearerAuth, auth_tokens
 from chatd.state.callers import Callers
 from chatd.state.usage.ledger import Ledger
 from chatd.state.usage.prices import Prices
-from chatd.surfaces.contract import Readiness, error_responses, ok
+from chatd.surfaces.contract.common import error_responses, ok
+from chatd.surfaces.contract.operations import Readiness
 from chatd.telemetry.metrics import CONTENT_TYPE, NO_PROVIDER, Metrics, ProviderStats
 from chatd.telemetry.requestlog import REQUEST_LOGGER, log_request, request_line
 from chatd.web import error_response, json_response

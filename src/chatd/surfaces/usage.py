@@ -17,7 +17,8 @@ from starlette.responses import Response
 from chatd.errors import Forbidden, InvalidRequest, NotFound, UsageUnavailable
 from chatd.state.usage.report import iso, month_start, parse_group_by, parse_time, shape, totals
 from chatd.state.usage.writer import describe
-from chatd.surfaces.contract import USAGE_PARAMETERS, UsageReport, error_responses, ok
+from chatd.surfaces.contract.common import error_responses, ok
+from chatd.surfaces.contract.usage import USAGE_PARAMETERS, UsageReport
 from chatd.web import json_response
 
 log = logging.getLogger("chatd")

@@ -22,7 +22,8 @@ from starlette.responses import Response
 from chatd.config import Settings
 from chatd.errors import NotFound, Unauthorized
 from chatd.routing.dispatch import Dispatcher
-from chatd.surfaces.contract import DashboardAccess, DashboardOverview, error_responses, ok
+from chatd.surfaces.contract.common import error_responses, ok
+from chatd.surfaces.contract.dashboard import DashboardAccess, DashboardOverview
 from chatd.surfaces.operations import Operations
 from chatd.ui.overview import overview
 from chatd.ui.series import Activity
