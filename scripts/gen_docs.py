@@ -96,8 +96,7 @@ MEANINGS: dict[str, str] = {
     "`[chatd] timeout_secs`.",
     "chatd.providers.*.enabled": '`"auto"`: registered when keyless or its key resolves; '
     "`true`: always (keyless: registered but unavailable, 503); `false`: never.",
-    "chatd.providers.*.reply": "mock only: a fixed answer instead of the echoed last user "
-    "message.",
+    "chatd.providers.*.reply": "mock only: a fixed answer instead of the echoed last user message.",
     "chatd.providers.*.latency_ms": "mock only: wait this long before answering.",
     "chatd.providers.*.max_retries": "Retries of one target after a connection failure or an "
     "upstream 429/500/502/503/504.",
@@ -126,8 +125,7 @@ MEANINGS: dict[str, str] = {
     "chatd.providers.*.endpoints.key_env": "Default: the provider's. An endpoint whose key "
     "does not resolve is left out.",
     "chatd.providers.*.endpoints.key_file": "Default: the provider's.",
-    "chatd.providers.*.endpoints.weight": "Its share of the calls relative to the others "
-    "(> 0).",
+    "chatd.providers.*.endpoints.weight": "Its share of the calls relative to the others (> 0).",
     "chatd.providers.*.endpoints.max_concurrency": "Default: the provider's.",
     # callers
     "chatd.callers.*.token_env": "The environment variable holding this caller's "
@@ -141,8 +139,7 @@ MEANINGS: dict[str, str] = {
     "`429 budget_exceeded`.",
     "chatd.callers.*.budget_period": "The UTC calendar period of the budget (a week starts "
     "on Monday).",
-    "chatd.callers.*.max_concurrency": "This caller's requests in flight at once; 0: "
-    "unlimited.",
+    "chatd.callers.*.max_concurrency": "This caller's requests in flight at once; 0: unlimited.",
     "chatd.callers.*.admin": "May read every caller's `/v1/usage` and the dashboard.",
     # prices
     "chatd.prices.*.input": "USD per million input (prompt) tokens.",
@@ -254,7 +251,9 @@ def undocumented() -> list[str]:
     missing += [f"{key} (no such key)" for key in MEANINGS if key not in keys]
     fields = log_field_names()
     missing += [f"log field {name}" for name in fields if not LOG_FIELDS.get(name)]
-    return missing + [f"log field {name} (no such field)" for name in LOG_FIELDS if name not in fields]
+    return missing + [
+        f"log field {name} (no such field)" for name in LOG_FIELDS if name not in fields
+    ]
 
 
 def config_block() -> str:
