@@ -41,7 +41,7 @@ def note_served(request: Request, served: Any) -> None:
         attempts=served.attempts,
     )
     endpoint = getattr(served, "endpoint", None)
-    if endpoint is not None:  # a provider with several endpoints (SPEC §10)
+    if endpoint is not None:  # a provider with several endpoints (docs/routing.md)
         note(request, endpoint=endpoint)
 
 
@@ -71,7 +71,7 @@ def error_response(
 
 
 def error_body(error: ChatdError, scope: Scope | None) -> Any:
-    """The §3 envelope, unless the app gave the request's path a shape of its own:
+    """The error envelope, unless the app gave the request's path a shape of its own:
     `app.state.error_shapes` maps a path prefix to a function of the error (the
     Anthropic surface answers in Anthropic's shape)."""
     if scope is not None:

@@ -60,7 +60,7 @@ def served_chat_entry(served: Any) -> bytes:
 
 
 async def replay_chat(entry: dict[str, Any], started: float) -> AsyncIterator[bytes]:
-    """A stored `/v1/chat` answer as SPEC §6 events: thinking, one delta, then done."""
+    """A stored `/v1/chat` answer as stream events: thinking, one delta, then done."""
     if entry.get("thinking"):
         yield sse({"thinking": entry["thinking"]})
     ttft_ms = round((time.perf_counter() - started) * 1000)

@@ -40,10 +40,10 @@ log = logging.getLogger("chatd")
 
 PATH = "/v1/messages"
 DESCRIPTION = (
-    "The Anthropic Messages API (SPEC §14), for Anthropic SDKs and the tools built on them, "
+    "The Anthropic Messages API, for Anthropic SDKs and the tools built on them, "
     "served by any provider. A caller token (when inbound auth is on) may come as "
     "`x-api-key: <token>` as well as `Authorization: Bearer <token>`. Errors take "
-    "Anthropic's shape (`AnthropicError`) with §3's statuses."
+    "Anthropic's shape (`AnthropicError`) with chatd's statuses."
 )
 
 
@@ -68,7 +68,7 @@ def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Set
         note(request, model=model)
         stream = bool(body.get("stream"))
         upstream = to_openai_body(body, stream=stream)  # every block checked before admission
-        admit = request.app.state.admit  # callers (SPEC §12), when configured
+        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
         if admit is not None:
             await admit(request, model)
         stops = body.get("stop_sequences")

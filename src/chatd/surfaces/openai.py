@@ -1,4 +1,4 @@
-"""The OpenAI-compatible surface (SPEC §7): `POST /v1/chat/completions`, `GET /v1/models`.
+"""The OpenAI-compatible surface (docs/http-api.md): `POST /v1/chat/completions`, `GET /v1/models`.
 
 Routing, retries, fallbacks and limits are the dispatcher's, exactly as for /v1/chat.
 What differs is the shape: openai-kind providers get the caller's body with only `model`
@@ -81,7 +81,7 @@ def install_openai_routes(
         body = check_body(loads_body(await read_body(request, max_body)))
         model: str = body["model"]
         note(request, model=model)
-        admit = request.app.state.admit  # callers (SPEC §12), when configured
+        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
         if admit is not None:
             await admit(request, model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
