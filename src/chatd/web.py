@@ -247,11 +247,13 @@ class RequestContext:
         logger: Any,
         authorize: Callable[[Scope], ChatdError | None] | None = None,
         finished: Callable[[Scope, int, float], None] | None = None,
+        started: Callable[[Scope], None] | None = None,
     ) -> None:
         self.app = app
         self.logger = logger
         self.authorize = authorize  # returns the error to refuse the request with, or None
         self.finished = finished
+        self.started = started  # tracing's server span, when it is on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -262,6 +264,8 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         header = (REQUEST_ID_HEADER, request_id.encode())
         status = 0  # 0 until the response starts
+        if self.started is not None:
+            self.started(scope)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
