@@ -100,6 +100,14 @@ def test_every_route_and_error_type_is_in_the_http_api_page() -> None:
     assert [t for t in sorted(types) if f"`{t}`" not in page] == []
 
 
+def test_every_module_is_on_the_design_page() -> None:
+    """The package plan names every module, so a new one is placed where a reader looks."""
+    page = (ROOT / "docs" / "design.md").read_text()
+    package = ROOT / "src" / "chatd"
+    modules = {p.name for p in package.rglob("*.py") if p.name != "__init__.py"}
+    assert [m for m in sorted(modules) if f"`{m}`" not in page] == []
+
+
 @pytest.mark.parametrize("folder", ["src", "tests", "bench", "scripts", "grafana", "docs"])
 def test_nothing_points_outside_the_project(folder: str) -> None:
     outside = re.compile("SP" + "EC|\u00a7|[Ii]ssue [0-9]|\\.\\./sha" + "red")
