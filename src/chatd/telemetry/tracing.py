@@ -21,7 +21,6 @@ from chatd.config import Settings
 from chatd.telemetry.propagation import TRACED_REQUEST, UPSTREAM_TRACEPARENT
 
 SPAN_STATE = "span"  # scope["state"][SPAN_STATE]: the server span and its context token
-SERVER_FACTS = (("chatd.caller", "caller"),)
 EXPORT_TIMEOUT_SECS = 2.0
 EXPORT_EVERY_MS = 500
 QUEUE_SPANS = 8192
@@ -48,7 +47,7 @@ class Tracing:
     """One process's tracer provider, exporter and the spans chatd makes."""
 
     def __init__(self, url: str, service_name: str, sample_ratio: float) -> None:
-        from opentelemetry import context, trace
+        from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
@@ -79,7 +78,6 @@ class Tracing:
         )
         self.tracer = self.provider.get_tracer("chatd", __version__)
         self._trace = trace
-        self._context = context
         self._propagator = TraceContextTextMapPropagator()
         self._server = trace.SpanKind.SERVER
         self._client = trace.SpanKind.CLIENT
@@ -103,11 +101,13 @@ class Tracing:
             kind=self._server,
             attributes={"http.request.method": method, "url.path": scope.get("path", "")},
         )
-        token = self._context.attach(self._trace.set_span_in_context(span, parent))
+        # The client spans' parent, handed down by a context variable of chatd's own: no
+        # attach/detach of OpenTelemetry's current context per request.
         state = scope.setdefault("state", {})
         facts = state.setdefault("log", {})
         operation = "embeddings" if scope.get("path") == "/v1/embeddings" else "chat"
-        state[SPAN_STATE] = (span, token, TRACED_REQUEST.set((facts, operation)))
+        parent_of_calls = self._trace.set_span_in_context(span, parent)
+        state[SPAN_STATE] = (span, TRACED_REQUEST.set((facts, operation, parent_of_calls)))
         if span.get_span_context().trace_flags.sampled:
             facts["trace_id"] = format(span.get_span_context().trace_id, "032x")
 
@@ -117,32 +117,34 @@ class Tracing:
         opened = state.pop(SPAN_STATE, None)
         if opened is None:
             return
-        span, token, request = opened
+        span, request = opened
         try:
             if span.is_recording():
                 self._describe_server(span, scope, state, status)
             span.end()
         finally:
             TRACED_REQUEST.reset(request)
-            self._context.detach(token)
 
     def _describe_server(self, span: Any, scope: Any, state: dict[str, Any], status: int) -> None:
         facts = state.get("log") or {}
+        attributes: dict[str, Any] = {
+            "http.response.status_code": status,
+            "chatd.cache": facts.get("cache") or "bypass",
+        }
         route = getattr(scope.get("route"), "path", None)
         if route:
             span.update_name(f"{scope.get('method', '')} {route}")
-            span.set_attribute("http.route", route)
-        span.set_attribute("http.response.status_code", status)
+            attributes["http.route"] = route
         request_id = state.get("request_id")
         if request_id:
-            span.set_attribute("chatd.request_id", request_id)
-        for attribute, fact in SERVER_FACTS:
-            if facts.get(fact) is not None:
-                span.set_attribute(attribute, str(facts[fact]))
-        span.set_attribute("chatd.cache", facts.get("cache") or "bypass")
+            attributes["chatd.request_id"] = request_id
+        caller = facts.get("caller")
+        if caller is not None:
+            attributes["chatd.caller"] = str(caller)
         error = facts.get("error")
         if error:
-            span.set_attribute("error.type", str(error))
+            attributes["error.type"] = str(error)
+        span.set_attributes(attributes)  # one lock and one pass, not one per attribute
         if status >= 500:
             span.set_status(self._error)
 
@@ -152,7 +154,7 @@ class Tracing:
         """A client span for one upstream call (a child of the request's); returns it and
         the token that makes the call's upstream `traceparent` name it."""
         provider = route.provider
-        facts, operation = TRACED_REQUEST.get() or ({}, "chat")
+        facts, operation, parent = TRACED_REQUEST.get() or ({}, "chat", None)
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": genai_provider(provider),
@@ -169,7 +171,7 @@ class Tracing:
             if isinstance(value, int | float) and not isinstance(value, bool):
                 attributes[f"gen_ai.request.{name}"] = value
         span = self.tracer.start_span(
-            f"{operation} {route.model}", kind=self._client, attributes=attributes
+            f"{operation} {route.model}", context=parent, kind=self._client, attributes=attributes
         )
         context = span.get_span_context()
         traceparent = (
@@ -260,8 +262,12 @@ class OncePerMinute(logging.Filter):
 
 
 def quiet_exporter_logs() -> None:
-    for name in ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
-                 "opentelemetry.sdk.trace.export"):  # fmt: skip
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, OncePerMinute) for f in logger.filters):
-            logger.addFilter(OncePerMinute())
+    """The SDK's loggers (made when its modules were imported): a line a minute at most.
+    Its batch processor warns once per span it drops when the queue is full; that one
+    stays at ERROR, so a dropped span costs no log record."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("opentelemetry"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, OncePerMinute) for f in logger.filters):
+                logger.addFilter(OncePerMinute())
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
