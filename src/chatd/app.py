@@ -23,6 +23,7 @@ from chatd.replicas import replica_state
 from chatd.routing.dispatch import Dispatcher
 from chatd.routing.registry import Registry
 from chatd.state.usage.spend import spend_report
+from chatd.surfaces.admin import install_admin_routes
 from chatd.surfaces.anthropic import install_anthropic_routes
 from chatd.surfaces.chat import install_chat_routes
 from chatd.surfaces.contract.common import error_responses, ok
@@ -97,6 +98,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     install_embeddings_routes(app, dispatcher, settings)
     install_anthropic_routes(app, dispatcher, settings)
     install_usage_routes(app, ops)
+    install_admin_routes(app, ops)
     install_ui(app, ops, dispatcher, settings)
 
     @app.get(

@@ -16,6 +16,7 @@ import tempfile
 from typing import Any
 
 from chatd.config import ConfigError, Settings, load_settings, parse_bind, resolve_key
+from chatd.state.admin_auth import admin_token
 from chatd.state.auth import auth_tokens, check_auth_config
 from chatd.state.callers import Callers
 from chatd.state.shared import describe_url
@@ -62,10 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["callers"]:  # live callers, on the database directly
+        from chatd.callers_cli import main as callers_main
+
+        return callers_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
         check_auth_config(settings)
+        admin_token(settings)
         callers = Callers.from_settings(settings)
         if callers is not None:
             callers.check()

@@ -152,6 +152,11 @@ class ChatdConfig(BaseModel):
     app_url: str = ""
     app_name: str = "chatd"
     auth_tokens_env: str = ""
+    admin_token_env: str = Field(
+        default="",
+        description="A variable holding the operator's token for /admin/* only; "
+        "it forms no caller and does not turn on authentication of /v1/*.",
+    )
     shutdown_grace_secs: float = Field(default=30, ge=0)
     # The read-only dashboard at /ui (ui/); false: no /ui routes and nothing per request.
     ui: bool = True

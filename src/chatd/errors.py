@@ -83,28 +83,28 @@ class BudgetExceeded(ChatdError):
 
 
 class CallerExists(ChatdError):
-    """SPEC §15: a live caller of that name exists (or existed: names are not reused)."""
+    """a live caller of that name exists (or existed: names are not reused)."""
 
     status = 409
     type = "caller_exists"
 
 
 class ConfigCaller(ChatdError):
-    """SPEC §15: the caller comes from the config file; /admin cannot change it."""
+    """the caller comes from the config file; /admin cannot change it."""
 
     status = 409
     type = "config_caller"
 
 
 class NoDatabase(ChatdError):
-    """SPEC §15: live callers need `usage_db`, and it is off."""
+    """live callers need `usage_db`, and it is off."""
 
     status = 409
     type = "no_database"
 
 
 class DatabaseUnavailable(ChatdError):
-    """SPEC §15: an admin write while the callers' database cannot be reached."""
+    """an admin write while the callers' database cannot be reached."""
 
     status = 503
     type = "database_unavailable"

@@ -1,4 +1,4 @@
-"""What a live caller may be given (SPEC §15): the body of `POST /admin/callers` and of
+"""What a live caller may be given (docs/live-callers.md): the body of `POST /admin/callers` and of
 `PATCH`, checked once here for the routes and the CLI alike. Every refusal names its field.
 """
 

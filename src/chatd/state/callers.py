@@ -1,4 +1,4 @@
-"""Who is calling (SPEC §12, §15): callers' tokens, model allow-lists, and admission.
+"""Who is calling (docs/live-callers.md): callers' tokens, model allow-lists, and admission.
 
 Callers come from two sources merged behind one look-up keyed by the SHA-256 of a token:
 the config file's (`replace_config`, which a reload calls) and live ones from the
@@ -64,7 +64,7 @@ class Caller:
     budget_period: str = "month"
     max_concurrency: int = 0
     admin: bool = False
-    source: str = "config"  # or "live" (SPEC §15: made through /admin or the CLI)
+    source: str = "config"  # or "live": made through /admin or the CLI
     expires_at: float = 0.0  # epoch seconds; 0: never
     in_flight: int = 0
     _period_end: float = 0.0
@@ -140,9 +140,9 @@ class Callers:
     def from_settings(
         cls, settings: Settings, environ: Mapping[str, str] | None = None, always: bool = False
     ) -> Callers | None:
-        """None when no `[chatd.callers]` table is configured (unless `always`: live
-        callers may come from the database)."""
-        entries = config_callers(settings, environ)
+        """None when no `[chatd.callers]` table is configured, unless `always` (live
+        callers may come from the database: then `auth_tokens_env`'s tokens join too)."""
+        entries = config_callers(settings, environ, always)
         if not entries and not always:
             return None
         return cls(entries)
@@ -204,7 +204,7 @@ class Callers:
 
     @property
     def active(self) -> bool:
-        """Is /v1 guarded? With any caller configured or ever made live (SPEC §12)."""
+        """Is /v1 guarded? With any caller configured or ever made live."""
         return bool(self._config) or self.live_seen
 
     def check(self) -> None:
@@ -336,13 +336,13 @@ class Callers:
             key = caller.tpm_key
             if local:
                 store.hit(key, tokens, 0, WINDOW_SECS)
-            else:  # Redis (SPEC §13): off the request's end
+            else:  # Redis: off the request's end
                 spawn(store.window_hit(key, tokens, 0, WINDOW_SECS))
         if caller.budget_usd and cost:
             key, _, left = caller.period(time.time())
             if local:
                 store.incr(key, cost, left + 3600)
-            else:  # Redis (SPEC §13): off the request's end
+            else:  # Redis: off the request's end
                 spawn(store.add(key, cost, left + 3600))
 
     async def load_spend(self, spent: Mapping[str, float], now: float | None = None) -> None:
@@ -365,11 +365,12 @@ class Callers:
 
 
 def config_callers(
-    settings: Settings, environ: Mapping[str, str] | None = None
+    settings: Settings, environ: Mapping[str, str] | None = None, with_default: bool = False
 ) -> list[tuple[Caller, list[str]]]:
-    """`[chatd.callers]` with each one's tokens, and `auth_tokens_env`'s as `default`."""
+    """`[chatd.callers]` with each one's tokens, and `auth_tokens_env`'s as `default`
+    (alone too when `with_default`)."""
     configured = settings.chatd.callers
-    if not configured:
+    if not configured and not with_default:
         return []
     environ = os.environ if environ is None else environ
     entries: list[tuple[Caller, list[str]]] = []

@@ -1,4 +1,4 @@
-"""Live callers in the database (SPEC §15), beside the ledger: the records, the tokens
+"""Live callers in the database (docs/live-callers.md), beside the ledger: the records, the tokens
 (only their SHA-256 is kept), the audit trail, and the SQL both back ends run.
 
 `CallerStore` holds every statement; a back end gives it `transaction()` and `fetch()`

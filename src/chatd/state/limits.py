@@ -1,4 +1,4 @@
-"""What callers' limits count with (SPEC §12): the in-process store of sliding windows and
+"""What callers' limits count with: the in-process store of sliding windows and
 expiring counters, budget periods, and OpenAI's `X-RateLimit-*` headers."""
 
 from __future__ import annotations
