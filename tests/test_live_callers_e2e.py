@@ -80,9 +80,7 @@ def replicas(tmp_path: Path, redis_url: str = "") -> tuple[ChatdProcess, ChatdPr
 
 
 @pytest.mark.parametrize("shared", ["database", "redis"])
-def test_keys_are_issued_rotated_and_revoked_across_replicas(
-    tmp_path: Path, shared: str
-) -> None:
+def test_keys_are_issued_rotated_and_revoked_across_replicas(tmp_path: Path, shared: str) -> None:
     redis = RedisServer(tmp_path).start() if shared == "redis" else None
     one, two = replicas(tmp_path, f"redis://127.0.0.1:{redis.port}/0" if redis else "")
     try:
