@@ -44,7 +44,7 @@ def test_first_admin_without_a_server_then_changes_a_running_server_sees(
         )
         assert listed.status_code == 200  # the CLI's admin is an admin of the server
         team = token_of(cli(tmp_path, db, "create", "team", "--rpm", "50", "--metadata", "team=a"))
-        within(SEEN_WITHIN, lambda: chat(gw, team).status_code == 200)
+        within(SEEN_WITHIN, lambda: chat(gw, team).status_code == 200)  # root made /v1 guarded
 
         assert cli(tmp_path, db, "update", "team", "--models", "hot").returncode == 0
         within(SEEN_WITHIN, lambda: chat(gw, team).status_code == 403)

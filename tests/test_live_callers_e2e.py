@@ -19,6 +19,7 @@ from tests.support import ChatdProcess
 
 ADMIN = "adm-planted-operator-7c1e9b"
 SEEN_WITHIN = 2.0
+WRONG = "ck-000000000000-0000"
 
 
 def config(usage_db: str, redis_url: str = "") -> str:
@@ -60,6 +61,12 @@ def within(seconds: float, check: Callable[[], bool]) -> float:
     return time.monotonic() - began
 
 
+def knows(gw: ChatdProcess, token: str) -> bool:
+    """The replica has read the caller: its token passes and a wrong one does not (a
+    replica that knows no caller at all leaves /v1 open)."""
+    return chat(gw, token).status_code == 200 and chat(gw, WRONG).status_code == 401
+
+
 def create(gw: ChatdProcess, name: str, **fields: Any) -> str:
     made = admin(gw, "POST", "/admin/callers", json={"name": name, **fields})
     assert made.status_code == 201, made.text
@@ -88,7 +95,7 @@ def test_keys_are_issued_rotated_and_revoked_across_replicas(tmp_path: Path, sha
         token = create(one, "team-a", metadata={"team": "a"})
         assert chat(one, token).status_code == 200  # at once, where it was made
         assert chat(one, None).status_code == 401  # and now /v1 wants a token
-        within(SEEN_WITHIN, lambda: chat(two, token).status_code == 200)
+        within(SEEN_WITHIN, lambda: knows(two, token))
 
         rotated = admin(two, "POST", "/admin/callers/team-a/tokens")
         assert rotated.status_code == 201

@@ -52,6 +52,7 @@ class LiveCallers:
         self._poller: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._redis: Any = None
+        callers.loaded = False  # /v1 fails closed until the first read
 
     async def start(self) -> None:
         """Read every live caller (when the database answers), then keep polling."""
@@ -68,7 +69,7 @@ class LiveCallers:
         began = time.time()
         changed = await self.store.changed_since(self._cursor)
         self.apply(changed, spend=self._loaded)
-        self._loaded = True
+        self._loaded = self.callers.loaded = True
         self._cursor = began - OVERLAP_SECS
         if not self.up:
             if self._logged:
