@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from chatd.config import Settings
 from chatd.errors import (
@@ -141,7 +142,7 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             error = MethodNotAllowed(
                 f"{request.method} is not allowed on {request.url.path}",
-                headers=dict(exc.headers or {}),
+                headers={"Allow": allowed_methods(app, request)},
             )
         elif exc.status_code < 500:
             error = InvalidRequest(str(exc.detail))
@@ -156,3 +157,14 @@ def install_error_handlers(app: FastAPI) -> None:
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return error_response(InvalidRequest(message, param=param), request)
+
+
+def allowed_methods(app: FastAPI, request: Request) -> str:
+    """Every method some route takes on this path (Starlette names only the first
+    route's, and `/admin/callers` has one route per method)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))

@@ -9,16 +9,36 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    field_validator,
+)
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-NAME_RULE = "must match [a-z0-9][a-z0-9._-]{0,63}"
 MAX_METADATA = 32  # keys; a label set, not a document
 
 LARGEST = 10**12  # past any real limit, inside every database's integer
-Count = Annotated[int, Field(ge=0, le=LARGEST, strict=True)]
+
+
+def whole_number(value: Any) -> Any:
+    """An integer, or a float with nothing after the point (JSON's 5.0 is an integer);
+    never a string or a boolean."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number")
+    return value
+
+
+Count = Annotated[int, Field(ge=0, le=LARGEST), BeforeValidator(whole_number)]
 Money = Annotated[float, Field(ge=0, le=LARGEST, strict=True, allow_inf_nan=False)]
 Glob = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+Label = Annotated[StrictStr, Field(max_length=500)]
 
 
 def parse_expiry(value: Any) -> float | None:
@@ -46,47 +66,34 @@ def rfc3339(epoch: float | None) -> str | None:
 
 
 class CallerChange(BaseModel):
-    """`PATCH /admin/callers/{name}`: any of these; what is left out stays as it is."""
+    """`PATCH /admin/callers/{name}`: any of these; what is left out stays as it is. A
+    null is refused except for `expires_at` (never expires) and `metadata` (none)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
 
-    models: list[Glob] | None = Field(default=None, min_length=1, max_length=100)
-    rpm: Count | None = Field(default=None, description="Requests per minute; 0 = unlimited.")
-    tpm: Count | None = Field(default=None, description="Tokens per minute; 0 = unlimited.")
-    budget_usd: Money | None = Field(default=None, description="Spend per period; 0 = no cap.")
-    budget_period: Literal["day", "week", "month"] | None = None
-    max_concurrency: Count | None = None
-    admin: StrictBool | None = None
+    # Typed without None, defaulting to None: a field left out is None, one sent as null
+    # is a 400 naming it, and the published schema says so.
+    models: list[Glob] = Field(default=None, min_length=1, max_length=100)  # type: ignore[assignment]
+    rpm: Count = Field(default=None, description="Requests per minute; 0 = unlimited.")  # type: ignore[assignment]
+    tpm: Count = Field(default=None, description="Tokens per minute; 0 = unlimited.")  # type: ignore[assignment]
+    budget_usd: Money = Field(default=None, description="Spend per period; 0 = no cap.")  # type: ignore[assignment]
+    budget_period: Literal["day", "week", "month"] = None  # type: ignore[assignment]
+    max_concurrency: Count = None  # type: ignore[assignment]
+    admin: StrictBool = None  # type: ignore[assignment]
     expires_at: str | None = Field(
-        default=None, description="RFC 3339; after it the caller's tokens are refused."
+        default=None,
+        description="RFC 3339, in the future; after it the caller's tokens are refused.",
+        json_schema_extra={"format": "date-time"},
     )
-    metadata: dict[StrictStr, Annotated[StrictStr, Field(max_length=500)]] | None = Field(
-        default=None, description="A flat object of strings: team, owner, ..."
+    metadata: dict[StrictStr, Label] | None = Field(
+        default=None, max_length=MAX_METADATA, description="A flat object of strings."
     )
-    disabled: StrictBool | None = None
+    disabled: StrictBool = None  # type: ignore[assignment]
 
     @field_validator("expires_at", mode="before")
     @classmethod
     def _expiry(cls, value: Any) -> Any:
         parse_expiry(value)
-        return value
-
-    @field_validator(
-        "models", "rpm", "tpm", "budget_usd", "budget_period", "max_concurrency", "admin",
-        "disabled",
-    )  # fmt: skip
-    @classmethod
-    def _not_null(cls, value: Any) -> Any:
-        # Runs only on fields that were sent: a null sent is refused, one left out is not.
-        if value is None:
-            raise ValueError("may not be null")
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_size(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None and len(value) > MAX_METADATA:
-            raise ValueError(f"at most {MAX_METADATA} keys")
         return value
 
     def fields(self) -> dict[str, Any]:
@@ -102,11 +109,4 @@ class CallerChange(BaseModel):
 class NewCaller(CallerChange):
     """`POST /admin/callers`: a name, and any of the limits (defaults as for config)."""
 
-    name: StrictStr = Field(description="[a-z0-9][a-z0-9._-]{0,63}")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not NAME.match(value):
-            raise ValueError(NAME_RULE)
-        return value
+    name: StrictStr = Field(pattern=NAME.pattern, description="[a-z0-9][a-z0-9._-]{0,63}")

@@ -89,9 +89,10 @@ class LiveRecord:
         expires = self.fields["expires_at"]
         return "expired" if expires is not None and expires <= time.time() else "active"
 
-    def caller(self) -> Caller | None:
-        """The caller requests are checked against; None while it may not call."""
-        if self.revoked_at is not None or self.fields["disabled"]:
+    def caller(self, any_state: bool = False) -> Caller | None:
+        """The caller requests are checked against; None while it may not call (unless
+        `any_state`: its limits, for showing its spend)."""
+        if not any_state and (self.revoked_at is not None or self.fields["disabled"]):
             return None
         f = self.fields
         return Caller(

@@ -177,7 +177,7 @@ def found(record: LiveRecord | None, name: str) -> LiveRecord:
 
 
 def record_caller(record: LiveRecord | None) -> Caller | None:
-    return record.caller() if record is not None else None
+    return record.caller(any_state=True) if record is not None else None
 
 
 def issued(record: LiveRecord, token: str) -> Response:

@@ -49,7 +49,7 @@ class CallerInfo(BaseModel):
 
 class CallerDetail(CallerInfo):
     spend_usd: float | None = Field(description="Spent in the current budget period.")
-    period_start: str
+    period_start: str | None
 
 
 class CallerList(BaseModel):
