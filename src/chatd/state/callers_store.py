@@ -260,10 +260,9 @@ class CallerStore:
     # -- reads -------------------------------------------------------------------------
 
     async def get(self, name: str) -> LiveRecord | None:
-        async with self.transaction() as tx:
-            return await self._read(tx, name)
+        return await self._read(self, name)  # reads only: no write transaction
 
-    async def _read(self, tx: Tx, name: str) -> LiveRecord | None:
+    async def _read(self, tx: Tx | CallerStore, name: str) -> LiveRecord | None:
         rows = await tx.fetch("SELECT * FROM chatd_callers WHERE name = ?", name)
         if not rows:
             return None
