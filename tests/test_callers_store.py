@@ -1,4 +1,4 @@
-"""The live callers' store (SPEC §15): one suite, run on SQLite and on a real PostgreSQL."""
+"""The live callers' store: one suite, run on SQLite and on a real PostgreSQL."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Who is calling (docs/live-callers.md): callers' tokens, model allow-lists, and admission.
+"""Who is calling (docs/callers-and-usage.md, docs/live-callers.md): callers' tokens,
+model allow-lists, and admission.
 
 Callers come from two sources merged behind one look-up keyed by the SHA-256 of a token:
 the config file's (`replace_config`, which a reload calls) and live ones from the
@@ -269,13 +270,13 @@ class Callers:
             key = caller.tpm_key
             if local:
                 store.hit(key, tokens, 0, WINDOW_SECS)
-            else:  # Redis: off the request's end
+            else:  # Redis (docs/replicas-and-cache.md): off the request's end
                 spawn(store.window_hit(key, tokens, 0, WINDOW_SECS))
         if caller.budget_usd and cost:
             key, _, left = caller.period(time.time())
             if local:
                 store.incr(key, cost, left + 3600)
-            else:  # Redis: off the request's end
+            else:  # Redis (docs/replicas-and-cache.md): off the request's end
                 spawn(store.add(key, cost, left + 3600))
 
     async def load_spend(self, spent: Mapping[str, float], now: float | None = None) -> None:
