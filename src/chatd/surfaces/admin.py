@@ -45,10 +45,9 @@ def install_admin_routes(app: FastAPI, ops: Any) -> None:
         return ops.live  # type: ignore[no-any-return]
 
     def changeable(name: str) -> LiveCallers:
-        store = live()
-        if ops.callers.source_of(name) == "config":
+        if ops.callers is not None and ops.callers.source_of(name) == "config":
             raise ConfigCaller(f"caller {name} is in the config file; change it there")
-        return store
+        return live()
 
     @app.post(
         "/admin/callers",
@@ -59,13 +58,14 @@ def install_admin_routes(app: FastAPI, ops: Any) -> None:
     )
     async def create_caller(request: Request, admin: str = Depends(require_admin)) -> Response:
         """Make a live caller; the answer holds its token, which is never shown again."""
-        store = live()
+        live_callers = live()
         body = parse_body(NewCaller, await read_body(request, MAX_BODY))
         if ops.callers.source_of(body.name) == "config":
             raise_exists(body.name)
         fields = checked(body)
         fields.pop("name")
-        record, token = await store.write(store.store.create(body.name, fields, admin))
+        made = live_callers.store.create(body.name, fields, admin)
+        record, token = await live_callers.write(made)
         return issued(record, token)
 
     @app.get(
@@ -75,9 +75,10 @@ def install_admin_routes(app: FastAPI, ops: Any) -> None:
     )
     async def list_callers(admin: str = Depends(require_admin)) -> Response:
         """Every caller: the config file's and live ones (revoked ones too)."""
-        store = live()
+        live_callers = live()
         listed = [config_view(c) for c in ops.callers.callers.values() if c.source == "config"]
-        listed += [r.describe() for r in sorted(store.records.values(), key=lambda r: r.name)]
+        records = sorted(live_callers.records.values(), key=lambda r: r.name)
+        listed += [record.describe() for record in records]
         return json_response({"callers": listed})
 
     @app.get(
@@ -87,8 +88,8 @@ def install_admin_routes(app: FastAPI, ops: Any) -> None:
     )
     async def get_caller(name: str, admin: str = Depends(require_admin)) -> Response:
         """One caller, with what it spent in its current budget period."""
-        store = live()
-        record = store.records.get(name)
+        live_callers = live()
+        record = live_callers.records.get(name)
         caller = ops.callers.callers.get(name)
         if caller is not None and caller.source == "config":
             view = config_view(caller)
@@ -110,12 +111,12 @@ def install_admin_routes(app: FastAPI, ops: Any) -> None:
     ) -> Response:
         """Change any of models, rpm, tpm, budget_usd, budget_period, max_concurrency,
         admin, expires_at, metadata, disabled; it holds from the next request."""
-        store = changeable(name)
+        live_callers = changeable(name)
         body = parse_body(CallerChange, await read_body(request, MAX_BODY))
         fields = checked(body)
         if not fields:
             raise InvalidRequest("nothing to change: send at least one field")
-        record = await store.write(store.store.update(name, fields, admin))
+        record = await live_callers.write(live_callers.store.update(name, fields, admin))
         return json_response(found(record, name).describe())
 
     @app.post(
@@ -126,8 +127,8 @@ def install_admin_routes(app: FastAPI, ops: Any) -> None:
     )
     async def add_token(name: str, admin: str = Depends(require_admin)) -> Response:
         """Rotation: one more token; the older ones stay valid until revoked."""
-        store = changeable(name)
-        result = await store.write(store.store.add_token(name, admin))
+        live_callers = changeable(name)
+        result = await live_callers.write(live_callers.store.add_token(name, admin))
         if result is None:
             raise NotFound(f"no caller {name}")
         return issued(*result)
@@ -141,8 +142,8 @@ def install_admin_routes(app: FastAPI, ops: Any) -> None:
         name: str, token_id: str, admin: str = Depends(require_admin)
     ) -> Response:
         """Revoke one token; every replica refuses it within 2 s."""
-        store = changeable(name)
-        record = await store.write(store.store.revoke_token(name, token_id, admin))
+        live_callers = changeable(name)
+        record = await live_callers.write(live_callers.store.revoke_token(name, token_id, admin))
         if record is None:
             raise NotFound(f"caller {name} has no token {token_id}")
         return json_response(record.describe())
@@ -154,8 +155,8 @@ def install_admin_routes(app: FastAPI, ops: Any) -> None:
     )
     async def revoke_caller(name: str, admin: str = Depends(require_admin)) -> Response:
         """Revoke the caller and all its tokens; its ledger rows stay."""
-        store = changeable(name)
-        record = await store.write(store.store.revoke(name, admin))
+        live_callers = changeable(name)
+        record = await live_callers.write(live_callers.store.revoke(name, admin))
         return json_response(found(record, name).describe())
 
 
