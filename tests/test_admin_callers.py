@@ -156,3 +156,20 @@ def test_an_empty_admin_token_variable_refuses_to_start(tmp_path: Path) -> None:
     config.write_text('[chatd]\nadmin_token_env = "CHATD_TEST_EMPTY_ADMIN"\n')
     os.environ.pop("CHATD_TEST_EMPTY_ADMIN", None)
     assert main(["check-config", "--config", str(config)]) == 2
+
+
+async def test_auth_tokens_env_tokens_are_never_an_admins(
+    app_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHATD_TEST_BEARER", "bearer-only-token-4b1c")
+    settings = make_settings(
+        providers={"mock": {"kind": "mock"}},
+        default_provider="mock",
+        usage_db=f"sqlite:///{tmp_path / 'usage.sqlite3'}",
+        auth_tokens_env="CHATD_TEST_BEARER",
+    )
+    async with app_client(settings) as client:
+        token = bearer("bearer-only-token-4b1c")
+        refused = await client.get("/admin/callers", headers=token)
+        assert (refused.status_code, refused.json()["error"]["type"]) == (403, "forbidden")
+        assert (await client.get("/ui/api/overview", headers=token)).status_code == 200

@@ -94,7 +94,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     if ops.callers is not None:  # the dashboard: admins only, and callers' spend
         callers, ledger = ops.callers, ops.ledger
         app.state.ui_admin = callers.is_admin
-        app.state.spend_report = lambda: spend_report(callers, ledger)
+        app.state.spend_report = lambda: spend_report(callers, ledger) if callers.named else None
     app.state.cache = cache  # None unless [chatd.cache] enabled; see cache.get_or_run
     install_error_handlers(app)
     install_openapi(app)

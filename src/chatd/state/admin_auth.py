@@ -13,7 +13,8 @@ from starlette.types import Scope
 from chatd.config import ConfigError, Settings
 from chatd.errors import Forbidden, Unauthorized
 from chatd.state.auth import CHALLENGE, presented_token
-from chatd.state.callers import Callers
+from chatd.state.caller import Caller
+from chatd.state.callers import DEFAULT_CALLER, Callers
 
 OPERATOR = "admin_token"  # the name the audit trail gives the `admin_token_env` token
 
@@ -50,8 +51,13 @@ class AdminAuth:
             caller = self.callers.identify(token) if self.callers is not None else None
             if caller is None:
                 raise Unauthorized("invalid token", headers=dict(CHALLENGE))
-            if not caller.admin:
+            if not caller.admin or is_bearer_default(caller):
                 raise Forbidden(f"caller {caller.name} is not an admin")
             name = caller.name
         scope.setdefault("state", {}).setdefault("log", {})["caller"] = name
         return name
+
+
+def is_bearer_default(caller: Caller) -> bool:
+    """`auth_tokens_env`'s tokens (the `default` caller): inbound auth, never an admin's."""
+    return caller.name == DEFAULT_CALLER and caller.source == "config"

@@ -139,6 +139,11 @@ class Callers:
         """Is /v1 guarded? With any caller configured or ever made live."""
         return bool(self._config) or self.live_seen
 
+    @property
+    def named(self) -> bool:
+        """Any caller beyond `auth_tokens_env`'s `default`: what spend lists are about."""
+        return self.live_seen or any(name != DEFAULT_CALLER for name in self._config)
+
     def check(self) -> None:
         """Start-up check: a caller without a token could never call; say so."""
         for name, (_, hashes) in self._config.items():
@@ -325,5 +330,8 @@ def config_callers(
                 f"chatd.callers.{DEFAULT_CALLER}: the name is taken by auth_tokens_env's "
                 "tokens; name this caller otherwise"
             )
-        entries.append((Caller(DEFAULT_CALLER), default))
+        # Alone, they read all usage and the dashboard, as any inbound token did before
+        # callers existed; beside named callers they are one more caller. Never /admin
+        # (state/admin_auth.py).
+        entries.append((Caller(DEFAULT_CALLER, admin=not configured), default))
     return entries

@@ -108,7 +108,7 @@ def callers_view(
     """Every caller (docs/live-callers.md): source, state, limits and this period's
     spend; None when no caller exists. Never a token."""
     callers = ops.callers
-    if callers is None or not callers.active:
+    if callers is None or not callers.named:
         return None
     spent = {row["caller"]: row["spend_usd"] for row in spend or ()}
     rows: list[dict[str, Any]] = []
