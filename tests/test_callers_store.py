@@ -95,3 +95,14 @@ async def test_changed_since_reads_many_callers_with_their_tokens(store: CallerS
     assert len(everything) == 30
     assert all(len(r.tokens) == 1 and r.caller() is not None for r in everything)
     assert await store.changed_since(time.time() + 1) == []
+
+
+async def test_a_change_always_stamps_later_than_the_last_even_from_a_slower_clock(
+    store: CallerStore,
+) -> None:
+    await store.create("skewed", {}, "root")
+    ahead = time.time() + 100  # made by a replica whose clock runs 100 s ahead
+    async with store.transaction() as tx:
+        await tx.execute("UPDATE chatd_callers SET changed_at = ? WHERE name = ?", ahead, "skewed")
+    changed = await store.update("skewed", {"rpm": 3}, "root")
+    assert changed is not None and changed.changed_at > ahead

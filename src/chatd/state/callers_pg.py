@@ -38,6 +38,8 @@ class _PostgresTx:
 
 
 class PostgresCallerStore(CallerStore):
+    lock_row = " FOR UPDATE"
+
     def __init__(self, url: str) -> None:
         self.url = url
         self._pool: asyncpg.Pool | None = None

@@ -139,6 +139,7 @@ class CallerStore:
     """The statements; a back end supplies `transaction()`, `fetch()`, `open()`, `aclose()`."""
 
     url = ""
+    lock_row = ""  # PostgreSQL: " FOR UPDATE" (SQLite's writers already take turns)
 
     def transaction(self) -> AbstractAsyncContextManager[Tx]:
         raise NotImplementedError
@@ -181,25 +182,24 @@ class CallerStore:
 
     async def update(self, name: str, fields: dict[str, Any], admin: str) -> LiveRecord | None:
         """Change some fields of an unrevoked caller; None when there is none of that name."""
-        now = time.time()
         async with self.transaction() as tx:
-            sets = ", ".join(f"{k} = ?" for k in fields)
-            changed = await tx.execute(
-                f"UPDATE chatd_callers SET {sets}{', ' if sets else ''}changed_at = ? "
-                "WHERE name = ? AND revoked_at IS NULL",
+            now = await self._stamp(tx, name)
+            if now is None:
+                return None
+            sets = "".join(f"{k} = ?, " for k in fields)
+            await tx.execute(
+                f"UPDATE chatd_callers SET {sets}changed_at = ? WHERE name = ?",
                 *(stored(k, v) for k, v in fields.items()), now, name,
             )  # fmt: skip
-            if not changed:
-                return None
             await audit(tx, now, admin, "update", name, fields)
             return await self._read(tx, name)
 
     async def add_token(self, name: str, admin: str) -> tuple[LiveRecord, str] | None:
         """Rotation: one more token for the caller; the older ones stay valid."""
         token_id, token = new_token()
-        now = time.time()
         async with self.transaction() as tx:
-            if not await self._touch(tx, name, now):
+            now = await self._stamp(tx, name)
+            if now is None:
                 return None
             await tx.execute(
                 INSERT_TOKEN,
@@ -212,10 +212,10 @@ class CallerStore:
 
     async def revoke_token(self, name: str, token_id: str, admin: str) -> LiveRecord | None:
         """Revoke one token; None when the caller or that unrevoked token does not exist."""
-        now = time.time()
         try:
             async with self.transaction() as tx:
-                if not await self._touch(tx, name, now):
+                now = await self._stamp(tx, name)
+                if now is None:
                     return None
                 revoked = await tx.execute(
                     "UPDATE chatd_caller_tokens SET revoked_at = ? "
@@ -223,7 +223,7 @@ class CallerStore:
                     now, token_id, name,
                 )  # fmt: skip
                 if not revoked:
-                    raise _Missing  # and the touch is rolled back
+                    raise _Missing  # and the stamp is rolled back
                 await audit(tx, now, admin, "revoke_token", name, {"token_id": token_id})
                 return await self._read(tx, name)
         except _Missing:
@@ -231,15 +231,11 @@ class CallerStore:
 
     async def revoke(self, name: str, admin: str) -> LiveRecord | None:
         """Revoke the caller and every token it has; its ledger rows stay."""
-        now = time.time()
         async with self.transaction() as tx:
-            changed = await tx.execute(
-                "UPDATE chatd_callers SET revoked_at = ?, changed_at = ? "
-                "WHERE name = ? AND revoked_at IS NULL",
-                now, now, name,
-            )  # fmt: skip
-            if not changed:
+            now = await self._stamp(tx, name)
+            if now is None:
                 return None
+            await tx.execute("UPDATE chatd_callers SET revoked_at = ? WHERE name = ?", now, name)
             await tx.execute(
                 "UPDATE chatd_caller_tokens SET revoked_at = ? "
                 "WHERE caller = ? AND revoked_at IS NULL",
@@ -248,14 +244,20 @@ class CallerStore:
             await audit(tx, now, admin, "revoke", name, {})
             return await self._read(tx, name)
 
-    async def _touch(self, tx: Tx, name: str, now: float) -> bool:
-        return bool(
-            await tx.execute(
-                "UPDATE chatd_callers SET changed_at = ? WHERE name = ? AND revoked_at IS NULL",
-                now,
-                name,
-            )  # fmt: skip
+    async def _stamp(self, tx: Tx, name: str) -> float | None:
+        """Lock an unrevoked caller's row and move its `changed_at` on: now, or just past
+        the last change when the replica that made it had a clock ahead of ours (so a
+        newer copy always has the larger stamp). None when there is no such caller."""
+        rows = await tx.fetch(
+            "SELECT changed_at FROM chatd_callers WHERE name = ? AND revoked_at IS NULL"
+            + self.lock_row,
+            name,
         )
+        if not rows:
+            return None
+        now = max(time.time(), rows[0]["changed_at"] + 0.001)
+        await tx.execute("UPDATE chatd_callers SET changed_at = ? WHERE name = ?", now, name)
+        return now
 
     # -- reads -------------------------------------------------------------------------
 
