@@ -153,6 +153,25 @@ class ChatdConfig(BaseModel):
     app_name: str = "chatd"
     auth_tokens_env: str = ""
     shutdown_grace_secs: float = Field(default=30, ge=0)
+    # Exposed safely (docs/exposing.md): an open gateway only when said outright, and
+    # connections that must keep moving.
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="Serve a non-loopback bind with no callers and no auth_tokens_env "
+        "(a development box); logged as a warning, /ready says auth off.",
+    )
+    header_timeout_secs: float = Field(
+        default=10, gt=0, description="A request's headers must arrive within this, or 408."
+    )
+    keep_alive_secs: float = Field(
+        default=5, gt=0, description="An idle keep-alive connection is closed after this."
+    )
+    max_connections: int = Field(
+        default=4096, ge=1, description="Connections held open per worker; beyond: 503."
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="A request's headers over this: 431."
+    )
     # The read-only dashboard at /ui (ui/); false: no /ui routes and nothing per request.
     ui: bool = True
     # The HTTP transport under the providers' httpx clients (see providers/base.py).

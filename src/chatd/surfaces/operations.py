@@ -23,7 +23,7 @@ from chatd.config import Settings
 from chatd.errors import NotReady
 from chatd.providers.base import describe_failure, is_timeout
 from chatd.routing.registry import Registry
-from chatd.state.auth import BearerAuth, auth_tokens
+from chatd.state.auth import BearerAuth, auth_tokens, serves_open
 from chatd.state.callers import Callers
 from chatd.state.usage.ledger import Ledger
 from chatd.state.usage.prices import Prices
@@ -68,6 +68,7 @@ class Operations:
         self.billing = self.ledger is not None or self.callers is not None
         self.cost_facts = self.callers is not None or bool(settings.chatd.prices)
         self.shutdown_grace = settings.chatd.shutdown_grace_secs
+        self.open_gateway = serves_open(settings)  # /ready says "auth": "off"
         self._app: FastAPI | None = None
         self._routes: frozenset[str] = frozenset()
         self._probing: asyncio.Task[dict[str, Any]] | None = None
@@ -184,6 +185,8 @@ class Operations:
             error = NotReady(f"the default provider {default} is not registered")
             return error_response(error, request)
         body: dict[str, Any] = {"status": "ready", "default": default}
+        if self.open_gateway:
+            body["auth"] = "off"
         if probe:
             body["providers"] = await self.probe_all()
             if self.shared is not None:
