@@ -66,6 +66,12 @@ def test_an_open_bind_without_authentication_refuses_to_start_in_one_line(
     assert "Traceback" not in proc.stderr
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+    path = tmp_path / "chatd.toml"
+    cmd = [sys.executable, "-m", "chatd", "check-config", "--config", str(path)]
+    checked = subprocess.run(
+        [*cmd, "--bind", f"0.0.0.0:{port}"], capture_output=True, text=True, env=clean_env()
+    )
+    assert checked.returncode != 0 and "allow_unauthenticated" in checked.stderr
 
 
 def test_allow_unauthenticated_serves_with_a_warning_and_ready_says_auth_off(
