@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvloop
 
 from tests.support import ChatdProcess, provider_toml
 
@@ -35,6 +37,12 @@ def config(latency_ms: int) -> str:
     )
 
 
+def cpu_secs(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -45,8 +53,9 @@ def rss_mb(pid: int) -> float:
 # -- the slow side (its own process, so its work does not slow the callers' loop) ---------
 
 
-async def trickler(port: int, until: float, interval: float, tally: dict[str, Any]) -> None:
-    n = 0
+async def trickler(port: int, until: float, live: set[Any], tally: dict[str, Any]) -> None:
+    """One slow connection after another: each sends a request line and then, when the
+    ticker says, one more header line; chatd closes it, and it opens again."""
     while time.monotonic() < until:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -57,17 +66,13 @@ async def trickler(port: int, until: float, interval: float, tally: dict[str, An
         opened = time.monotonic()
         tally["opened"] += 1
         writer.write(b"GET /health HTTP/1.1\r\nHost: chatd\r\n")
+        live.add(writer)
         try:
-            while time.monotonic() < until:
-                try:
-                    if await asyncio.wait_for(reader.read(4096), interval) == b"":
-                        break  # chatd closed it
-                    continue  # its 408 (the close follows)
-                except TimeoutError:
-                    n += 1
-                    writer.write(b"X-Slow-%d: still coming\r\n" % n)
+            while await reader.read(4096):
+                pass  # its 408; the close follows
         except OSError:
             pass
+        live.discard(writer)
         if time.monotonic() < until:
             tally["closed_by_chatd"] += 1
             tally["longest_secs"] = max(tally["longest_secs"], time.monotonic() - opened)
@@ -75,17 +80,30 @@ async def trickler(port: int, until: float, interval: float, tally: dict[str, An
 
 
 def slow_side(port: int, count: int, secs: float, interval: float, out: Any) -> None:
+    # Load generation, not the system under test: on a shared 2-core machine it must not
+    # take the CPU chatd and the ordinary callers need (a real slow client is elsewhere).
+    os.nice(10)
+
     async def main() -> dict[str, Any]:
         tally = {"opened": 0, "closed_by_chatd": 0, "connect_errors": 0, "longest_secs": 0.0}
         until = time.monotonic() + secs
+        live: set[Any] = set()
         tasks = []
         for _ in range(count):  # ramped over about two seconds
-            tasks.append(asyncio.ensure_future(trickler(port, until, interval, tally)))
+            tasks.append(asyncio.ensure_future(trickler(port, until, live, tally)))
             await asyncio.sleep(2 / count)
-        await asyncio.gather(*tasks)
+        n = 0
+        while time.monotonic() < until:
+            await asyncio.sleep(interval)
+            n += 1
+            for writer in list(live):
+                writer.write(b"X-Slow-%d: still coming\r\n" % n)
+        for writer in list(live):
+            writer.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
         return tally
 
-    out.put(asyncio.run(main()))
+    out.put(uvloop.run(main()))
 
 
 # -- the ordinary callers ---------------------------------------------------------------
@@ -135,7 +153,9 @@ def main() -> int:
         pid = chatd.proc.pid
         asyncio.run(callers(chatd.url, args.callers, 2))  # warm-up
         rss_start = rss_mb(pid)
-        quiet, quiet_failures = asyncio.run(callers(chatd.url, args.callers, args.quiet_secs))
+        cpu = cpu_secs(pid)
+        quiet, quiet_failures = uvloop.run(callers(chatd.url, args.callers, args.quiet_secs))
+        quiet_cpu, cpu = cpu_secs(pid) - cpu, cpu_secs(pid)
         out: Any = multiprocessing.get_context("spawn").Queue()
         slow = multiprocessing.get_context("spawn").Process(
             target=slow_side, args=(chatd.port, args.slow, args.secs + 3, args.interval, out)
@@ -156,7 +176,8 @@ def main() -> int:
             finally:
                 sampler.cancel()
 
-        loaded, loaded_failures = asyncio.run(loaded_run())
+        loaded, loaded_failures = uvloop.run(loaded_run())
+        loaded_cpu = cpu_secs(pid) - cpu
         tally = out.get(timeout=60)
         slow.join(30)
         metrics = httpx.get(chatd.url + "/metrics").text
@@ -168,6 +189,12 @@ def main() -> int:
     print(f"loaded run ({args.callers} callers + {args.slow} slow, {args.secs:g} s): "
           f"{loaded_p}, failed {loaded_failures}")  # fmt: skip
     print(f"slow side: {tally}")
+    print(
+        f"chatd CPU: quiet {quiet_cpu:.1f} s ({quiet_cpu / args.quiet_secs:.0%} of a core, "
+        f"{quiet_cpu / len(quiet) * 1e6:.0f} µs a request); loaded {loaded_cpu:.1f} s "
+        f"({loaded_cpu / args.secs:.0%}, {loaded_cpu / len(loaded) * 1e6:.0f} µs a request "
+        "with the slow connections' share)"
+    )
     print("chatd's counters: " + "; ".join(slow_closed))
     print(f"chatd RSS MB: start {rss_start:.1f}, during {[round(r, 1) for r in rss_samples]}, "
           f"end {rss_end:.1f}")  # fmt: skip
