@@ -205,6 +205,12 @@ class Guarded(HttpToolsProtocol):
         self.head_bytes = 0
         super().on_headers_complete()
 
+    def handle_websocket_upgrade(self) -> None:
+        # uvicorn hands the connection to its WebSocket protocol, which counts itself.
+        self.admitted = False
+        self.doorway.metrics.open.dec()
+        super().handle_websocket_upgrade()
+
     def head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
@@ -213,6 +219,8 @@ class Guarded(HttpToolsProtocol):
     def check(self, now: float) -> None:
         """Close this connection if it has been too slow in its phase."""
         if not self.admitted or self.lingering is not None or self.transport.is_closing():
+            return
+        if self.pipeline:  # requests queued behind an answer: uvicorn stopped reading
             return
         phase, cycle, doorway = self.phase, self.cycle, self.doorway
         if phase == BODY and (not cycle.more_body or cycle.response_complete):
