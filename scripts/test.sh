@@ -45,6 +45,14 @@ if ((${#missing[@]})); then
   fi
 fi
 
+# Arize Phoenix, the trace backend the tracing tests start and read spans back from, in
+# an environment of its own (its dependencies would clash with chatd's).
+if [[ ! -x .venv-phoenix/bin/phoenix ]]; then
+  "$PYTHON" -m venv .venv-phoenix
+  .venv-phoenix/bin/python -m pip install -q --disable-pip-version-check arize-phoenix \
+    >/tmp/chatd-phoenix.log 2>&1 || echo "installing arize-phoenix failed; see /tmp/chatd-phoenix.log"
+fi
+
 .venv/bin/ruff check src tests
 .venv/bin/ruff format --check src tests
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

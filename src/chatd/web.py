@@ -41,7 +41,7 @@ def note_served(request: Request, served: Any) -> None:
         attempts=served.attempts,
     )
     endpoint = getattr(served, "endpoint", None)
-    if endpoint is not None:  # a provider with several endpoints (SPEC §10)
+    if endpoint is not None:  # a provider with several endpoints (docs/routing.md)
         note(request, endpoint=endpoint)
 
 
@@ -71,7 +71,7 @@ def error_response(
 
 
 def error_body(error: ChatdError, scope: Scope | None) -> Any:
-    """The §3 envelope, unless the app gave the request's path a shape of its own:
+    """The error envelope, unless the app gave the request's path a shape of its own:
     `app.state.error_shapes` maps a path prefix to a function of the error (the
     Anthropic surface answers in Anthropic's shape)."""
     if scope is not None:
@@ -247,11 +247,13 @@ class RequestContext:
         logger: Any,
         authorize: Callable[[Scope], ChatdError | None] | None = None,
         finished: Callable[[Scope, int, float], None] | None = None,
+        started: Callable[[Scope], None] | None = None,
     ) -> None:
         self.app = app
         self.logger = logger
         self.authorize = authorize  # returns the error to refuse the request with, or None
         self.finished = finished
+        self.started = started  # tracing's server span, when it is on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -262,6 +264,8 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         header = (REQUEST_ID_HEADER, request_id.encode())
         status = 0  # 0 until the response starts
+        if self.started is not None:
+            self.started(scope)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status

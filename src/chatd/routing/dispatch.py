@@ -93,11 +93,12 @@ class Dispatcher:
         *,
         backoff: Callable[[int], float] = backoff_delay,
         observer: Observer | None = None,
+        tracing: Any = None,
     ) -> None:
         self.registry = registry
         self.observer = observer or Observer()
         self.guards: dict[str, Guard] = {}
-        # SPEC §10: providers configured with `endpoints` (and those a balanced alias
+        # providers configured with `endpoints` (and those a balanced alias
         # weighs) are served through a Balancer; every other provider takes the plain path.
         self.alias_options = registry.alias_options  # table-form aliases only
         self.balancers: dict[str, Balancer] = {}
@@ -109,7 +110,7 @@ class Dispatcher:
             if options.mode == "balance":
                 for target in registry.aliases.get(alias, ()):
                     self._balance(target)
-        self.calls = TargetCalls(self.guard, self.balancers, backoff, self.observer)
+        self.calls = TargetCalls(self.guard, self.balancers, backoff, self.observer, tracing)
 
     def _balance(self, target: str) -> None:
         """Track the load of `target`'s provider (a balanced alias orders by it)."""
@@ -209,7 +210,7 @@ class Dispatcher:
         targets = self.registry.targets(model)
         hedge_after = 0.0
         spent: set[str] | None = None  # a hedged alias: the targets its hedges called
-        if self.alias_options:  # table-form aliases (SPEC §10); none: nothing to do
+        if self.alias_options:  # table-form aliases (docs/routing.md); none: nothing to do
             options = self.alias_options.get(model.strip())
             if options is not None:
                 if options.mode == "balance":
@@ -264,7 +265,7 @@ class Dispatcher:
         tally: Tally,
         after: float,
     ) -> tuple[Route, Any]:
-        """An alias with `hedge_after_ms`: the target, hedged on the next one (SPEC §10)."""
+        """An alias with `hedge_after_ms`: the target, hedged on the next one (docs/routing.md)."""
 
         async def hedge() -> Any:
             for target in later:
@@ -275,7 +276,7 @@ class Dispatcher:
                     other = self.registry.resolve(target)
                 except (ProviderNotFound, ProviderDisabled):
                     continue
-                return self.calls.try_target(other, attempt, deadline, tally)
+                return self.calls.try_target(other, attempt, deadline, tally, hedge=True)
             return None
 
         first = self.calls.try_target(route, attempt, deadline, tally)
@@ -285,7 +286,7 @@ class Dispatcher:
         return served, result
 
     def _lightest_first(self, targets: list[str]) -> list[str]:
-        """A balanced alias's targets by their providers' load, lightest first (SPEC §10)."""
+        """A balanced alias's targets by their providers' load, lightest first (docs/routing.md)."""
 
         def load(target: str) -> float:
             try:
