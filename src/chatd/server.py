@@ -4,8 +4,9 @@ with a header deadline, a body deadline, a header size limit and `max_connection
 uvicorn has no header-read timeout of its own, but takes its HTTP protocol as a class
 (`uvicorn.run(http=...)`). `Guarded` is that class; each worker process has one `Doorway`
 (a pickled copy under `--workers N`) that holds the limits, the counters and one sweep
-timer. A request pays two attribute writes and two clock reads, not a timer of its own:
-the sweep walks the worker's connections every `tick` seconds and closes the late ones.
+timer. A request pays a few attribute writes and two clock reads, not a timer of its own: the
+sweep compares each connection's `deadline` with the clock every `tick` seconds and looks
+closer only at those past it (at most every `header_timeout_secs` for a busy one).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import http
+import math
 from typing import Any
 
 import orjson
@@ -126,7 +128,7 @@ class Doorway:
         now = loop.time()
         try:
             for connection in list(connections):
-                if isinstance(connection, Guarded):
+                if getattr(connection, "deadline", math.inf) <= now:
                     connection.check(now)
         finally:
             self._sweeping = loop.call_later(self.tick, self.sweep, connections, loop)
@@ -134,6 +136,8 @@ class Doorway:
 
 class Guarded(HttpToolsProtocol):
     """uvicorn's httptools protocol, bounded: see the module's docstring."""
+
+    deadline = math.inf  # when the sweep next looks (loop time)
 
     def __init__(self, *args: Any, doorway: Doorway, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -157,6 +161,7 @@ class Guarded(HttpToolsProtocol):
         super().connection_made(transport)
         self.admitted = True
         self.since = self.loop.time()
+        self.deadline = self.since + doorway.header_timeout
         doorway.metrics.open.inc()
         doorway.watch(self.connections, self.loop)
 
@@ -189,6 +194,7 @@ class Guarded(HttpToolsProtocol):
         if self.cycle is not None:  # a later request on a kept-alive connection
             self.phase = HEAD
             self.since = self.loop.time()
+            self.deadline = self.since + self.doorway.header_timeout
 
     def on_headers_complete(self) -> None:
         limit = self.doorway.max_header_bytes
@@ -202,6 +208,7 @@ class Guarded(HttpToolsProtocol):
             return
         self.phase = BODY
         self.since = self.loop.time()
+        self.deadline = self.since + self.doorway.header_timeout  # a first look; see check
         self.head_bytes = 0
         super().on_headers_complete()
 
@@ -217,12 +224,14 @@ class Guarded(HttpToolsProtocol):
     # -- the sweep's visit ---------------------------------------------------------
 
     def check(self, now: float) -> None:
-        """Close this connection if it has been too slow in its phase."""
+        """Past its deadline: close this connection if it was too slow in its phase, else
+        say when to look again."""
         if not self.admitted or self.lingering is not None or self.transport.is_closing():
             return
+        phase, cycle, doorway = self.phase, self.cycle, self.doorway
+        self.deadline = again = now + doorway.header_timeout
         if self.pipeline:  # requests queued behind an answer: uvicorn stopped reading
             return
-        phase, cycle, doorway = self.phase, self.cycle, self.doorway
         if phase == BODY and (not cycle.more_body or cycle.response_complete):
             self.phase = phase = BUSY
         if phase == BUSY:
@@ -231,7 +240,9 @@ class Guarded(HttpToolsProtocol):
             if cycle.response_complete and self.timeout_keep_alive_task is None:
                 self.phase, self.since = HEAD, now
             return
-        if now - self.since < (doorway.header_timeout if phase == HEAD else doorway.body_timeout):
+        limit = self.since + (doorway.header_timeout if phase == HEAD else doorway.body_timeout)
+        if now < limit:
+            self.deadline = min(limit, again)
             return
         doorway.metrics.slow.labels("headers" if phase == HEAD else "body").inc()
         if phase == BODY:
