@@ -19,9 +19,11 @@ from chatd.errors import (
     MethodNotAllowed,
     NotFound,
 )
+from chatd.reloading import Reloader, first_snapshot
 from chatd.replicas import replica_state
 from chatd.routing.dispatch import Dispatcher
 from chatd.routing.registry import Registry
+from chatd.state.snapshot import Current
 from chatd.state.usage.spend import spend_report
 from chatd.surfaces.anthropic import install_anthropic_routes
 from chatd.surfaces.chat import install_chat_routes
@@ -31,6 +33,7 @@ from chatd.surfaces.contract.operations import Health, ProviderListing
 from chatd.surfaces.embeddings import install_embeddings_routes
 from chatd.surfaces.openai import install_openai_routes
 from chatd.surfaces.operations import Operations
+from chatd.surfaces.reload import install_reload_route
 from chatd.surfaces.usage import install_usage_routes
 from chatd.ui import install_ui
 from chatd.web import (
@@ -44,13 +47,18 @@ from chatd.web import (
 log = logging.getLogger("chatd")
 
 
-def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
-    """Build an isolated chatd app; providers' clients open and close with its lifespan."""
+def create_app(
+    settings: Settings, registry: Registry | None = None, *, reload_signal: bool = False
+) -> FastAPI:
+    """Build an isolated chatd app; providers' clients open and close with its lifespan.
+    `reload_signal`: SIGHUP reloads the config (the server's own process only)."""
     registry = registry or Registry.from_settings(settings)
     ops = Operations(settings, registry)  # SPEC §9: metrics, request log, /ready, auth
     dispatcher = Dispatcher(registry, observer=ops.metrics)
-    ops.balancers = dispatcher.balancers  # SPEC §10: endpoint state in the listing
     state, cooldowns, cache = replica_state(settings, registry, dispatcher, ops)
+    # The configuration each request takes as it arrives; a reload swaps it (reloading.py).
+    current = Current(first_snapshot(settings, registry, dispatcher, cache))
+    ops.current = current
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,13 +67,15 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await state.start()
             await cooldowns.start()
         await ops.start()  # after the shared state: callers' spend is read back into it
+        await reloader.start(signals=reload_signal)
         try:
             yield
         finally:
+            await reloader.aclose()
             if state is not None and cooldowns is not None:
                 await cooldowns.aclose()
                 await state.aclose()
-            await registry.aclose()
+            await current.snapshot.registry.aclose()
             await ops.aclose()
 
     app = FastAPI(
@@ -75,7 +85,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    reloader = Reloader(current, ops, state=state, cooldowns=cooldowns, app=app)
     app.state.settings = settings
+    app.state.reloader = reloader
     app.state.registry = registry
     app.state.dispatcher = dispatcher
     app.state.operations = ops
@@ -89,15 +101,22 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.cache = cache  # None unless [chatd.cache] enabled; see cache.get_or_run
     install_error_handlers(app)
     install_openapi(app)
-    app.add_middleware(RequestContext, logger=log, authorize=ops.authorize, finished=ops.finished)
+    app.add_middleware(
+        RequestContext,
+        logger=log,
+        authorize=ops.authorize,
+        finished=ops.finished,
+        config=current,
+    )
     ops.install(app)
 
-    install_chat_routes(app, dispatcher, settings, cache)
-    install_openai_routes(app, dispatcher, registry, settings, cache)
-    install_embeddings_routes(app, dispatcher, settings)
-    install_anthropic_routes(app, dispatcher, settings)
+    install_chat_routes(app, settings)
+    install_openai_routes(app, settings)
+    install_embeddings_routes(app, settings)
+    install_anthropic_routes(app, settings)
     install_usage_routes(app, ops)
-    install_ui(app, ops, dispatcher, settings)
+    install_reload_route(app, reloader.reload, ops.callers)
+    install_ui(app, ops, settings)
 
     @app.get(
         "/v1/chat/providers",

@@ -64,11 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(args.config)
-        check_auth_config(settings)
-        callers = Callers.from_settings(settings)
-        if callers is not None:
-            callers.check()
+        settings = load_checked(args.config)  # exactly what a reload checks
         if args.bind:
             try:
                 parse_bind(args.bind)
@@ -77,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise ConfigError("--workers: must be 1 or more")
     except ConfigError as exc:
-        print(f"chatd: config error: {exc}", file=sys.stderr)
+        print(refusal_line(exc), file=sys.stderr)
         return 2
     if args.command == "check-config":
         try:
@@ -88,6 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "usage":
         return print_usage(settings, args)
     return serve(settings, args)
+
+
+def load_checked(path: str | None) -> Settings:
+    """The config file read and checked as start-up (and a reload) does; raises ConfigError."""
+    settings = load_settings(path)
+    check_auth_config(settings)
+    callers = Callers.from_settings(settings)
+    if callers is not None:
+        callers.check()
+    return settings
+
+
+def refusal_line(error: ConfigError) -> str:
+    """The one line a bad config gets, from `check-config` and from a reload alike."""
+    return f"chatd: config error: {error}"
 
 
 def print_usage(settings: Settings, args: argparse.Namespace) -> int:
@@ -175,15 +186,36 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="chatd-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_dir
         try:
-            uvicorn.run("chatd.cli:app_factory", factory=True, workers=args.workers, **common)
+            config = uvicorn.Config(
+                "chatd.cli:app_factory", factory=True, workers=args.workers, **common
+            )
+            workers_supervisor()(config, sockets=[config.bind_socket()]).run()
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         exit_zero_after_drain()
-        app = create_app(settings)
+        app = create_app(settings, reload_signal=True)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app's own handler is in
         settle_heap()
         uvicorn.run(app, **common)
     return 0
+
+
+def workers_supervisor() -> type:
+    """uvicorn's `--workers` parent, but SIGHUP is passed on to every worker (each
+    reloads its config, docs/reload.md) instead of restarting them all."""
+    from uvicorn.supervisors import Multiprocess
+
+    class Workers(Multiprocess):  # type: ignore[misc]
+        def handle_hup(self) -> None:
+            for process in self.processes:
+                if process.pid is not None:
+                    try:
+                        os.kill(process.pid, signal.SIGHUP)
+                    except ProcessLookupError:  # it just died; its replacement reads anew
+                        pass
+
+    return Workers
 
 
 def exit_zero_after_drain() -> None:
@@ -198,7 +230,8 @@ def app_factory() -> Any:
     from chatd.app import create_app
 
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"), os.environ.get(LOG_FORMAT_ENV, "json"))
-    app = create_app(load_settings())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP before start-up ends: no-op
+    app = create_app(load_settings(), reload_signal=True)
     settle_heap()
     return app
 

@@ -166,6 +166,16 @@ class ChatdConfig(BaseModel):
     prices: dict[str, Price] = Field(default_factory=dict)
     usage_db: str = DEFAULT_USAGE_DB
     usage_buffer_rows: int = Field(default=100_000, ge=1)
+    admin_token_env: str = Field(
+        default="",
+        description="Environment variable holding the operator's token for /admin/* "
+        "(POST /admin/reload); empty: only admin callers may use /admin/*.",
+    )
+    watch_config: bool = Field(
+        default=False,
+        description="Reload when the config file changes (its directory is watched, so a "
+        "Kubernetes ConfigMap's symlink swap counts); see docs/reload.md.",
+    )
 
     @field_validator("usage_db")
     @classmethod

@@ -106,32 +106,43 @@ class Dispatcher:
         *,
         backoff: Callable[[int], float] = backoff_delay,
         observer: Observer | None = None,
+        previous: Dispatcher | None = None,
     ) -> None:
         self.registry = registry
         self.backoff = backoff  # seconds before the n-th retry (0-based) absent a Retry-After
         self.observer = observer or Observer()
+        # A reload (docs/reload.md): a provider that is `previous`'s very instance keeps
+        # its limiter, breaker and (balanced) latency estimates.
         self.guards: dict[str, Guard] = {}
+        if previous is not None:
+            self.guards = {
+                name: guard
+                for name, guard in previous.guards.items()
+                if previous.registry.providers.get(name) is registry.providers.get(name)
+            }
         # SPEC §10: providers configured with `endpoints` (and those a balanced alias
         # weighs) are served through a Balancer; every other provider takes the plain path.
         self.alias_options = registry.alias_options  # table-form aliases only
         self.balancers: dict[str, Balancer] = {}
         for name, providers in registry.endpoints.items():
-            self.balancers[name] = Balancer(
+            self.balancers[name] = kept_balancer(previous, name, providers) or Balancer(
                 name, providers[0].config, providers, observer=self.observer
             )
         for alias, options in self.alias_options.items():
             if options.mode == "balance":
                 for target in registry.aliases.get(alias, ()):
-                    self._balance(target)
+                    self._balance(target, previous)
 
-    def _balance(self, target: str) -> None:
+    def _balance(self, target: str, previous: Dispatcher | None = None) -> None:
         """Track the load of `target`'s provider (a balanced alias orders by it)."""
         try:
             provider = self.registry.resolve(target).provider
         except ChatdError:
             return
         if provider.name not in self.balancers:
-            self.balancers[provider.name] = Balancer(
+            self.balancers[provider.name] = kept_balancer(
+                previous, provider.name, [provider]
+            ) or Balancer(
                 provider.name,
                 provider.config,
                 [provider],
@@ -525,6 +536,16 @@ class GuardedEvents(AsyncIterator[E]):
             await _aclose(self._events)
         finally:
             self._guard.limiter.release()
+
+
+def kept_balancer(
+    previous: Dispatcher | None, name: str, providers: list[Provider]
+) -> Balancer | None:
+    """On a reload: `previous`'s balancer for `name` if it balanced these very instances."""
+    old = previous.balancers.get(name) if previous is not None else None
+    if old is None or [e.provider for e in old.endpoints] != providers:
+        return None
+    return old
 
 
 def had_whole_timeout(remaining: float, provider: Provider) -> bool:

@@ -237,6 +237,19 @@ class Callers:
             entries.append((Caller(DEFAULT_CALLER), default))
         return cls(entries)
 
+    def replace(self, new: Callers) -> None:
+        """A reload (docs/reload.md): `new`'s callers and tokens in one step; a caller
+        whose limits did not change stays the same object (its in-flight count too)."""
+        fields = ("models", "rpm", "tpm", "budget_usd", "budget_period", "max_concurrency", "admin")
+        same = {
+            name: old
+            for name, old in self.callers.items()
+            if (fresh := new.callers.get(name)) is not None
+            and all(getattr(old, f) == getattr(fresh, f) for f in fields)
+        }
+        tokens = [(token, same.get(caller.name, caller)) for token, caller in new._tokens]
+        self.callers, self._tokens = {**new.callers, **same}, tokens
+
     def check(self) -> None:
         """Start-up check: a caller without a token could never call; say so."""
         named = {caller.name for _, caller in self._tokens}
