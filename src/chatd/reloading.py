@@ -164,16 +164,17 @@ class Reloader:
     # -- the reload ---------------------------------------------------------------
 
     async def reload(self, trigger: str) -> Snapshot:
-        """Read, check, build and swap in the config file; raises ConfigError (logged,
-        counted, the old one kept) for a bad one."""
+        """Read, check, build and swap in the config file. A bad one raises ConfigError
+        whose text is check-config's line (logged, counted; the old one serves on)."""
         async with self._lock:  # one at a time: each builds on the one before
             old = self.current.snapshot
             try:
                 settings, sha = await asyncio.to_thread(self._read)
             except ConfigError as exc:
-                log.error(refusal_line(exc))
+                line = refusal_line(exc)
+                log.error(line)
                 self.ops.metrics.reloaded("rejected", old.generation)
-                raise
+                raise ConfigError(line) from None
             settings = self._keep_restart_keys(old.settings, settings)
             callers = Callers.from_settings(settings) if self.ops.callers is not None else None
             new = await self._build(old, settings, sha)

@@ -50,7 +50,7 @@ def install_reload_route(
         try:
             snapshot = await reload(f"POST {PATH}")
         except ConfigError as exc:
-            raise ConfigRefused(f"config error: {exc}") from None
+            raise ConfigRefused(str(exc)) from None  # check-config's own line
         return json_response({"status": "reloaded", "config": snapshot.describe()})
 
 
