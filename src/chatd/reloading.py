@@ -154,6 +154,7 @@ class Reloader:
         """At shutdown: stop the triggers; close every provider a reload retired."""
         if self._signal:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a late one must not kill the drain
         await stop(self._watching)
         await stop(self._retiring)
         for _, providers in self._draining:
@@ -182,7 +183,8 @@ class Reloader:
             self.current.snapshot = new
             if callers is not None and self.ops.callers is not None:
                 self.ops.callers.replace(callers)
-            if self.app is not None:  # conveniences for tests and the dashboard
+            if self.app is not None:  # conveniences for tests; requests read their own
+                self.app.state.settings = new.settings
                 self.app.state.registry = new.registry
                 self.app.state.dispatcher = new.dispatcher
                 self.app.state.cache = new.cache
