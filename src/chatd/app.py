@@ -1,15 +1,18 @@
-"""`create_app(settings)`: the FastAPI application, its routes and error handlers (SPEC §3)."""
+"""`create_app(settings)`: the FastAPI application, its routes and error handlers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import Scope
 
 from chatd.config import Settings
 from chatd.errors import (
@@ -35,6 +38,7 @@ from chatd.surfaces.openai import install_openai_routes
 from chatd.surfaces.operations import Operations
 from chatd.surfaces.reload import install_reload_route
 from chatd.surfaces.usage import install_usage_routes
+from chatd.telemetry.tracing import Tracing, build_tracing
 from chatd.ui import install_ui
 from chatd.web import (
     ClientGone,
@@ -53,8 +57,9 @@ def create_app(
     """Build an isolated chatd app; providers' clients open and close with its lifespan.
     `reload_signal`: SIGHUP reloads the config (the server's own process only)."""
     registry = registry or Registry.from_settings(settings)
-    ops = Operations(settings, registry)  # SPEC §9: metrics, request log, /ready, auth
-    dispatcher = Dispatcher(registry, observer=ops.metrics)
+    ops = Operations(settings, registry)  # metrics, request log, /ready, auth
+    tracing = build_tracing(settings)  # None unless [chatd.tracing] or OTEL_* say where
+    dispatcher = Dispatcher(registry, observer=ops.metrics, tracing=tracing)
     state, cooldowns, cache = replica_state(settings, registry, dispatcher, ops)
     # The configuration each request takes as it arrives; a reload swaps it (reloading.py).
     current = Current(first_snapshot(settings, registry, dispatcher, cache))
@@ -77,6 +82,8 @@ def create_app(
                 await state.aclose()
             await current.snapshot.registry.aclose()
             await ops.aclose()
+            if tracing is not None:  # the spans still queued go out, within the timeout
+                await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(
         title="chatd",
@@ -91,7 +98,7 @@ def create_app(
     app.state.registry = registry
     app.state.dispatcher = dispatcher
     app.state.operations = ops
-    # SPEC §12: every model-calling route awaits app.state.admit(request, model) after
+    # every model-calling route awaits app.state.admit(request, model) after
     # parsing; None (nothing to await) when no callers are configured.
     app.state.admit = ops.callers.admit if ops.callers is not None else None
     if ops.callers is not None:  # the dashboard: admins only, and callers' spend
@@ -105,7 +112,8 @@ def create_app(
         RequestContext,
         logger=log,
         authorize=ops.authorize,
-        finished=ops.finished,
+        finished=ops.finished if tracing is None else traced(tracing, ops.finished),
+        started=None if tracing is None else tracing.started,
         config=current,
     )
     ops.install(app)
@@ -137,8 +145,21 @@ def create_app(
     return app
 
 
+def traced(tracing: Tracing, finished: Callable[[Scope, int, float], None]) -> Any:
+    """The request's end: its server span closed, then its log line and metrics."""
+
+    def end(scope: Scope, status: int, seconds: float) -> None:
+        try:
+            tracing.finished(scope, status or 499)
+        except Exception:  # a span must never take a request down
+            log.exception("tracing failed")
+        finished(scope, status, seconds)
+
+    return end
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error, on every route, leaves as the SPEC §3 envelope."""
+    """Every error, on every route, leaves as the error envelope."""
 
     @app.exception_handler(ChatdError)
     async def chatd_error(request: Request, exc: ChatdError) -> Response:

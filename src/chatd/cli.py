@@ -1,4 +1,4 @@
-"""The `chatd` command: serve, or `check-config` (SPEC §5, §9)."""
+"""The `chatd` command: serve, or `check-config` (docs/getting-started.md, docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import sys
 import tempfile
 from typing import Any
 
+from chatd import __version__
 from chatd.config import ConfigError, Settings, load_settings, parse_bind, resolve_key
 from chatd.state.auth import auth_tokens, check_auth_config
 from chatd.state.callers import Callers
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command", nargs="?", choices=["serve", "check-config", "usage"], default="serve"
     )
+    parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     parser.add_argument("--config", metavar="PATH", help="lakehouse.toml to read")
     parser.add_argument("--bind", metavar="HOST:PORT", help="listen address (beats CHATD_BIND)")
     parser.add_argument(
@@ -221,7 +223,7 @@ def workers_supervisor() -> type:
 def exit_zero_after_drain() -> None:
     """SIGTERM → uvicorn drains in-flight requests and streams (up to shutdown_grace_secs),
     then re-raises the signal it caught under the handler that was there before it ran.
-    Make that handler a no-op so the drained process exits 0 (SPEC §8), not -15."""
+    Make that handler a no-op so the drained process exits 0, not -15."""
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
@@ -319,7 +321,7 @@ def describe_settings(settings: Settings) -> str:
             key = f"{cfg.key_env} {'set' if resolve_key(cfg) else 'unset'}"
         keyed = not cfg.needs_key or key.endswith(" set")
         endpoint_lines = []
-        if cfg.endpoints:  # SPEC §10: registered when one endpoint's key resolves
+        if cfg.endpoints:  # registered when one endpoint's key resolves
             keyed = False
             for entry in cfg.endpoints:
                 key_env = entry.key_env or cfg.key_env

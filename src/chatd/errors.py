@@ -1,4 +1,4 @@
-"""chatd's errors: each knows its HTTP status and SPEC §3 `type`.
+"""chatd's errors: each knows its HTTP status and `type`.
 
 Routes and providers raise these; one handler in `app.py` renders them as the
 OpenAI-style error envelope. Nothing else builds error JSON.
@@ -40,7 +40,7 @@ class ChatdError(Exception):
         self.extra = extra or {}
 
     def envelope(self) -> dict[str, Any]:
-        """The SPEC §3 body: `{"error": {message, type, code, param, ...}}`."""
+        """The error body: `{"error": {message, type, code, param, ...}}`."""
         error: dict[str, Any] = {
             "message": self.message,
             "type": self.type,
@@ -69,21 +69,21 @@ class Unauthorized(ChatdError):
 
 
 class Forbidden(ChatdError):
-    """SPEC §12: the caller may not use this model (or read that caller's usage)."""
+    """The caller may not use this model (or read that caller's usage)."""
 
     status = 403
     type = "forbidden"
 
 
 class RateLimited(ChatdError):
-    """SPEC §12: over the caller's rpm, tpm or concurrency; `Retry-After` says when."""
+    """Over the caller's rpm, tpm or concurrency; `Retry-After` says when."""
 
     status = 429
     type = "rate_limited"
 
 
 class BudgetExceeded(ChatdError):
-    """SPEC §12: the caller has spent its budget for the period."""
+    """The caller has spent its budget for the period."""
 
     status = 429
     type = "budget_exceeded"
@@ -151,7 +151,7 @@ class UpstreamError(ChatdError):
 
 
 class NotReady(ChatdError):
-    """`GET /ready`: chatd cannot serve its default provider (SPEC §9)."""
+    """`GET /ready`: chatd cannot serve its default provider (docs/operations.md)."""
 
     status = 503
     type = "not_ready"

@@ -235,7 +235,12 @@ class Reloader:
         for provider in registry.instances():
             if id(provider) not in before:
                 await provider.start()
-        dispatcher = Dispatcher(registry, observer=self.ops.metrics, previous=old.dispatcher)
+        dispatcher = Dispatcher(
+            registry,
+            observer=self.ops.metrics,
+            tracing=old.dispatcher.calls.tracing,  # tracing is not reloaded (docs/reload.md)
+            previous=old.dispatcher,
+        )
         cache = build_cache(settings, registry, self.state, self.ops, old.cache)
         return Snapshot(
             settings,

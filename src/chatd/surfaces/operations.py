@@ -1,4 +1,4 @@
-"""Operations (SPEC §9): `GET /metrics`, `GET /ready`, and what each finished request
+"""Operations (docs/operations.md): `GET /metrics`, `GET /ready`, and what each finished request
 leaves behind — its log line, its metrics, its provider's counters.
 
 `create_app` builds one `Operations` and hands `finished` and `authorize` to the request
@@ -52,7 +52,7 @@ class Operations:
         self.stats = ProviderStats()
         self.request_log = logging.getLogger(REQUEST_LOGGER)
         tokens = auth_tokens(settings)
-        # SPEC §12: named callers (with auth_tokens_env's tokens as "default"), else §9's
+        # named callers (with auth_tokens_env's tokens as "default"), else the inbound-auth
         # bearer tokens. Auth on with no token (start-up refuses that; see
         # auth.check_auth_config) still fails closed here: nobody gets in.
         self.callers = Callers.from_settings(settings)
@@ -76,7 +76,7 @@ class Operations:
         # Told of every finished request (scope, provider, status, seconds): the
         # dashboard's ring buffer (ui/series.py) when it is installed, else nothing.
         self.on_finished: Callable[[Scope, str, int, float], None] | None = None
-        self.shared: Any = None  # SPEC §13: the Redis store, probed by /ready?probe=1
+        self.shared: Any = None  # the Redis store, probed by /ready?probe=1
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -90,7 +90,7 @@ class Operations:
 
     @property
     def balancers(self) -> Mapping[str, Any]:
-        """The dispatcher's balancers (SPEC §10): their endpoints join the listing."""
+        """The dispatcher's balancers (docs/routing.md): their endpoints join the listing."""
         snapshot = self.snapshot
         return snapshot.dispatcher.balancers if snapshot is not None else {}
 
@@ -144,7 +144,7 @@ class Operations:
             log_request(self.request_log, request_line(scope, status, seconds))
 
     def _bill(self, scope: Scope, status: int, seconds: float) -> None:
-        """SPEC §12: the call's cost, the caller's tokens and spend, the ledger row."""
+        """The call's cost, the caller's tokens and spend, the ledger row."""
         state = scope.setdefault("state", {})
         facts = state.setdefault("log", {})
         # The prices of the configuration the request started on (docs/reload.md).
