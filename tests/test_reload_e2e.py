@@ -281,12 +281,14 @@ def test_watch_config_follows_a_configmap_style_symlink_swap(
 def test_sighup_to_the_workers_parent_reloads_every_worker(
     fake: FakeUpstream, tmp_path: Path
 ) -> None:
-    with ChatdProcess(base(fake), tmp_path, env=ADMIN_ENV, args=("--workers", "2")) as chatd:
+    chatd = ChatdProcess(base(fake), tmp_path, env=ADMIN_ENV, args=("--workers", "2"))
+    chatd.start(timeout=60)  # two workers start slowly on a busy machine
+    try:
 
         def generations() -> list[float]:
             return sorted(v for _, v in metric(chatd, "chatd_config_generation"))
 
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while generations() != [1.0, 1.0] and time.monotonic() < deadline:
             time.sleep(0.1)  # both workers up
         assert generations() == [1.0, 1.0]
@@ -306,3 +308,6 @@ def test_sighup_to_the_workers_parent_reloads_every_worker(
         assert ('{outcome="rejected"}', 2.0) in metric(chatd, "chatd_config_reloads_total")
         assert generations() == [2.0, 2.0]
         assert chat(chatd, "hot").status_code == 200
+
+    finally:
+        chatd.stop()
