@@ -114,6 +114,7 @@ class Reloader:
         self._draining: list[tuple[Snapshot, list[Provider]]] = []
         self._retiring: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
+        self._unwatch = asyncio.Event()  # set at shutdown: the watcher's thread ends too
         self._signal = False
 
     # -- triggers ----------------------------------------------------------------
@@ -145,16 +146,23 @@ class Reloader:
         import watchfiles
 
         folder = os.path.dirname(self.watched)
-        async for _ in watchfiles.awatch(folder, debounce=WATCH_DEBOUNCE_MS, recursive=False):
-            sha = await asyncio.to_thread(file_sha256, self.watched)
-            if sha and sha != self.current.snapshot.sha256:
-                await self.reload_quietly("file change")
+        changes = watchfiles.awatch(
+            folder, debounce=WATCH_DEBOUNCE_MS, recursive=False, stop_event=self._unwatch
+        )
+        try:
+            async for _ in changes:
+                sha = await asyncio.to_thread(file_sha256, self.watched)
+                if sha and sha != self.current.snapshot.sha256:
+                    await self.reload_quietly("file change")
+        except Exception as exc:  # e.g. the folder went away: say so, keep serving
+            log.warning("watch_config: cannot watch %s (%s); reload by SIGHUP", folder, exc)
 
     async def aclose(self) -> None:
         """At shutdown: stop the triggers; close every provider a reload retired."""
         if self._signal:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a late one must not kill the drain
+        self._unwatch.set()
         await stop(self._watching)
         await stop(self._retiring)
         for _, providers in self._draining:
