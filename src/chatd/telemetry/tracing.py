@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 import uuid
 from collections.abc import Mapping
@@ -52,7 +53,7 @@ class Tracing:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.url = url
@@ -64,9 +65,10 @@ class Tracing:
                 "service.instance.id": self.instance,
             }
         )
-        self.provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio))
-        )
+        # chatd samples before it makes a span (`started`): a request left out costs no
+        # span at all, so the SDK keeps every span it is given.
+        self.ratio = sample_ratio
+        self.provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
         exporter = OTLPSpanExporter(endpoint=url, timeout=EXPORT_TIMEOUT_SECS)
         self.provider.add_span_processor(
             BatchSpanProcessor(
@@ -87,13 +89,21 @@ class Tracing:
     # -- the server span: one per request ----------------------------------------------
 
     def started(self, scope: Any) -> None:
-        """Open the request's span, continuing the caller's `traceparent` if it sent one."""
+        """Open the request's span, continuing the caller's `traceparent` if it sent one.
+        Parent-based sampling: a caller's decision is kept; chatd's own traces are kept
+        at `sample_ratio`, and a request left out gets no span and costs nothing more."""
         carrier = {
             name.decode("latin-1"): value.decode("latin-1")
             for name, value in scope["headers"]
             if name in (b"traceparent", b"tracestate")
         }
         parent = self._propagator.extract(carrier) if carrier else None
+        caller = self._trace.get_current_span(parent).get_span_context() if parent else None
+        if caller is not None and caller.is_valid:
+            if not caller.trace_flags.sampled:
+                return
+        elif self.ratio < 1.0 and random.random() >= self.ratio:
+            return
         method = scope.get("method", "")
         span = self.tracer.start_span(
             f"{method} {scope.get('path', '')}",
@@ -108,8 +118,7 @@ class Tracing:
         operation = "embeddings" if scope.get("path") == "/v1/embeddings" else "chat"
         parent_of_calls = self._trace.set_span_in_context(span, parent)
         state[SPAN_STATE] = (span, TRACED_REQUEST.set((facts, operation, parent_of_calls)))
-        if span.get_span_context().trace_flags.sampled:
-            facts["trace_id"] = format(span.get_span_context().trace_id, "032x")
+        facts["trace_id"] = format(span.get_span_context().trace_id, "032x")
 
     def finished(self, scope: Any, status: int) -> None:
         """Close the request's span with what the request turned out to be."""
