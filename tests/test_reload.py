@@ -112,3 +112,18 @@ async def test_a_dropped_provider_closes_only_when_its_snapshot_has_drained(
                 break
             await asyncio.sleep(0.05)
         assert provider._client is None
+
+
+async def test_a_provider_that_will_not_build_is_refused_like_a_bad_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "lakehouse.toml"
+    path.write_text(BASE)
+    app = create_app(load_settings(path))
+    async with app.router.lifespan_context(app):
+        reloader = app.state.reloader
+        old = reloader.current.snapshot
+        path.write_text(BASE + '[chatd.providers.odd]\nkind = "openai"\nbase_url = "http://[::1"\n')
+        with pytest.raises(ConfigError, match=r"^chatd: config error: "):
+            await reloader.reload("test")
+        assert reloader.current.snapshot is old

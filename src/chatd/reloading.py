@@ -83,6 +83,12 @@ def first_snapshot(
     )
 
 
+def describe(error: Exception) -> str:
+    """An unexpected build failure in one line: its type and first line, no traceback."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def admin_token(settings: Settings) -> str:
     name = settings.chatd.admin_token_env
     return os.environ.get(name, "").strip() if name else ""
@@ -179,14 +185,17 @@ class Reloader:
             old = self.current.snapshot
             try:
                 settings, sha = await asyncio.to_thread(self._read)
-            except ConfigError as exc:
-                line = refusal_line(exc)
+                settings = self._keep_restart_keys(old.settings, settings)
+                callers = Callers.from_settings(settings) if self.ops.callers is not None else None
+                new = await self._build(old, settings, sha)
+            except Exception as exc:
+                # What check-config cannot see (a provider that will not build) is refused
+                # the same way: one line, the old configuration serves on.
+                error = exc if isinstance(exc, ConfigError) else ConfigError(describe(exc))
+                line = refusal_line(error)
                 log.error(line)
                 self.ops.metrics.reloaded("rejected", old.generation)
                 raise ConfigError(line) from None
-            settings = self._keep_restart_keys(old.settings, settings)
-            callers = Callers.from_settings(settings) if self.ops.callers is not None else None
-            new = await self._build(old, settings, sha)
             # The swap: no await from here on, so no request sees half of it.
             self.current.snapshot = new
             if callers is not None and self.ops.callers is not None:
@@ -240,9 +249,14 @@ class Reloader:
     async def _build(self, old: Snapshot, settings: Settings, sha: str) -> Snapshot:
         registry = Registry.from_settings(settings, old.registry)
         before = {id(p) for p in old.registry.instances()}
-        for provider in registry.instances():
-            if id(provider) not in before:
+        fresh = [p for p in registry.instances() if id(p) not in before]
+        try:
+            for provider in fresh:
                 await provider.start()
+        except BaseException:
+            for provider in fresh:  # nothing of a refused build stays open
+                await provider.aclose()
+            raise
         dispatcher = Dispatcher(
             registry,
             observer=self.ops.metrics,
