@@ -160,6 +160,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from chatd.app import create_app
+    from chatd.reloading import hold_sighup
 
     bind = args.bind or settings.chatd.bind
     host, port = parse_bind(bind)
@@ -196,8 +197,8 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         exit_zero_after_drain()
+        hold_sighup()  # from here: a SIGHUP before the app's handler is in is kept
         app = create_app(settings, reload_signal=True)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app's own handler is in
         settle_heap()
         uvicorn.run(app, **common)
     return 0
@@ -230,9 +231,10 @@ def exit_zero_after_drain() -> None:
 def app_factory() -> Any:
     """Used by `--workers N`: every worker loads the settings itself."""
     from chatd.app import create_app
+    from chatd.reloading import hold_sighup
 
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"), os.environ.get(LOG_FORMAT_ENV, "json"))
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP before start-up ends: no-op
+    hold_sighup()  # a SIGHUP before this worker's handler is in is kept, then acted on
     app = create_app(load_settings(), reload_signal=True)
     settle_heap()
     return app

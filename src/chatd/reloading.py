@@ -56,6 +56,20 @@ def config_path(settings: Settings) -> str | None:
     return settings.source if os.path.isfile(settings.source) else None
 
 
+_sighup_early = False  # a SIGHUP came while the app was still starting (hold_sighup)
+
+
+def hold_sighup() -> None:
+    """Until the app's own handler is in, a SIGHUP is remembered (not fatal, not lost):
+    the reload runs as soon as the app has started."""
+
+    def remember(signum: int, frame: Any) -> None:
+        global _sighup_early
+        _sighup_early = True
+
+    signal.signal(signal.SIGHUP, remember)
+
+
 def file_sha256(path: str | None) -> str:
     """The config file's SHA-256 ("" without a file, or when it cannot be read)."""
     if path is None:
@@ -131,6 +145,10 @@ class Reloader:
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
             self._signal = True
+            global _sighup_early
+            if _sighup_early:  # sent while starting: the file may be newer than we read
+                _sighup_early = False
+                self._on_sighup()
         if self.current.snapshot.settings.chatd.watch_config:
             self._watching = asyncio.create_task(self._watch(), name="chatd-config-watch")
 
