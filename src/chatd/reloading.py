@@ -46,6 +46,7 @@ RESTART_KEYS = (
     "ui",
     "auth_tokens_env",
     "watch_config",
+    "tracing",
 )
 RETIRE_POLL_SECS = 0.1  # how often a retired snapshot is asked whether its requests ended
 WATCH_DEBOUNCE_MS = 200
