@@ -176,7 +176,7 @@ async def test_max_concurrency_refuses_the_extra_call_and_gives_slots_back(
 
 
 def test_check_config_never_shows_the_ledgers_password() -> None:
-    from chatd.cli import describe_usage_db
+    from chatd.check_config import describe_usage_db
 
     shown = describe_usage_db("postgresql://chatd:s3cret-pw@db.internal:5432/usage")
     assert "s3cret-pw" not in shown and shown.startswith("postgresql://chatd:***@db.internal")

@@ -230,7 +230,7 @@ def test_redis_url_is_described_without_credentials() -> None:
 
 
 def test_redis_url_and_cache_config_keys() -> None:
-    from chatd.cli import describe_settings
+    from chatd.check_config import describe_settings
     from chatd.config import ConfigError, build_settings
 
     settings = build_settings(

@@ -23,9 +23,11 @@ from chatd.errors import (
     MethodNotAllowed,
     NotFound,
 )
+from chatd.reloading import Reloader, first_snapshot
 from chatd.replicas import replica_state
 from chatd.routing.dispatch import Dispatcher
 from chatd.routing.registry import Registry
+from chatd.state.snapshot import Current
 from chatd.state.usage.spend import spend_report
 from chatd.surfaces.admin import install_admin_routes
 from chatd.surfaces.anthropic import install_anthropic_routes
@@ -36,6 +38,7 @@ from chatd.surfaces.contract.operations import Health, ProviderListing
 from chatd.surfaces.embeddings import install_embeddings_routes
 from chatd.surfaces.openai import install_openai_routes
 from chatd.surfaces.operations import Operations
+from chatd.surfaces.reload import install_reload_route
 from chatd.surfaces.usage import install_usage_routes
 from chatd.telemetry.tracing import Tracing, build_tracing
 from chatd.ui import install_ui
@@ -50,14 +53,19 @@ from chatd.web import (
 log = logging.getLogger("chatd")
 
 
-def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
-    """Build an isolated chatd app; providers' clients open and close with its lifespan."""
+def create_app(
+    settings: Settings, registry: Registry | None = None, *, reload_signal: bool = False
+) -> FastAPI:
+    """Build an isolated chatd app; providers' clients open and close with its lifespan.
+    `reload_signal`: SIGHUP reloads the config (the server's own process only)."""
     registry = registry or Registry.from_settings(settings)
     ops = Operations(settings, registry)  # metrics, request log, /ready, auth
     tracing = build_tracing(settings)  # None unless [chatd.tracing] or OTEL_* say where
     dispatcher = Dispatcher(registry, observer=ops.metrics, tracing=tracing)
-    ops.balancers = dispatcher.balancers  # endpoint state in the listing
     state, cooldowns, cache = replica_state(settings, registry, dispatcher, ops)
+    # The configuration each request takes as it arrives; a reload swaps it (reloading.py).
+    current = Current(first_snapshot(settings, registry, dispatcher, cache))
+    ops.current = current
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,13 +74,15 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await state.start()
             await cooldowns.start()
         await ops.start()  # after the shared state: callers' spend is read back into it
+        await reloader.start(signals=reload_signal)
         try:
             yield
         finally:
+            await reloader.aclose()
             if state is not None and cooldowns is not None:
                 await cooldowns.aclose()
                 await state.aclose()
-            await registry.aclose()
+            await current.snapshot.registry.aclose()
             await ops.aclose()
             if tracing is not None:  # the spans still queued go out, within the timeout
                 await asyncio.to_thread(tracing.shutdown)
@@ -84,7 +94,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    reloader = Reloader(current, ops, state=state, cooldowns=cooldowns, app=app)
     app.state.settings = settings
+    app.state.reloader = reloader
     app.state.registry = registry
     app.state.dispatcher = dispatcher
     app.state.operations = ops
@@ -104,16 +116,18 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         authorize=ops.authorize,
         finished=ops.finished if tracing is None else traced(tracing, ops.finished),
         started=None if tracing is None else tracing.started,
+        config=current,
     )
     ops.install(app)
 
-    install_chat_routes(app, dispatcher, settings, cache)
-    install_openai_routes(app, dispatcher, registry, settings, cache)
-    install_embeddings_routes(app, dispatcher, settings)
-    install_anthropic_routes(app, dispatcher, settings)
+    install_chat_routes(app, settings)
+    install_openai_routes(app, settings)
+    install_embeddings_routes(app, settings)
+    install_anthropic_routes(app, settings)
     install_usage_routes(app, ops)
     install_admin_routes(app, ops)
-    install_ui(app, ops, dispatcher, settings)
+    install_reload_route(app, reloader.reload, ops.admin_auth)
+    install_ui(app, ops, settings)
 
     @app.get(
         "/v1/chat/providers",

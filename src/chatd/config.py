@@ -145,12 +145,9 @@ class TracingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # e.g. "http://collector:4318"; "" = $OTEL_EXPORTER_OTLP_ENDPOINT, else off
-    otlp_endpoint: str = ""
-    # parent-based: a sampled caller's trace is always kept
+    otlp_endpoint: str = ""  # "" = $OTEL_EXPORTER_OTLP_ENDPOINT, else off
     sample_ratio: float = Field(default=1.0, ge=0, le=1)
-    # "" = $OTEL_SERVICE_NAME, else "chatd"
-    service_name: str = ""
+    service_name: str = ""  # "" = $OTEL_SERVICE_NAME, else "chatd"
 
     @field_validator("otlp_endpoint")
     @classmethod
@@ -197,6 +194,7 @@ class ChatdConfig(BaseModel):
     prices: dict[str, Price] = Field(default_factory=dict)
     usage_db: str = DEFAULT_USAGE_DB
     usage_buffer_rows: int = Field(default=100_000, ge=1)
+    watch_config: bool = Field(False, description="Reload when the config file changes")
 
     @field_validator("usage_db")
     @classmethod
@@ -249,13 +247,9 @@ class _EnvChatdConfig(ChatdConfig, BaseSettings):
 
     @classmethod
     def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, **others: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:  # fmt: skip
         return (env_settings, init_settings)  # environment beats the file
 
 

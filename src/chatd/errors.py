@@ -56,6 +56,13 @@ class InvalidRequest(ChatdError):
     type = "invalid_request"
 
 
+class ConfigRefused(ChatdError):
+    """A reload's config file is bad: refused whole, the old configuration serves on."""
+
+    status = 400
+    type = "invalid_config"
+
+
 class Unauthorized(ChatdError):
     status = 401
     type = "unauthorized"

@@ -29,16 +29,28 @@ def replica_state(
         if ops.callers is not None:  # one rpm/tpm window and one spend for the fleet
             ops.callers.store = state
         ops.shared = state
-    cache = None
-    if chatd.cache.enabled:
-        cache = ResponseCache(
-            chatd.cache,
-            registry,
-            state=state,
-            count=ops.metrics.cache_result,
-            size=ops.metrics.cache_bytes.set,
-        )
-    return state, cooldowns, cache
+    return state, cooldowns, build_cache(settings, registry, state, ops)
+
+
+def build_cache(
+    settings: Settings,
+    registry: Registry,
+    state: SharedState | None,
+    ops: Operations,
+    previous: ResponseCache | None = None,
+) -> ResponseCache | None:
+    """The response cache for `registry` (with `[chatd.cache] enabled`); on a reload,
+    over `previous`'s entries (docs/reload.md)."""
+    if not settings.chatd.cache.enabled:
+        return None
+    return ResponseCache(
+        settings.chatd.cache,
+        registry,
+        state=state,
+        count=ops.metrics.cache_result,
+        size=ops.metrics.cache_bytes.set,
+        previous=previous,
+    )
 
 
 def shared_breakers(registry: Registry, dispatcher: Dispatcher) -> dict[str, Breaker]:

@@ -248,12 +248,16 @@ class RequestContext:
         authorize: Callable[[Scope], ChatdError | None] | None = None,
         finished: Callable[[Scope, int, float], None] | None = None,
         started: Callable[[Scope], None] | None = None,
+        config: Any = None,
     ) -> None:
         self.app = app
         self.logger = logger
         self.authorize = authorize  # returns the error to refuse the request with, or None
         self.finished = finished
         self.started = started  # tracing's server span, when it is on
+        # Its `.snapshot`: the configuration each request takes once, as it arrives, into
+        # `scope["state"]["config"]`, and runs on to its end (docs/reload.md).
+        self.config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -261,7 +265,12 @@ class RequestContext:
             return
         began = time.perf_counter()
         request_id = _incoming_request_id(scope) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        snapshot = None
+        if self.config is not None:
+            snapshot = state["config"] = self.config.snapshot
+            snapshot.in_flight += 1
         header = (REQUEST_ID_HEADER, request_id.encode())
         status = 0  # 0 until the response starts
         if self.started is not None:
@@ -290,6 +299,8 @@ class RequestContext:
         finally:
             if self.finished is not None:
                 self.finished(scope, status, time.perf_counter() - began)
+            if snapshot is not None:
+                snapshot.in_flight -= 1
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -24,6 +24,7 @@ from chatd.errors import (
     ProviderNotFound,
     UpstreamError,
 )
+from chatd.providers import Provider
 from chatd.routing.balancer import Balancer
 from chatd.routing.calls import GuardedEvents, Tally, TargetCalls, aclose_events, discard
 from chatd.routing.hedging import race
@@ -94,32 +95,43 @@ class Dispatcher:
         backoff: Callable[[int], float] = backoff_delay,
         observer: Observer | None = None,
         tracing: Any = None,
+        previous: Dispatcher | None = None,
     ) -> None:
         self.registry = registry
         self.observer = observer or Observer()
+        # A reload (docs/reload.md): a provider that is `previous`'s very instance keeps
+        # its limiter, breaker and (balanced) latency estimates.
         self.guards: dict[str, Guard] = {}
+        if previous is not None:
+            self.guards = {
+                name: guard
+                for name, guard in previous.guards.items()
+                if previous.registry.providers.get(name) is registry.providers.get(name)
+            }
         # providers configured with `endpoints` (and those a balanced alias
         # weighs) are served through a Balancer; every other provider takes the plain path.
         self.alias_options = registry.alias_options  # table-form aliases only
         self.balancers: dict[str, Balancer] = {}
         for name, providers in registry.endpoints.items():
-            self.balancers[name] = Balancer(
+            self.balancers[name] = kept_balancer(previous, name, providers) or Balancer(
                 name, providers[0].config, providers, observer=self.observer
             )
         for alias, options in self.alias_options.items():
             if options.mode == "balance":
                 for target in registry.aliases.get(alias, ()):
-                    self._balance(target)
+                    self._balance(target, previous)
         self.calls = TargetCalls(self.guard, self.balancers, backoff, self.observer, tracing)
 
-    def _balance(self, target: str) -> None:
+    def _balance(self, target: str, previous: Dispatcher | None = None) -> None:
         """Track the load of `target`'s provider (a balanced alias orders by it)."""
         try:
             provider = self.registry.resolve(target).provider
         except ChatdError:
             return
         if provider.name not in self.balancers:
-            self.balancers[provider.name] = Balancer(
+            self.balancers[provider.name] = kept_balancer(
+                previous, provider.name, [provider]
+            ) or Balancer(
                 provider.name,
                 provider.config,
                 [provider],
@@ -296,6 +308,16 @@ class Dispatcher:
             return balancer.load() if balancer is not None else 0.0
 
         return sorted(targets, key=load)
+
+
+def kept_balancer(
+    previous: Dispatcher | None, name: str, providers: list[Provider]
+) -> Balancer | None:
+    """On a reload: `previous`'s balancer for `name` if it balanced these very instances."""
+    old = previous.balancers.get(name) if previous is not None else None
+    if old is None or [e.provider for e in old.endpoints] != providers:
+        return None
+    return old
 
 
 def _most_telling(errors: list[ChatdError]) -> ChatdError:

@@ -66,16 +66,20 @@ class ResponseCache:
         state: SharedState | None = None,
         count: Callable[[str], None] | None = None,
         size: Callable[[int], None] | None = None,
+        previous: ResponseCache | None = None,
     ) -> None:
         self.registry = registry
         self.ttl = config.ttl_secs
         self.state = state  # None: the in-process LRU below
-        self.lru = BytesLRU(config.max_bytes)
+        # A reload (docs/reload.md) makes a cache for the new registry over the same
+        # entries and flights; the bound is the newest config's.
+        self.lru = previous.lru if previous is not None else BytesLRU(config.max_bytes)
+        self.lru.max_bytes = config.max_bytes
         self.count = count or (lambda result: None)
         self._size = size or (lambda nbytes: None)
         # A leader's lock on another replica lasts as long as its slowest possible call.
         self.lock_secs = max((p.timeout for p in registry.providers.values()), default=180.0)
-        self._flights: dict[str, Flight] = {}
+        self._flights: dict[str, Flight] = previous._flights if previous is not None else {}
 
     # -- planning ---------------------------------------------------------------------
 

@@ -81,14 +81,17 @@ class Callers:
 
     def replace_config(self, callers: list[tuple[Caller, list[str]]]) -> None:
         """Swap the config file's callers (at start, and on a reload); live ones stay.
-        A caller that keeps its name keeps its windows and requests in flight."""
+        A caller that keeps its name stays the object its requests in flight hold, its
+        limits changed in place (as a live caller's are), so its counts stay whole."""
+        before = {name: caller for name, (caller, _) in self._config.items()}
         for name, (_, hashes) in self._config.items():
             self._forget(name, hashes)
         self._config = {}
         for caller, tokens in callers:
-            old = self.callers.get(caller.name)
-            if old is not None and old.source == "config":
-                caller.in_flight = old.in_flight
+            old = before.get(caller.name)
+            if old is not None:
+                old.change(**{f: getattr(caller, f) for f in LIMIT_FIELDS})
+                caller = old
             self._config[caller.name] = (caller, [token_hash(t.encode()) for t in tokens])
         for name, (caller, hashes) in self._config.items():
             live = self._live.pop(name, None)  # the config file wins a name

@@ -21,8 +21,9 @@ from starlette.responses import Response, StreamingResponse
 
 from chatd.config import Settings
 from chatd.errors import ChatdError, InternalError, UpstreamError
-from chatd.routing.dispatch import Dispatcher, OpenStream
+from chatd.routing.dispatch import OpenStream
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
+from chatd.state.snapshot import snapshot_of
 from chatd.surfaces.contract.anthropic import (
     MESSAGES_PARAMETERS,
     anthropic_error_responses,
@@ -47,7 +48,7 @@ DESCRIPTION = (
 )
 
 
-def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Settings) -> None:
+def install_anthropic_routes(app: FastAPI, settings: Settings) -> None:
     """Add `POST /v1/messages`; errors under its path answer in Anthropic's shape."""
     max_body = settings.chatd.max_body_bytes
     shapes = getattr(app.state, "error_shapes", None) or {}
@@ -78,6 +79,7 @@ def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Set
             await admit(request, model)
         stops = body.get("stop_sequences")
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        dispatcher = snapshot_of(request).dispatcher  # the configuration it runs on
         if stream:
             opened = await until_disconnect(
                 request,

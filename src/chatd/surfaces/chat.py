@@ -26,6 +26,7 @@ from chatd.state.cache_entries import (
     replay_chat,
     served_chat_entry,
 )
+from chatd.state.snapshot import snapshot_of
 from chatd.surfaces.contract.chat import ChatResponse
 from chatd.surfaces.contract.common import MODEL_CALL, error_responses, model_call, ok
 from chatd.types import ChatRequest, StreamEvent
@@ -43,12 +44,7 @@ from chatd.web import (
 log = logging.getLogger("chatd")
 
 
-def install_chat_routes(
-    app: FastAPI,
-    dispatcher: Dispatcher,
-    settings: Settings,
-    cache: ResponseCache | None,
-) -> None:
+def install_chat_routes(app: FastAPI, settings: Settings) -> None:
     max_body = settings.chatd.max_body_bytes
 
     @app.post(
@@ -73,6 +69,8 @@ def install_chat_routes(
         if admit is not None:
             await admit(request, body.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        config = snapshot_of(request)  # the configuration this request runs on
+        dispatcher, cache = config.dispatcher, config.cache
         if cache is not None and body.temperature == 0:
             plan = cache.plan(request, "chat", body.model, chat_params(body))
             if plan is not None:

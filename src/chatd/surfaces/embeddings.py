@@ -33,6 +33,7 @@ from chatd.routing.dispatch import Dispatcher, Served
 from chatd.routing.registry import Registry, Route
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
 from chatd.state.cache import CACHE_HEADER, HIT, Plan, ResponseCache, note_hit
+from chatd.state.snapshot import snapshot_of
 from chatd.surfaces.contract.common import MODEL_CALL, error_responses, model_call, ok
 from chatd.surfaces.contract.embeddings import MAX_DIMENSIONS, MAX_INPUTS, EmbeddingList
 from chatd.surfaces.openai import header_safe, loads_body, served_headers
@@ -211,7 +212,7 @@ def answer(job: EmbeddingsRequest, served: list[Served[EmbedResult]]) -> dict[st
     }
 
 
-def install_embeddings_routes(app: FastAPI, dispatcher: Dispatcher, settings: Settings) -> None:
+def install_embeddings_routes(app: FastAPI, settings: Settings) -> None:
     max_body = settings.chatd.max_body_bytes
 
     @app.post(
@@ -230,7 +231,8 @@ def install_embeddings_routes(app: FastAPI, dispatcher: Dispatcher, settings: Se
         if admit is not None:
             await admit(request, job.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
-        cache: ResponseCache | None = request.app.state.cache
+        config = snapshot_of(request)  # the configuration this request runs on
+        dispatcher, cache = config.dispatcher, config.cache
         plan = cache.plan(request, "embed", job.model, job.dimensions) if cache else None
         if cache is not None and plan is not None:
             return await cached_embeddings(request, dispatcher, job, budget, cache, plan)

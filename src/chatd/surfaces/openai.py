@@ -32,6 +32,7 @@ from chatd.state.cache_entries import (
     completion_params,
     replay_completion,
 )
+from chatd.state.snapshot import snapshot_of
 from chatd.surfaces.contract.common import MODEL_CALL, error_responses, model_call, ok
 from chatd.surfaces.contract.openai import ChatCompletion, ModelList
 from chatd.web import (
@@ -52,15 +53,9 @@ MODELS_TTL_SECS = 30.0
 MODELS_WAIT_SECS = 3.0
 
 
-def install_openai_routes(
-    app: FastAPI,
-    dispatcher: Dispatcher,
-    registry: Registry,
-    settings: Settings,
-    cache: ResponseCache | None = None,
-) -> None:
+def install_openai_routes(app: FastAPI, settings: Settings) -> None:
     max_body = settings.chatd.max_body_bytes
-    catalog = ModelCatalog(registry, list(settings.models))
+    catalogs: dict[int, ModelCatalog] = {}  # by snapshot generation: the newest only
 
     @app.post(
         "/v1/chat/completions",
@@ -86,6 +81,8 @@ def install_openai_routes(
         if admit is not None:
             await admit(request, model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        config = snapshot_of(request)  # the configuration this request runs on
+        dispatcher, cache = config.dispatcher, config.cache
         if cache is not None and (params := completion_params(body)) is not None:
             plan = cache.plan(request, "completions", model, params)
             if plan is not None:
@@ -131,7 +128,14 @@ def install_openai_routes(
             **error_responses(401),
         },
     )
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
+        config = snapshot_of(request)
+        catalog = catalogs.get(config.generation)
+        if catalog is None:  # the first listing since a reload: a catalog of its own
+            catalogs.clear()
+            catalog = catalogs[config.generation] = ModelCatalog(
+                config.registry, list(config.settings.models)
+            )
         return json_response(await catalog.listing())
 
 

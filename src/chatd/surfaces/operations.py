@@ -28,6 +28,7 @@ from chatd.state.auth import BearerAuth, auth_tokens, serves_open
 from chatd.state.callers import Callers
 from chatd.state.callers_store import open_store
 from chatd.state.callers_sync import LiveCallers
+from chatd.state.snapshot import SCOPE_KEY, Current, Snapshot
 from chatd.state.usage.ledger import Ledger
 from chatd.state.usage.prices import Prices
 from chatd.surfaces.contract.common import error_responses, ok
@@ -47,7 +48,9 @@ class Operations:
     """Metrics, the request log, per-provider counters, readiness and inbound auth."""
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
-        self.registry = registry
+        self._registry = registry
+        # The configuration in force (set by create_app); a reload replaces its snapshot.
+        self.current: Current | None = None
         self.metrics = Metrics(registry.providers)
         self.stats = ProviderStats()
         self.request_log = logging.getLogger(REQUEST_LOGGER)
@@ -78,7 +81,6 @@ class Operations:
             else None
         )  # fmt: skip
         self.billing = self.ledger is not None or self.callers is not None
-        self.cost_facts = bool(settings.chatd.callers or settings.chatd.prices)
         self.shutdown_grace = settings.chatd.shutdown_grace_secs
         self.open_gateway = serves_open(settings)  # /ready says "auth": "off"
         self._app: FastAPI | None = None
@@ -87,9 +89,23 @@ class Operations:
         # Told of every finished request (scope, provider, status, seconds): the
         # dashboard's ring buffer (ui/series.py) when it is installed, else nothing.
         self.on_finished: Callable[[Scope, str, int, float], None] | None = None
-        # The dispatcher's balancers (docs/routing.md): their endpoints join the listing.
-        self.balancers: Mapping[str, Any] = {}
         self.shared: Any = None  # the Redis store, probed by /ready?probe=1
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self.current.snapshot if self.current is not None else None
+
+    @property
+    def registry(self) -> Registry:
+        """The registry in force (the snapshot's, once there is one)."""
+        snapshot = self.snapshot
+        return snapshot.registry if snapshot is not None else self._registry
+
+    @property
+    def balancers(self) -> Mapping[str, Any]:
+        """The dispatcher's balancers (docs/routing.md): their endpoints join the listing."""
+        snapshot = self.snapshot
+        return snapshot.dispatcher.balancers if snapshot is not None else {}
 
     def install(self, app: FastAPI) -> None:
         """Add `/metrics` and `/ready`; learn the app's routes (for the route label)."""
@@ -142,10 +158,14 @@ class Operations:
 
     def _bill(self, scope: Scope, status: int, seconds: float) -> None:
         """The call's cost, the caller's tokens and spend, the ledger row."""
-        facts = scope.setdefault("state", {}).setdefault("log", {})
-        cost, source = self.prices.cost(facts)
+        state = scope.setdefault("state", {})
+        facts = state.setdefault("log", {})
+        # The prices of the configuration the request started on (docs/reload.md).
+        snapshot = state.get(SCOPE_KEY)
+        prices = snapshot.prices if snapshot is not None else self.prices
+        cost, source = prices.cost(facts)
         callers = self.callers
-        if self.cost_facts or source != "none" or (callers is not None and callers.active):
+        if prices.entries or source != "none" or (callers is not None and callers.active):
             # Into the log line only when callers or prices make it mean something (a
             # default config keeps today's log line exactly).
             facts["cost_usd"] = cost
@@ -199,12 +219,17 @@ class Operations:
 
     def listing(self) -> dict[str, Any]:
         """The registry's listing with each provider's requests, errors and p50 latency."""
-        listing = self.registry.listing()
+        snapshot = self.snapshot
+        registry = self.registry
+        balancers = self.balancers
+        listing = registry.listing()
         for entry in listing["providers"]:  # type: ignore[attr-defined]
             entry.update(self.stats.describe(entry["name"]))
-            balancer = self.balancers.get(entry["name"])
-            if balancer is not None and entry["name"] in self.registry.endpoints:
+            balancer = balancers.get(entry["name"])
+            if balancer is not None and entry["name"] in registry.endpoints:
                 entry["endpoints"] = balancer.describe()
+        if snapshot is not None:
+            listing["config"] = snapshot.describe()
         return listing
 
     # -- /ready ---------------------------------------------------------------------
@@ -212,13 +237,16 @@ class Operations:
     async def readiness(self, request: Request, probe: bool) -> Response:
         """200 when the default provider is registered, else 503 `not_ready`; with
         `probe`, also each registered provider's reachability."""
-        default = self.registry.default
-        if default not in self.registry.providers:
+        registry = self.registry
+        default = registry.default
+        if default not in registry.providers:
             error = NotReady(f"the default provider {default} is not registered")
             return error_response(error, request)
         body: dict[str, Any] = {"status": "ready", "default": default}
         if self.open_gateway:
             body["auth"] = "off"
+        if self.snapshot is not None:
+            body["config"] = self.snapshot.describe()
         if probe:
             body["providers"] = await self.probe_all()
             if self.shared is not None:
@@ -232,13 +260,13 @@ class Operations:
         return await asyncio.shield(self._probing)
 
     async def _probe_round(self) -> dict[str, Any]:
-        names = list(self.registry.providers)
-        results = await asyncio.gather(*(self.probe(name) for name in names))
+        registry = self.registry
+        names = list(registry.providers)
+        results = await asyncio.gather(*(self.probe(registry.providers[n]) for n in names))
         return dict(zip(names, results, strict=True))
 
-    async def probe(self, name: str) -> dict[str, Any]:
+    async def probe(self, provider: Any) -> dict[str, Any]:
         """One provider: reachable if its upstream answered at all, within the timeout."""
-        provider = self.registry.providers[name]
         path = provider.models_path  # what a probe asks: the cheapest listing it has
         if path is None:  # mock: nothing to reach
             return {"reachable": True, "available": provider.available}

@@ -157,6 +157,22 @@ class Metrics(Observer):
             registry=registry,
         )
         self.shared_state_up: Gauge | None = None  # made by shared_up: only with redis_url
+        # docs/reload.md: a generation per worker (pid-labelled under --workers N).
+        self.config_reloads = Counter(
+            "chatd_config_reloads",
+            "Configuration reloads, by outcome (ok, or rejected: the old one kept serving).",
+            ("outcome",),
+            registry=registry,
+        )
+        self.config_generation = Gauge(
+            "chatd_config_generation",
+            "The generation of the configuration in force (1 at start, +1 per reload).",
+            multiprocess_mode="liveall",
+            registry=registry,
+        )
+        self.config_generation.set(1)
+        for outcome in ("ok", "rejected"):
+            self.config_reloads.labels(outcome)
         self._children: dict[tuple[Any, ...], Any] = {}
         for name in providers:  # zero-valued series from the start, so rate() works
             for metric in (self.in_flight, self.retries, self.cooldowns):
@@ -228,6 +244,10 @@ class Metrics(Observer):
 
     def cache_result(self, result: str) -> None:
         self._child(self.cache_results, result).inc()
+
+    def reloaded(self, outcome: str, generation: int) -> None:
+        self.config_reloads.labels(outcome).inc()
+        self.config_generation.set(generation)
 
     def shared_up(self, up: bool) -> None:
         if self.shared_state_up is None:
