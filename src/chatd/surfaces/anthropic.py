@@ -33,6 +33,7 @@ from chatd.web import SSE_HEADERS, json_response, note, note_served, read_body, 
 from chatd.wire.anthropic_compat import (
     StreamTranslator,
     check_body,
+    error_answer,
     error_body,
     sse_event,
     to_message,
@@ -54,7 +55,7 @@ def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Set
     """Add `POST /v1/messages`; errors under its path answer in Anthropic's shape."""
     max_body = settings.chatd.max_body_bytes
     shapes = getattr(app.state, "error_shapes", None) or {}
-    app.state.error_shapes = {**shapes, PATH: error_body}
+    app.state.error_shapes = {**shapes, PATH: error_answer}
 
     @app.post(
         PATH,
@@ -62,7 +63,7 @@ def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Set
         summary="Anthropic Messages",
         description=DESCRIPTION,
         openapi_extra={**json_body("MessagesRequest"), "parameters": MESSAGES_PARAMETERS},
-        responses={**anthropic_ok(), **anthropic_error_responses(*MODEL_CALL)},
+        responses={**anthropic_ok(), **anthropic_error_responses(*MODEL_CALL, 529)},
     )
     async def messages(request: Request) -> Response:
         started = time.perf_counter()

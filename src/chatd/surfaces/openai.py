@@ -47,7 +47,7 @@ from chatd.web import (
     sse,
     until_disconnect,
 )
-from chatd.wire.openai_compat import check_body, wants_usage
+from chatd.wire.openai_compat import check_body, error_answer, wants_usage
 
 log = logging.getLogger("chatd")
 
@@ -65,6 +65,12 @@ def install_openai_routes(
 ) -> None:
     max_body = settings.chatd.max_body_bytes
     catalog = ModelCatalog(registry, list(settings.models))
+    shapes = getattr(app.state, "error_shapes", None) or {}
+    app.state.error_shapes = {
+        **shapes,
+        "/v1/chat/completions": error_answer,
+        "/v1/models": error_answer,
+    }
 
     @app.post(
         "/v1/chat/completions",
@@ -287,7 +293,7 @@ async def chunk_stream(
         raise
     except ChatdError as exc:
         note(request, error=exc.type)
-        yield sse(exc.envelope())
+        yield sse(exc.api_answer()[1])
     except Exception:
         log.exception("stream from %s failed", opened.route.provider.name)
         note(request, error="internal_error")
