@@ -105,13 +105,29 @@ def upstream_words(text: str) -> tuple[str, str | None, str | None, dict[str, An
         message = error
     if not isinstance(message, str) or not message.strip():
         message = doc.get("message") if isinstance(doc.get("message"), str) else None
-    if message is None and isinstance(doc.get("detail"), str):
-        message = doc["detail"]
+    if message is None:
+        message = detail_words(doc.get("detail"))
     if not message:
         message = text.strip()
     code = first_text(data.get("code"), data.get("type"))
     param = data.get("param") if isinstance(data.get("param"), str) else None
     return message.strip(), code, param, data
+
+
+def detail_words(detail: Any) -> str | None:
+    """FastAPI's `detail` (vLLM, many Python servers): a string, or a list of validation
+    errors said as `loc: msg` (never their `input`, which can quote the prompt)."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        said = []
+        for item in detail:
+            if isinstance(item, dict) and isinstance(item.get("msg"), str):
+                loc = item.get("loc")
+                where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+                said.append(f"{where}: {item['msg']}" if where else item["msg"])
+        return "; ".join(said) or None
+    return None
 
 
 def first_text(*values: Any) -> str | None:
