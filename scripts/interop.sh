@@ -50,3 +50,63 @@ echo "llama-server: $SERVER"
 if [[ ${1:-} == --build-only ]]; then
   exit 0
 fi
+
+# llama.cpp's own gguf package writes the model; only this kit needs it.
+.venv/bin/python -c "import gguf" 2>/dev/null ||
+  .venv/bin/python -m pip install -q --disable-pip-version-check gguf
+WORK="$(mktemp -d -t chatd-interop.XXXXXX)"
+MODEL="$WORK/tiny.gguf"
+.venv/bin/python tests/interop/tiny_model.py "$MODEL"
+
+free_port() {
+  .venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# start NAME ARGS...: a llama-server on a free port; sets URL once it is healthy.
+URL=
+start() {
+  local name=$1 port
+  shift
+  port="$(free_port)"
+  "$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$port" -t 1 --no-webui --no-warmup "$@" \
+    >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1 300); do
+    if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
+      URL="http://127.0.0.1:$port"
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "llama-server $name did not become healthy; its log:" >&2
+  cat "$WORK/$name.log" >&2
+  return 1
+}
+
+CTX=512
+KEY="interop-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(8))')"
+start chat -c "$CTX" -np 1 --api-key "$KEY" || exit 1
+CHAT_URL=$URL
+start small -c $((CTX / 4)) -np 1 --api-key "$KEY" || exit 1
+SMALL_URL=$URL
+# One slot: with several, llama-server's vector for a text changes with its batch-mates.
+start embed -c "$CTX" -np 1 --embeddings --pooling mean || exit 1
+EMBED_URL=$URL
+echo "chat $CHAT_URL, small $SMALL_URL, embeddings $EMBED_URL"
+
+status=0
+CHATD_INTEROP_CHAT_URL="$CHAT_URL" CHATD_INTEROP_SMALL_URL="$SMALL_URL" \
+  CHATD_INTEROP_EMBED_URL="$EMBED_URL" CHATD_INTEROP_KEY="$KEY" CHATD_INTEROP_CTX="$CTX" \
+  .venv/bin/python -m pytest -q -p no:cacheprovider tests/interop "$@" || status=$?
+exit "$status"

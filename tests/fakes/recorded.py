@@ -33,6 +33,11 @@ RECORDED: dict[str, Recorded] = {
         b' try increasing it","type":"exceed_context_size_error","n_prompt_tokens":4263,'
         b'"n_ctx":4096}}',
     ),
+    "llamacpp_embed_overflow": Recorded(  # --embeddings: an input over the physical batch
+        500,
+        b'{"error":{"code":500,"message":"input (600 tokens) is too large to process. increase'
+        b' the physical batch size (current batch size: 512)","type":"server_error"}}',
+    ),
     "openai_overflow": Recorded(
         400,
         b'{\n  "error": {\n    "message": "This model\'s maximum context length is 128000 tokens.'

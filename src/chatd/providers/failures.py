@@ -43,6 +43,7 @@ OVERFLOW_PHRASES = re.compile(
             r"maximum context length",  # OpenAI, OpenRouter, vLLM ("... is 4096 tokens")
             r"exceeds? the available context size",  # llama.cpp
             r"larger than the max context size",  # llama.cpp, a single slot's n_ctx
+            r"is too large to process",  # llama.cpp embeddings: an input over the batch
             r"prompt is too long",  # Anthropic
             r"exceed context limit",  # Anthropic, input + max_tokens
             r"exceeds? (the |the model's )?(maximum )?context length",  # Ollama and kin
