@@ -61,7 +61,7 @@ class ChatdError(Exception):
         return self._envelope(self.type, self.type, self.param)
 
     def api_answer(self) -> tuple[int, dict[str, Any]]:
-        """Status and §3 body on the OpenAI surface, where an upstream's verdict on the
+        """Status and error envelope on the OpenAI surface, where an upstream's verdict on the
         caller's request keeps its 4xx (an SDK must not retry what cannot succeed)."""
         if self.api_status is None:
             return self.status, self.envelope()

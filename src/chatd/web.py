@@ -78,7 +78,7 @@ Dialect = Callable[[ChatdError], tuple[int, Any, str]]
 
 
 def native(error: ChatdError) -> tuple[int, Any, str]:
-    """The §3 envelope with the error's own status (`/v1/chat` and chatd's own routes)."""
+    """The error envelope with the error's own status (`/v1/chat` and chatd's own routes)."""
     return error.status, error.envelope(), error.type
 
 

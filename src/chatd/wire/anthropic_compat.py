@@ -57,7 +57,7 @@ def error_body(error: ChatdError) -> dict[str, Any]:
 
 
 def error_answer(error: ChatdError) -> tuple[int, dict[str, Any], str]:
-    """The surface's dialect (`chatd.web.Dialect`): status, body, and the §3 type logged."""
+    """The surface's dialect (`chatd.web.Dialect`): status, body, and the type logged."""
     return error_status(error), error_body(error), error.api_type or error.type
 
 
