@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 from features import publish, select, start_upstream, variants
 from load import Request
+from otlp_sink import start_sink
 from run import (
     CHATD,
     CHATD_TOKEN,
@@ -171,7 +172,7 @@ def main() -> int:
     for stale in OUT.glob("instructions-*"):
         stale.unlink()
     up = start_upstream()
-    found = variants(up, None)
+    found = variants(up, None, start_sink())
     found.pop("bare, again (a second process, same config: the noise floor)")
     # One more row, to part the callers' own cost from their limits': a caller with a
     # token and nothing else (no rpm, tpm, budget or prices).

@@ -255,3 +255,44 @@ async def test_a_bug_is_500_without_traceback(
     assert response.headers["x-request-id"]
     assert "RuntimeError" in caplog.text  # logged with its traceback
     assert error["param"] is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("temperature", 9, "temperature: must be between 0 and 2"),
+        ("temperature", "0.5", "temperature: must be a number"),
+        ("max_tokens", 0, "max_tokens: must be between 1 and 2147483647"),
+        ("max_tokens", 1.5, "max_tokens: must be an integer"),
+        ("stream", "no", "stream: must be a boolean"),
+        ("messages", [], "messages: must be a non-empty array"),
+    ],
+)
+async def test_one_error_in_one_voice_on_both_chat_routes(
+    client: httpx.AsyncClient, field: str, value: Any, words: str
+) -> None:
+    """/v1/chat and /v1/chat/completions word the same mistake the same way."""
+    body = {"model": "mock/x", "messages": HI, field: value}
+    native = assert_envelope(await client.post("/v1/chat", json=body), 400, "invalid_request")
+    openai = await client.post("/v1/chat/completions", json=body)
+    assert openai.status_code == 400, openai.text
+    assert native["message"] == openai.json()["error"]["message"] == words
+    assert native["param"] == field
+
+
+async def test_a_role_outside_the_list_is_named_in_chatds_words(client: httpx.AsyncClient) -> None:
+    body = {"model": "mock/x", "messages": [{"role": "bot", "content": "hi"}]}
+    error = assert_envelope(await client.post("/v1/chat", json=body), 400, "invalid_request")
+    assert error["message"] == "messages[0].role: must be one of system, user, assistant, tool"
+
+
+async def test_a_content_part_type_outside_the_schema_is_refused_and_the_schema_says_so(
+    client: httpx.AsyncClient,
+) -> None:
+    part_schema = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    enum = part_schema["ContentPart"]["properties"]["type"]["enum"]
+    assert "" not in enum and {"text", "image_url"} <= set(enum)
+    body = {"model": "mock/x", "messages": [{"role": "user", "content": [{"type": ""}]}]}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "messages[0].content[0].type"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import Scope
 
 from chatd.config import Settings
 from chatd.errors import (
@@ -32,6 +35,7 @@ from chatd.surfaces.embeddings import install_embeddings_routes
 from chatd.surfaces.openai import install_openai_routes
 from chatd.surfaces.operations import Operations
 from chatd.surfaces.usage import install_usage_routes
+from chatd.telemetry.tracing import Tracing, build_tracing
 from chatd.ui import install_ui
 from chatd.web import (
     ClientGone,
@@ -48,7 +52,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     """Build an isolated chatd app; providers' clients open and close with its lifespan."""
     registry = registry or Registry.from_settings(settings)
     ops = Operations(settings, registry)  # SPEC §9: metrics, request log, /ready, auth
-    dispatcher = Dispatcher(registry, observer=ops.metrics)
+    tracing = build_tracing(settings)  # None unless [chatd.tracing] or OTEL_* say where
+    dispatcher = Dispatcher(registry, observer=ops.metrics, tracing=tracing)
     ops.balancers = dispatcher.balancers  # SPEC §10: endpoint state in the listing
     state, cooldowns, cache = replica_state(settings, registry, dispatcher, ops)
 
@@ -67,6 +72,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                 await state.aclose()
             await registry.aclose()
             await ops.aclose()
+            if tracing is not None:  # the spans still queued go out, within the timeout
+                await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(
         title="chatd",
@@ -89,7 +96,13 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.cache = cache  # None unless [chatd.cache] enabled; see cache.get_or_run
     install_error_handlers(app)
     install_openapi(app)
-    app.add_middleware(RequestContext, logger=log, authorize=ops.authorize, finished=ops.finished)
+    app.add_middleware(
+        RequestContext,
+        logger=log,
+        authorize=ops.authorize,
+        finished=ops.finished if tracing is None else traced(tracing, ops.finished),
+        started=None if tracing is None else tracing.started,
+    )
     ops.install(app)
 
     install_chat_routes(app, dispatcher, settings, cache)
@@ -116,6 +129,19 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         return json_response({"status": "ok"})
 
     return app
+
+
+def traced(tracing: Tracing, finished: Callable[[Scope, int, float], None]) -> Any:
+    """The request's end: its server span closed, then its log line and metrics."""
+
+    def end(scope: Scope, status: int, seconds: float) -> None:
+        try:
+            tracing.finished(scope, status or 499)
+        except Exception:  # a span must never take a request down
+            log.exception("tracing failed")
+        finished(scope, status, seconds)
+
+    return end
 
 
 def install_error_handlers(app: FastAPI) -> None:

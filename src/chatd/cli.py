@@ -15,6 +15,7 @@ import sys
 import tempfile
 from typing import Any
 
+from chatd import __version__
 from chatd.config import ConfigError, Settings, load_settings, parse_bind, resolve_key
 from chatd.state.auth import auth_tokens, check_auth_config
 from chatd.state.callers import Callers
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command", nargs="?", choices=["serve", "check-config", "usage"], default="serve"
     )
+    parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     parser.add_argument("--config", metavar="PATH", help="lakehouse.toml to read")
     parser.add_argument("--bind", metavar="HOST:PORT", help="listen address (beats CHATD_BIND)")
     parser.add_argument(

@@ -140,6 +140,27 @@ class CacheConfig(BaseModel):
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # in process; Redis has its own
 
 
+class TracingConfig(BaseModel):
+    """`[chatd.tracing]`: OpenTelemetry traces over OTLP/HTTP, off by default (docs/tracing.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # e.g. "http://collector:4318"; "" = $OTEL_EXPORTER_OTLP_ENDPOINT, else off
+    otlp_endpoint: str = ""
+    # parent-based: a sampled caller's trace is always kept
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    # "" = $OTEL_SERVICE_NAME, else "chatd"
+    service_name: str = ""
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint_is_http(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value
+
+
 class ChatdConfig(BaseModel):
     """The `[chatd]` table."""
 
@@ -160,6 +181,7 @@ class ChatdConfig(BaseModel):
     # SPEC §13: state replicas share ("" = in process); e.g. "redis://cache:6379/0"
     redis_url: str = ""
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     # SPEC §12: callers, prices, the usage ledger ("" = no ledger).
     callers: dict[str, CallerConfig] = Field(default_factory=dict)

@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -138,22 +138,88 @@ def parse_body(model: type[M], body: bytes) -> M:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise invalid_request(exc) from None
+        raise invalid_request(exc, model) from None
 
 
-def invalid_request(exc: ValidationError) -> InvalidRequest:
-    """One readable 400 from pydantic's first error; never echoes the input."""
+def invalid_request(exc: ValidationError, model: type[BaseModel] | None = None) -> InvalidRequest:
+    """One readable 400 from pydantic's first error, in chatd's own words; never echoes
+    the input (docs/http-api.md)."""
     first = exc.errors(include_input=False, include_url=False)[0]
     if first["type"] in ("json_invalid", "json_type"):
         return InvalidRequest("request body is not valid JSON")
     loc = [str(p) for p in first["loc"]]
     if not loc:
-        return InvalidRequest(f"request body: {first['msg']}")
+        return InvalidRequest("request body must be a JSON object")
     param = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
-    msg = first["msg"]
-    if first["type"] == "missing":
-        msg = "is required"
-    return InvalidRequest(f"{param}: {msg}", param=param)
+    return InvalidRequest(f"{param}: {in_words(first, bounds(model, loc))}", param=param)
+
+
+LIMIT_WORDS = (("ge", "at least"), ("le", "at most"), ("gt", "more than"), ("lt", "less than"))
+WORDS = {
+    "missing": "is required",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "int_parsing": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be a boolean",
+    "bool_parsing": "must be a boolean",
+    "string_type": "must be a string",
+    "list_type": "must be an array",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "finite_number": "must be a finite number",
+}
+
+
+def in_words(error: Any, limits: tuple[Any, Any] | None) -> str:
+    """What a field must be, as the other surfaces say it (`must be between 0 and 2`)."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        if limits is not None and None not in limits:
+            return f"must be between {number(limits[0])} and {number(limits[1])}"
+        for key, words in (
+            ("ge", "at least"),
+            ("le", "at most"),
+            ("gt", "more than"),
+            ("lt", "less than"),
+        ):
+            if key in ctx:
+                return f"must be {words} {number(ctx[key])}"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return "must be one of " + ", ".join(choice or '""' for choice in choices)
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        return "must be a non-empty array"
+    if kind == "too_short":
+        return f"must have at least {ctx.get('min_length')} items"
+    if kind == "too_long":
+        return f"must have at most {ctx.get('max_length')} items"
+    return WORDS.get(kind, "is not valid")
+
+
+def bounds(model: type[BaseModel] | None, loc: list[str]) -> tuple[Any, Any] | None:
+    """A top-level field's (minimum, maximum) from its declaration, when it has both."""
+    field = model.model_fields.get(loc[0]) if model is not None and len(loc) == 1 else None
+    if field is None:
+        return None
+    items = list(field.metadata)
+    for arg in get_args(field.annotation):  # `Annotated[int, Field(...)] | None`
+        for extra in getattr(arg, "__metadata__", ()):
+            items.extend(getattr(extra, "metadata", [extra]))
+    low = high = None
+    for item in items:
+        low = getattr(item, "ge", low)
+        high = getattr(item, "le", high)
+    return (low, high)
+
+
+def number(value: Any) -> str:
+    """`2.0` as `2`: limits read as a person writes them."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 async def until_disconnect(request: Request, work: Any) -> T:
@@ -195,11 +261,13 @@ class RequestContext:
         logger: Any,
         authorize: Callable[[Scope], ChatdError | None] | None = None,
         finished: Callable[[Scope, int, float], None] | None = None,
+        started: Callable[[Scope], None] | None = None,
     ) -> None:
         self.app = app
         self.logger = logger
         self.authorize = authorize  # returns the error to refuse the request with, or None
         self.finished = finished
+        self.started = started  # tracing's server span, when it is on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -210,6 +278,8 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         header = (REQUEST_ID_HEADER, request_id.encode())
         status = 0  # 0 until the response starts
+        if self.started is not None:
+            self.started(scope)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status

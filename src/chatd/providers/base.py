@@ -21,6 +21,7 @@ import orjson
 from chatd.config import ProviderConfig
 from chatd.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from chatd.providers.failures import classify, describe_failure, is_timeout, stream_error
+from chatd.telemetry.propagation import with_traceparent
 from chatd.types import ChatRequest, ChatResult, EmbedResult, StreamEvent
 from chatd.wire.openai_compat import chunks, completion, to_chat_request, wants_usage
 
@@ -152,7 +153,7 @@ class Provider(ABC):
         """`post_json`, with the answer's bytes as they came beside what they parse to."""
         try:
             response = await self.client.post(
-                self.url(path), content=orjson.dumps(body), headers=JSON_HEADERS
+                self.url(path), content=orjson.dumps(body), headers=with_traceparent(JSON_HEADERS)
             )
         except httpx.HTTPError as exc:
             raise self.timeout_error() if is_timeout(exc) else self.unreachable(exc) from None
@@ -184,7 +185,10 @@ class Provider(ABC):
     async def open_stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
         """POST and yield the streaming response once its status is known to be 2xx."""
         request = self.client.build_request(
-            "POST", self.url(path), content=orjson.dumps(body), headers=JSON_HEADERS
+            "POST",
+            self.url(path),
+            content=orjson.dumps(body),
+            headers=with_traceparent(JSON_HEADERS),
         )
         try:
             response = await self.client.send(request, stream=True)

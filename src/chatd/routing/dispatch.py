@@ -93,6 +93,7 @@ class Dispatcher:
         *,
         backoff: Callable[[int], float] = backoff_delay,
         observer: Observer | None = None,
+        tracing: Any = None,
     ) -> None:
         self.registry = registry
         self.observer = observer or Observer()
@@ -109,7 +110,7 @@ class Dispatcher:
             if options.mode == "balance":
                 for target in registry.aliases.get(alias, ()):
                     self._balance(target)
-        self.calls = TargetCalls(self.guard, self.balancers, backoff, self.observer)
+        self.calls = TargetCalls(self.guard, self.balancers, backoff, self.observer, tracing)
 
     def _balance(self, target: str) -> None:
         """Track the load of `target`'s provider (a balanced alias orders by it)."""
@@ -275,7 +276,7 @@ class Dispatcher:
                     other = self.registry.resolve(target)
                 except (ProviderNotFound, ProviderDisabled):
                     continue
-                return self.calls.try_target(other, attempt, deadline, tally)
+                return self.calls.try_target(other, attempt, deadline, tally, hedge=True)
             return None
 
         first = self.calls.try_target(route, attempt, deadline, tally)

@@ -69,7 +69,12 @@ def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Set
         started = time.perf_counter()
         body = check_body(loads_body(await read_body(request, max_body)))
         model: str = body["model"]
-        note(request, model=model)
+        note(
+            request,
+            model=model,
+            max_tokens=body.get("max_tokens"),
+            temperature=body.get("temperature"),
+        )
         stream = bool(body.get("stream"))
         upstream = to_openai_body(body, stream=stream)  # every block checked before admission
         admit = request.app.state.admit  # callers (SPEC §12), when configured

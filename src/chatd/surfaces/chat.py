@@ -72,7 +72,7 @@ def install_chat_routes(
     async def chat(request: Request) -> Response:
         started = time.perf_counter()
         body = parse_body(ChatRequest, await read_body(request, max_body))
-        note(request, model=body.model)
+        note(request, model=body.model, max_tokens=body.max_tokens, temperature=body.temperature)
         admit = request.app.state.admit  # callers (SPEC §12), when configured
         if admit is not None:
             await admit(request, body.model)

@@ -90,7 +90,8 @@ def install_openai_routes(
         started = time.perf_counter()
         body = check_body(loads_body(await read_body(request, max_body)))
         model: str = body["model"]
-        note(request, model=model)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        note(request, model=model, max_tokens=limit, temperature=body.get("temperature"))
         admit = request.app.state.admit  # callers (SPEC §12), when configured
         if admit is not None:
             await admit(request, model)

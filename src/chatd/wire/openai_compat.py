@@ -21,6 +21,8 @@ from chatd.types import ChatRequest, ChatResult, Message, StreamEvent
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
+# The content parts chatd passes on: text, and what OpenAI-compatible vendors take besides.
+PART_TYPES = ("text", "input_text", "image_url", "input_audio", "file", "refusal")
 # What upstreams can take: token limits are int32 (as on /v1/chat), a seed is int64.
 INTEGER_RANGES = {
     "max_tokens": (1, 2**31 - 1),
@@ -105,6 +107,11 @@ def check_parts(parts: list[Any], where: str) -> None:
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise InvalidRequest(
                 f"{where}[{j}]: must be an object with a string type", param=f"{where}[{j}]"
+            )
+        if part["type"] not in PART_TYPES:
+            raise InvalidRequest(
+                f"{where}[{j}].type: must be one of {', '.join(PART_TYPES)}",
+                param=f"{where}[{j}].type",
             )
         if "text" in part and not isinstance(part["text"], str):
             raise InvalidRequest(f"{where}[{j}].text: must be a string", param=f"{where}[{j}].text")

@@ -10,6 +10,7 @@ from chatd.surfaces.contract.common import (
     MODEL_NAME,
     nullable,
 )
+from chatd.wire.openai_compat import PART_TYPES
 
 
 class ModelEntry(BaseModel):
@@ -102,5 +103,8 @@ CONTENT_PART: dict[str, Any] = {
     "description": '`{"type": "text", "text": ...}`, or any other part an '
     "openai-kind vendor takes (images, audio).",
     "required": ["type"],
-    "properties": {"type": {"type": "string"}, "text": {"type": "string"}},
+    "properties": {
+        "type": {"type": "string", "enum": list(PART_TYPES)},
+        "text": {"type": "string"},
+    },
 }
