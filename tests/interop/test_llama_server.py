@@ -51,14 +51,15 @@ def chatd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatdProcess]:
         process.stop()
 
 
-class Counted(httpx.Client):
-    """An httpx client that counts the requests an SDK sends (its retries included)."""
+class Counter:
+    """Counts the requests an SDK sends (its retries included), through a hook on the
+    SDK's own HTTP client."""
 
-    def __init__(self) -> None:
+    def __init__(self, sdk: Any) -> None:
         self.sent = 0
-        super().__init__(event_hooks={"request": [self._count]}, timeout=60)
+        self.client = sdk.DefaultHttpxClient(event_hooks={"request": [self.count]})
 
-    def _count(self, request: httpx.Request) -> None:
+    def count(self, request: Any) -> None:
         self.sent += 1
 
 
@@ -80,8 +81,8 @@ def direct(body: dict[str, Any]) -> dict[str, Any]:
 def test_an_overflow_is_the_openai_sdks_bad_request_after_one_request(
     chatd: ChatdProcess,
 ) -> None:
-    http = Counted()
-    client = openai.OpenAI(base_url=chatd.url + "/v1", api_key="unused", http_client=http)
+    http = Counter(openai)
+    client = openai.OpenAI(base_url=chatd.url + "/v1", api_key="unused", http_client=http.client)
     assert client.max_retries == 2  # the SDK's retries left on
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="llama/tiny", messages=TOO_LONG, max_tokens=4)
@@ -99,8 +100,8 @@ def test_an_overflow_is_the_openai_sdks_bad_request_after_one_request(
 def test_an_overflow_is_the_anthropic_sdks_bad_request_after_one_request(
     chatd: ChatdProcess,
 ) -> None:
-    http = Counted()
-    client = anthropic.Anthropic(base_url=chatd.url, api_key="unused", http_client=http)
+    http = Counter(anthropic)
+    client = anthropic.Anthropic(base_url=chatd.url, api_key="unused", http_client=http.client)
     assert client.max_retries == 2
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model="llama/tiny", max_tokens=4, messages=TOO_LONG)
@@ -156,8 +157,9 @@ def test_the_native_route_answers_502_with_upstream_status_and_code(chatd: Chatd
 def test_a_list_alias_whose_first_target_overflows_is_served_by_the_roomier_one(
     chatd: ChatdProcess,
 ) -> None:
-    # Fits the big context, not the small one (the script gives "small" a quarter).
-    prompt = [{"role": "user", "content": "hello world " * (CONTEXT // 4)}]
+    # ~340 tokens: over the small server's context (a quarter of CONTEXT, which
+    # llama-server rounds up to 256), under the big one's.
+    prompt = [{"role": "user", "content": "hello world " * (CONTEXT // 16)}]
     answer = httpx.post(
         chatd.url + "/v1/chat/completions",
         json={"model": "roomy", "messages": prompt, "max_tokens": 4},
@@ -225,7 +227,10 @@ def test_the_anthropic_sdk_stream_equals_the_servers_answer(
 ) -> None:
     client = anthropic.Anthropic(base_url=chatd.url, api_key="unused")
     with client.messages.stream(
-        model="llama/tiny", max_tokens=MAX_TOKENS, temperature=0, messages=USER
+        model="llama/tiny",
+        max_tokens=MAX_TOKENS,
+        messages=USER,
+        extra_body={"temperature": 0},  # this SDK's signature no longer names it
     ) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()

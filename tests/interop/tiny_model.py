@@ -41,6 +41,7 @@ def vocab() -> tuple[list[str], list[float], list[int]]:
     pieces = list(string.ascii_letters + string.digits + string.punctuation)
     pieces += ["\u2581" + c for c in string.ascii_lowercase]
     pieces += ["\u2581" + w for w in WORDS]
+    pieces = list(dict.fromkeys(pieces))  # each piece once ("a" is a letter and a word)
     tokens += pieces
     types += [gguf.TokenType.NORMAL] * len(pieces)
     scores = [0.0] * 259 + [float(len(p)) for p in pieces]  # longer pieces merge first
