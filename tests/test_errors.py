@@ -31,9 +31,9 @@ from tests.fakes.recorded import RECORDED
 
 # name in fakes/recorded.py -> the upstream's own words the message must carry
 OVERFLOWS = {
-    "llamacpp_overflow": "request (1310 tokens) exceeds the available context size (256 tokens)",
+    "llamacpp_overflow": "request (1257 tokens) exceeds the available context size (256 tokens)",
     "llamacpp_overflow_unsized": "try increasing it (4263 prompt tokens, context 4096)",
-    "llamacpp_embed_overflow": "input (600 tokens) is too large to process",
+    "llamacpp_embed_overflow": "input (1004 tokens) is too large to process",
     "openai_overflow": "maximum context length is 128000 tokens",
     "openrouter_overflow": "maximum context length is 131072 tokens",
     "vllm_overflow": "maximum context length is 4096 tokens",

@@ -23,9 +23,9 @@ RECORDED: dict[str, Recorded] = {
     # -- context overflows, one per dialect -------------------------------------------
     "llamacpp_overflow": Recorded(
         400,
-        b'{"error":{"code":400,"message":"request (1310 tokens) exceeds the available context'
+        b'{"error":{"code":400,"message":"request (1257 tokens) exceeds the available context'
         b' size (256 tokens), try increasing it","type":"exceed_context_size_error",'
-        b'"n_prompt_tokens":1310,"n_ctx":256}}',
+        b'"n_prompt_tokens":1257,"n_ctx":256}}',
     ),
     "llamacpp_overflow_unsized": Recorded(  # llama-server before its message named sizes
         400,
@@ -35,7 +35,7 @@ RECORDED: dict[str, Recorded] = {
     ),
     "llamacpp_embed_overflow": Recorded(  # --embeddings: an input over the physical batch
         500,
-        b'{"error":{"code":500,"message":"input (600 tokens) is too large to process. increase'
+        b'{"error":{"code":500,"message":"input (1004 tokens) is too large to process. increase'
         b' the physical batch size (current batch size: 512)","type":"server_error"}}',
     ),
     "openai_overflow": Recorded(
@@ -69,7 +69,7 @@ RECORDED: dict[str, Recorded] = {
         500, b'{"error":"the input length exceeds the context length"}'
     ),
     # -- the other rows of the table ------------------------------------------------------
-    "llamacpp_bad_param": Recorded(
+    "llamacpp_bad_param": Recorded(  # recorded: response_format {"type": "bogus"}
         400,
         b'{"error":{"code":400,"message":"response_format type must be one of \\"text\\" or'
         b' \\"json_object\\", but got: bogus","type":"invalid_request_error"}}',
