@@ -1,4 +1,4 @@
-"""SPEC §12 in-process: the sliding windows, periods, prices, upstream cost parsing,
+"""Callers in process: the sliding windows, periods, prices, upstream cost parsing,
 config, and that with no callers admission is the do-nothing function."""
 
 from __future__ import annotations

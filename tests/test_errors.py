@@ -26,7 +26,7 @@ from chatd.errors import (
 from chatd.providers.failures import classify
 from chatd.routing.resilience import is_retryable, is_upstream_failure, may_fall_back
 from chatd.web import native
-from chatd.wire import anthropic_compat, openai_compat
+from chatd.wire import anthropic_errors, openai_compat
 from tests.fakes.recorded import RECORDED
 
 # name in fakes/recorded.py -> the upstream's own words the message must carry
@@ -65,7 +65,7 @@ def test_each_context_overflow_dialect_is_recognised(name: str) -> None:
     assert body["error"]["param"] == "messages"
     assert native(error)[0] == 502
     assert native(error)[1]["error"]["upstream_code"] == "context_length_exceeded"
-    assert anthropic_compat.error_answer(error)[:2] == (
+    assert anthropic_errors.error_answer(error)[:2] == (
         400,
         {"type": "error", "error": {"type": "invalid_request_error", "message": error.message}},
     )
@@ -144,8 +144,8 @@ def test_each_row_of_the_table_answers_per_surface(name: str) -> None:
     status, body = error.api_answer()
     assert (status, body["error"]["type"]) == (api_status, api_type)
     assert body["error"]["code"] == api_type  # code repeats type but for an overflow
-    assert anthropic_compat.error_answer(error)[0] == anthropic_status
-    assert anthropic_compat.error_body(error)["error"]["type"] == anthropic_type
+    assert anthropic_errors.error_answer(error)[0] == anthropic_status
+    assert anthropic_errors.error_body(error)["error"]["type"] == anthropic_type
     assert native(error)[:1] == (502,) and native(error)[1]["error"]["type"] == "upstream_error"
     assert native(error)[1]["error"]["upstream_status"] == RECORDED[name].status
     assert error.retry_hint == hint

@@ -1,4 +1,4 @@
-"""SPEC §9 in-process: the request log line, inbound auth, /metrics, /ready and the
+"""Operations in process: the request log line, inbound auth, /metrics, /ready and the
 per-provider counters, through the ASGI app and the pieces it is built from."""
 
 from __future__ import annotations

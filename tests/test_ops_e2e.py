@@ -1,4 +1,4 @@
-"""Operations (SPEC §9) against real chatd processes: /metrics (one process and
+"""Operations (docs/operations.md) against real chatd processes: /metrics (one process and
 `--workers 2`), the one JSON log line per request, /ready with and without probes,
 `chatd check-config`, and inbound bearer auth."""
 

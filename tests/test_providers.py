@@ -1,4 +1,4 @@
-"""SPEC §4: each provider's exact wire format, its parsing, and its failure mapping (respx)."""
+"""Each provider's exact wire format, its parsing, and its failure mapping (respx)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""SPEC §13 end to end: two real chatd processes behind a real nginx (round robin), one
+"""Replicas end to end: two real chatd processes behind a real nginx (round robin), one
 real redis-server, the real fake upstream. What one replica learns, the other knows:
 cooldowns, cached answers, answers in flight; Redis killed and restarted mid-run.
 
-(The rpm and budget across replicas need callers (issue 12); tests/test_shared.py shows
+(The rpm and budget across replicas need callers; tests/test_shared.py shows
 the shared window and spend across two `RedisState`s on one Redis.)
 """
 
@@ -333,7 +333,7 @@ def test_in_process_cache_never_exceeds_max_bytes(fake, tmp_path: Path):
         assert "chatd_shared_state_up" not in httpx.get(chatd.url + "/metrics").text
 
 
-# -- callers' limits and budgets across replicas (SPEC §12 + §13) ----------------------
+# -- callers' limits and budgets across replicas ----------------------
 
 CALLER_TOKENS = {"REPLICA_APP_TOKEN": "app-replica-token", "REPLICA_BIG_TOKEN": "big-token"}
 

@@ -247,7 +247,9 @@ def test_each_worker_exports_with_its_own_instance_id(tmp_path: Path, fake: Fake
         env = {"FAKE_KEY": KEY, "CALLER_TOKEN": CALLER_TOKEN}
         config_text = config(receiver.url, fake)
         auth = {"authorization": f"Bearer {CALLER_TOKEN}"}
-        with ChatdProcess(config_text, tmp_path, env=env, args=("--workers", "2")) as chatd:
+        chatd = ChatdProcess(config_text, tmp_path, env=env, args=("--workers", "2"))
+        chatd.start(timeout=60)  # two processes importing the SDK on a busy machine
+        try:
             body = {"model": "fake/ok", "messages": USER}
             with httpx.Client(timeout=10) as client:
                 for _ in range(60):  # new connections: the kernel spreads them over workers
@@ -256,4 +258,6 @@ def test_each_worker_exports_with_its_own_instance_id(tmp_path: Path, fake: Fake
                     )
                     assert response.status_code == 200
             assert receiver.wait_for_instances(2), receiver.instances()
+        finally:
+            chatd.stop()
     assert receiver.service_names() == {"chatd-under-test"}

@@ -1,4 +1,4 @@
-"""`create_app(settings)`: the FastAPI application, its routes and error handlers (SPEC §3)."""
+"""`create_app(settings)`: the FastAPI application, its routes and error handlers."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ log = logging.getLogger("chatd")
 def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     """Build an isolated chatd app; providers' clients open and close with its lifespan."""
     registry = registry or Registry.from_settings(settings)
-    ops = Operations(settings, registry)  # SPEC §9: metrics, request log, /ready, auth
+    ops = Operations(settings, registry)  # metrics, request log, /ready, auth
     tracing = build_tracing(settings)  # None unless [chatd.tracing] or OTEL_* say where
     dispatcher = Dispatcher(registry, observer=ops.metrics, tracing=tracing)
-    ops.balancers = dispatcher.balancers  # SPEC §10: endpoint state in the listing
+    ops.balancers = dispatcher.balancers  # endpoint state in the listing
     state, cooldowns, cache = replica_state(settings, registry, dispatcher, ops)
 
     @asynccontextmanager
@@ -86,7 +86,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.dispatcher = dispatcher
     app.state.operations = ops
-    # SPEC §12: every model-calling route awaits app.state.admit(request, model) after
+    # every model-calling route awaits app.state.admit(request, model) after
     # parsing; None (nothing to await) when no callers are configured.
     app.state.admit = ops.callers.admit if ops.callers is not None else None
     if ops.callers is not None:  # the dashboard: admins only, and callers' spend
@@ -145,7 +145,7 @@ def traced(tracing: Tracing, finished: Callable[[Scope, int, float], None]) -> A
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error, on every route, leaves as the SPEC §3 envelope."""
+    """Every error, on every route, leaves as the error envelope."""
 
     @app.exception_handler(ChatdError)
     async def chatd_error(request: Request, exc: ChatdError) -> Response:

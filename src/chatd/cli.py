@@ -1,4 +1,4 @@
-"""The `chatd` command: serve, or `check-config` (SPEC §5, §9)."""
+"""The `chatd` command: serve, or `check-config` (docs/getting-started.md, docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
 def exit_zero_after_drain() -> None:
     """SIGTERM → uvicorn drains in-flight requests and streams (up to shutdown_grace_secs),
     then re-raises the signal it caught under the handler that was there before it ran.
-    Make that handler a no-op so the drained process exits 0 (SPEC §8), not -15."""
+    Make that handler a no-op so the drained process exits 0, not -15."""
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
@@ -288,7 +288,7 @@ def describe_settings(settings: Settings) -> str:
             key = f"{cfg.key_env} {'set' if resolve_key(cfg) else 'unset'}"
         keyed = not cfg.needs_key or key.endswith(" set")
         endpoint_lines = []
-        if cfg.endpoints:  # SPEC §10: registered when one endpoint's key resolves
+        if cfg.endpoints:  # registered when one endpoint's key resolves
             keyed = False
             for entry in cfg.endpoints:
                 key_env = entry.key_env or cfg.key_env

@@ -1,4 +1,4 @@
-"""Configuration: `lakehouse.toml` + `CHATD_*` environment overrides (SPEC §2).
+"""Configuration: `lakehouse.toml` + `CHATD_*` environment overrides (docs/configuration.md).
 
 Settings are built once at start-up by `load_settings` and passed into
 `create_app`; nothing reads the file or the environment at request time.
@@ -55,7 +55,7 @@ class ConfigError(Exception):
 
 
 class EndpointConfig(BaseModel):
-    """One entry of a provider's `endpoints` (SPEC §10); what it leaves out, the provider
+    """One entry of a provider's `endpoints` (docs/routing.md); what it leaves out, the provider
     gives (`max_concurrency` None = the provider's)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -82,16 +82,16 @@ class ProviderConfig(BaseModel):
     # mock kind
     reply: str | None = None
     latency_ms: int = Field(default=0, ge=0)
-    # resilience (SPEC §8)
+    # resilience (docs/routing.md)
     max_retries: int = Field(default=2, ge=0, le=10)
     max_retry_after_secs: float = Field(default=30, ge=0)
     max_concurrency: int = Field(default=0, ge=0)
     queue_timeout_secs: float = Field(default=30, ge=0)
     cooldown_failures: int = Field(default=5, ge=0)
     cooldown_secs: float = Field(default=30, ge=0)
-    # embeddings (SPEC §11): most inputs sent upstream in one call
+    # embeddings (docs/http-api.md): most inputs sent upstream in one call
     embed_batch: int = Field(default=256, ge=1)
-    # endpoints, balancing, hedging (SPEC §10)
+    # endpoints, balancing, hedging (docs/routing.md)
     balance: Literal["p2c", "round_robin"] = "p2c"
     hedge_after_ms: int = Field(default=0, ge=0)
     endpoints: list[EndpointConfig] = Field(default_factory=list)
@@ -107,7 +107,7 @@ DEFAULT_USAGE_DB = "sqlite:///chatd-usage.sqlite3"
 
 
 class CallerConfig(BaseModel):
-    """One `[chatd.callers.<name>]` table (SPEC §12)."""
+    """One `[chatd.callers.<name>]` table (docs/callers-and-usage.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -131,7 +131,7 @@ class Price(BaseModel):
 
 
 class CacheConfig(BaseModel):
-    """`[chatd.cache]`: the response cache (SPEC §13), off by default."""
+    """`[chatd.cache]`: the response cache (docs/replicas-and-cache.md), off by default."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -178,12 +178,12 @@ class ChatdConfig(BaseModel):
     ui: bool = True
     # The HTTP transport under the providers' httpx clients (see providers/base.py).
     upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
-    # SPEC §13: state replicas share ("" = in process); e.g. "redis://cache:6379/0"
+    # state replicas share ("" = in process); e.g. "redis://cache:6379/0"
     redis_url: str = ""
     cache: CacheConfig = Field(default_factory=CacheConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
-    # SPEC §12: callers, prices, the usage ledger ("" = no ledger).
+    # callers, prices, the usage ledger ("" = no ledger).
     callers: dict[str, CallerConfig] = Field(default_factory=dict)
     prices: dict[str, Price] = Field(default_factory=dict)
     usage_db: str = DEFAULT_USAGE_DB
@@ -255,7 +255,7 @@ class _EnvChatdConfig(ChatdConfig, BaseSettings):
 
 @dataclass(frozen=True, slots=True)
 class AliasOptions:
-    """How a table-form alias (`[models.<alias>]`) uses its targets (SPEC §10)."""
+    """How a table-form alias (`[models.<alias>]`) uses its targets (docs/routing.md)."""
 
     mode: Literal["fallback", "balance"] = "fallback"
     hedge_after_ms: int = 0
@@ -351,7 +351,7 @@ def _parse_models(
     models: Mapping[str, Any],
 ) -> tuple[dict[str, list[str]], dict[str, AliasOptions]]:
     """`[models]`: a string (one target), a list (fallback order) or a table
-    `{targets, mode, hedge_after_ms}` (SPEC §10)."""
+    `{targets, mode, hedge_after_ms}` (docs/routing.md)."""
     tiers: dict[str, list[str]] = {}
     options: dict[str, AliasOptions] = {}
     for alias, value in models.items():

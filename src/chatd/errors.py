@@ -1,4 +1,4 @@
-"""chatd's errors: each knows its HTTP status and SPEC §3 `type`.
+"""chatd's errors: each knows its HTTP status and `type`.
 
 Routes and providers raise these; one handler in `app.py` renders them as the
 OpenAI-style error envelope. Nothing else builds error JSON.
@@ -57,7 +57,7 @@ class ChatdError(Exception):
         return "true" if (self.status >= 500 if hint is None else hint) else "false"
 
     def envelope(self) -> dict[str, Any]:
-        """The SPEC §3 body: `{"error": {message, type, code, param, ...}}`."""
+        """The error body: `{"error": {message, type, code, param, ...}}`."""
         return self._envelope(self.type, self.type, self.param)
 
     def api_answer(self) -> tuple[int, dict[str, Any]]:
@@ -90,14 +90,14 @@ class Unauthorized(ChatdError):
 
 
 class Forbidden(ChatdError):
-    """SPEC §12: the caller may not use this model (or read that caller's usage)."""
+    """The caller may not use this model (or read that caller's usage)."""
 
     status = 403
     type = "forbidden"
 
 
 class RateLimited(ChatdError):
-    """SPEC §12: over the caller's rpm, tpm or concurrency; `Retry-After` says when."""
+    """Over the caller's rpm, tpm or concurrency; `Retry-After` says when."""
 
     status = 429
     type = "rate_limited"
@@ -105,7 +105,7 @@ class RateLimited(ChatdError):
 
 
 class BudgetExceeded(ChatdError):
-    """SPEC §12: the caller has spent its budget for the period."""
+    """The caller has spent its budget for the period."""
 
     status = 429
     type = "budget_exceeded"
@@ -232,7 +232,7 @@ class UpstreamOverloaded(UpstreamError):
 
 
 class NotReady(ChatdError):
-    """`GET /ready`: chatd cannot serve its default provider (SPEC §9)."""
+    """`GET /ready`: chatd cannot serve its default provider (docs/operations.md)."""
 
     status = 503
     type = "not_ready"

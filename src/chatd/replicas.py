@@ -1,4 +1,4 @@
-"""What replicas share (SPEC §13), built only when configured: the shared state (Redis,
+"""What replicas share, built only when configured: the shared state (Redis,
 with in-process fallback), the breakers it keeps in step across replicas, and the
 response cache."""
 
@@ -17,7 +17,7 @@ from chatd.surfaces.operations import Operations
 def replica_state(
     settings: Settings, registry: Registry, dispatcher: Dispatcher, ops: Operations
 ) -> tuple[SharedState | None, SharedCooldowns | None, ResponseCache | None]:
-    """SPEC §13: the shared state (with `redis_url`), the breakers it keeps in step across
+    """The shared state (with `redis_url`), the breakers it keeps in step across
     replicas, and the response cache (with `[chatd.cache] enabled`). Nothing without them."""
     chatd = settings.chatd
     state: SharedState | None = None
@@ -43,7 +43,7 @@ def replica_state(
 
 def shared_breakers(registry: Registry, dispatcher: Dispatcher) -> dict[str, Breaker]:
     """Every breaker a trip of which other replicas must honour: one per endpoint of a
-    provider with `endpoints` (SPEC §10), else the provider's own."""
+    provider with `endpoints` (docs/routing.md), else the provider's own."""
     breakers: dict[str, Breaker] = {}
     for name in registry.providers:
         if name in registry.endpoints:

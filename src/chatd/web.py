@@ -41,7 +41,7 @@ def note_served(request: Request, served: Any) -> None:
         attempts=served.attempts,
     )
     endpoint = getattr(served, "endpoint", None)
-    if endpoint is not None:  # a provider with several endpoints (SPEC §10)
+    if endpoint is not None:  # a provider with several endpoints (docs/routing.md)
         note(request, endpoint=endpoint)
 
 

@@ -40,7 +40,7 @@ class Provider(ABC):
     kind: ClassVar[str]
     # Where the upstream lists its models: `GET /v1/models` and `/ready?probe=1` ask it.
     models_path: ClassVar[str | None] = None
-    weight: float = 1.0  # the endpoint's share of its provider's traffic (SPEC §10)
+    weight: float = 1.0  # the endpoint's share of its provider's traffic (docs/routing.md)
 
     def __init__(
         self,
@@ -56,7 +56,7 @@ class Provider(ABC):
         self.name = name
         self.config = config
         self.base_url = config.base_url.rstrip("/")
-        # Which of the provider's endpoints this instance is (SPEC §10): one instance per
+        # Which of the provider's endpoints this instance is (docs/routing.md): one instance per
         # endpoint, each with its own base_url, key and pooled client.
         self.endpoint = endpoint or endpoint_name(self.base_url, name)
         self.timeout = timeout
@@ -104,11 +104,11 @@ class Provider(ABC):
         """Stream the answer; the last event has `done=True`."""
 
     async def complete(self, body: dict[str, Any], model: str) -> dict[str, Any]:
-        """SPEC §7: one `chat.completion` for a checked OpenAI-shaped body."""
+        """One `chat.completion` for a checked OpenAI-shaped body."""
         return completion(await self.chat(to_chat_request(body, model), model), model)
 
     def complete_stream(self, body: dict[str, Any], model: str) -> AsyncIterator[dict[str, Any]]:
-        """SPEC §7: `chat.completion.chunk`s (the route adds `data: [DONE]`)."""
+        """`chat.completion.chunk`s (the route adds `data: [DONE]`)."""
         events = self.stream(to_chat_request(body, model), model)
         return chunks(events, model, wants_usage(body))
 
@@ -119,7 +119,7 @@ class Provider(ABC):
     async def embed(
         self, inputs: list[str], model: str, dimensions: int | None, body: dict[str, Any]
     ) -> EmbedResult:
-        """SPEC §11: one vector per input, in order (`body` is the caller's request)."""
+        """One vector per input, in order (`body` is the caller's request)."""
         raise InvalidRequest(
             f"provider {self.name} ({self.kind}) serves no embeddings", param="model"
         )

@@ -1,4 +1,4 @@
-"""Local Ollama: `POST /api/chat` (SPEC §4), `POST /api/embed` (SPEC §11)."""
+"""Local Ollama: `POST /api/chat` (docs/routing.md), `POST /api/embed` (docs/http-api.md)."""
 
 from __future__ import annotations
 

@@ -147,7 +147,7 @@ class OpenAIProvider(Provider):
         raise self.bad_shape("stream ended before [DONE]", "")
 
     async def complete(self, body: dict[str, Any], model: str) -> dict[str, Any]:
-        """SPEC §7: the caller's body as sent but for `model`; the answer as received."""
+        """The caller's body as sent but for `model`; the answer as received."""
         data = await self.post_json("/chat/completions", {**body, "model": model})
         if not isinstance(data, dict):
             raise self.bad_shape("unexpected response shape", data)

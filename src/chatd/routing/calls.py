@@ -20,7 +20,7 @@ from chatd.routing.hedging import race
 from chatd.routing.registry import Route
 from chatd.routing.resilience import Guard, is_retryable, parse_retry_after
 from chatd.telemetry.observer import Observer
-from chatd.telemetry.propagation import UPSTREAM_TRACEPARENT
+from chatd.telemetry.propagation import TRACED_REQUEST, UPSTREAM_TRACEPARENT
 
 E = TypeVar("E")
 Attempt = Callable[[Route, Guard], Awaitable[Any]]
@@ -87,7 +87,7 @@ class TargetCalls:
             remaining = deadline - called
             try:
                 async with asyncio.timeout_at(deadline) as window:
-                    if self.tracing is None:
+                    if self.tracing is None or TRACED_REQUEST.get() is None:
                         result = await attempt(route, guard)
                     else:
                         number = tally.attempts
@@ -194,7 +194,7 @@ class TargetCalls:
         outcome = "other"  # "ok" | "failed" | "cut" (cancelled, or a deadline not its own)
         try:
             async with asyncio.timeout_at(deadline) as window:
-                if self.tracing is None:
+                if self.tracing is None or TRACED_REQUEST.get() is None:
                     result = await attempt(route, endpoint.guard)
                 else:
                     guard = endpoint.guard

@@ -98,7 +98,7 @@ class Dispatcher:
         self.registry = registry
         self.observer = observer or Observer()
         self.guards: dict[str, Guard] = {}
-        # SPEC §10: providers configured with `endpoints` (and those a balanced alias
+        # providers configured with `endpoints` (and those a balanced alias
         # weighs) are served through a Balancer; every other provider takes the plain path.
         self.alias_options = registry.alias_options  # table-form aliases only
         self.balancers: dict[str, Balancer] = {}
@@ -210,7 +210,7 @@ class Dispatcher:
         targets = self.registry.targets(model)
         hedge_after = 0.0
         spent: set[str] | None = None  # a hedged alias: the targets its hedges called
-        if self.alias_options:  # table-form aliases (SPEC §10); none: nothing to do
+        if self.alias_options:  # table-form aliases (docs/routing.md); none: nothing to do
             options = self.alias_options.get(model.strip())
             if options is not None:
                 if options.mode == "balance":
@@ -265,7 +265,7 @@ class Dispatcher:
         tally: Tally,
         after: float,
     ) -> tuple[Route, Any]:
-        """An alias with `hedge_after_ms`: the target, hedged on the next one (SPEC §10)."""
+        """An alias with `hedge_after_ms`: the target, hedged on the next one (docs/routing.md)."""
 
         async def hedge() -> Any:
             for target in later:
@@ -286,7 +286,7 @@ class Dispatcher:
         return served, result
 
     def _lightest_first(self, targets: list[str]) -> list[str]:
-        """A balanced alias's targets by their providers' load, lightest first (SPEC §10)."""
+        """A balanced alias's targets by their providers' load, lightest first (docs/routing.md)."""
 
         def load(target: str) -> float:
             try:

@@ -1,4 +1,4 @@
-"""The registry: which provider serves a model name, and under which upstream name (SPEC §1).
+"""The registry: which provider serves a model name, and under which upstream name.
 
 Resolution lives only here. Order: tier alias → `<provider>/<model>` prefix →
 `<model>:cloud` suffix → the default provider with the name unchanged.
@@ -43,14 +43,14 @@ class Registry:
         self.configured = frozenset(configured) | frozenset(providers)
         self.default = default
         self.aliases = dict(aliases or {})
-        # SPEC §10: the endpoints of providers configured with `endpoints` (the first is
+        # the endpoints of providers configured with `endpoints` (the first is
         # also in `providers`, which lists, probes and resolves); others have one, itself.
         self.endpoints = dict(endpoints or {})
         self.alias_options = dict(alias_options or {})
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
-        """Register each configured provider per SPEC §2's `enabled` rules."""
+        """Register each configured provider per the `enabled` rules (docs/configuration.md)."""
         chatd = settings.chatd
         attribution = Attribution(app_url=chatd.app_url, app_name=chatd.app_name)
         providers: dict[str, Provider] = {}
@@ -65,7 +65,7 @@ class Registry:
                     endpoints[name] = found
                     continue
                 # No endpoint has a key: not registered, unless `enabled = true` (then
-                # registered but unavailable → 503, as in §2).
+                # registered but unavailable → 503, see docs/configuration.md).
                 if config.enabled == "auto":
                     continue
                 keyed = [e.key_env for e in config.endpoints if e.key_env]
@@ -160,7 +160,7 @@ class Registry:
 def build_endpoints(
     name: str, config: ProviderConfig, chatd: ChatdConfig, attribution: Attribution
 ) -> list[Provider]:
-    """One provider instance per configured endpoint whose key resolves (SPEC §10).
+    """One provider instance per configured endpoint whose key resolves (docs/routing.md).
 
     Names are fixed by position, so leaving a keyless endpoint out renames no other.
     """

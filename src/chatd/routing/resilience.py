@@ -1,4 +1,4 @@
-"""Resilience policy (SPEC §8): what to retry, how long to wait, and per-provider guards.
+"""Resilience policy (docs/routing.md): what to retry, how long to wait, and per-provider guards.
 
 The Dispatcher applies these; nothing here knows about HTTP routes. A provider's guard
 holds its concurrency limiter and its cooldown breaker for the life of the app.

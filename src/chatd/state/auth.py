@@ -1,8 +1,8 @@
-"""Inbound auth (SPEC §9), off by default.
+"""Inbound auth (docs/operations.md), off by default.
 
 When `[chatd] auth_tokens_env` names an environment variable holding comma-separated
 tokens, every `/v1/*` route — whoever adds it — wants `Authorization: Bearer <token>`
-(or `x-api-key: <token>`, as Anthropic's SDKs send it, SPEC §12);
+(or `x-api-key: <token>`, as Anthropic's SDKs send it);
 `/health`, `/ready` and `/metrics` stay open. The check runs in the request middleware,
 by path prefix, before any route.
 """
@@ -73,7 +73,7 @@ class BearerAuth:
                 )
         if not any(self.accepts(token) for token in tokens):
             return Unauthorized("invalid token", headers=dict(CHALLENGE))
-        # SPEC §12: these tokens are the caller named "default" (no limits).
+        # these tokens are the caller named "default" (no limits).
         scope.setdefault("state", {}).setdefault("log", {})["caller"] = "default"
         return None
 

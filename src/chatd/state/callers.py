@@ -1,4 +1,4 @@
-"""Who is calling (SPEC §12): callers' tokens, model allow-lists, rpm/tpm windows,
+"""Who is calling (docs/callers-and-usage.md): callers' tokens, model allow-lists, rpm/tpm windows,
 per-period budgets and per-caller concurrency.
 
 The request middleware calls `Callers.authorize(scope)`: it names the caller (in
@@ -363,13 +363,13 @@ class Callers:
             key = caller.tpm_key
             if local:
                 store.hit(key, tokens, 0, WINDOW_SECS)
-            else:  # Redis (SPEC §13): off the request's end
+            else:  # Redis (docs/replicas-and-cache.md): off the request's end
                 spawn(store.window_hit(key, tokens, 0, WINDOW_SECS))
         if caller.budget_usd and cost:
             key, _, left = caller.period(time.time())
             if local:
                 store.incr(key, cost, left + 3600)
-            else:  # Redis (SPEC §13): off the request's end
+            else:  # Redis (docs/replicas-and-cache.md): off the request's end
                 spawn(store.add(key, cost, left + 3600))
 
     async def load_spend(self, spent: Mapping[str, float], now: float | None = None) -> None:

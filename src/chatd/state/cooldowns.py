@@ -1,6 +1,6 @@
-"""Cooldowns that every replica honours (SPEC §13), when `[chatd] redis_url` is set.
+"""Cooldowns that every replica honours, when `[chatd] redis_url` is set.
 
-Each replica keeps its own §8 breakers (`resilience.Breaker`) and asks nothing of Redis
+Each replica keeps its own breakers (`resilience.Breaker`) and asks nothing of Redis
 per request. A breaker that trips publishes a flag, `cooldown:<provider>`, for its
 cooldown (`SET PX`); a background loop reads the flags of all breakers every
 SYNC_EVERY_SECS in one round trip and holds any breaker whose flag outlives its own

@@ -1,4 +1,4 @@
-"""State that replicas share (SPEC §13): Redis when `[chatd] redis_url` is set, in process
+"""State that replicas share: Redis when `[chatd] redis_url` is set, in process
 otherwise.
 
 One small async interface, `SharedState`, with two implementations that pass one test

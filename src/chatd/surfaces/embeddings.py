@@ -1,4 +1,4 @@
-"""Embeddings (SPEC §11): `POST /v1/embeddings`, in the OpenAI shape.
+"""Embeddings (docs/http-api.md): `POST /v1/embeddings`, in the OpenAI shape.
 
 Routing, retries, fallbacks, limits and the deadline are the dispatcher's: each batch of
 at most the provider's `embed_batch` inputs is one `dispatcher.call`, so a provider's
@@ -230,7 +230,7 @@ def install_embeddings_routes(app: FastAPI, dispatcher: Dispatcher, settings: Se
     async def embeddings(request: Request) -> Response:
         job = check_request(loads_body(await read_body(request, max_body)))
         note(request, model=job.model)
-        admit = request.app.state.admit  # callers (SPEC §12), when configured
+        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
         if admit is not None:
             await admit(request, job.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
@@ -268,7 +268,7 @@ async def cached_embeddings(
     cache: ResponseCache,
     plan: Plan,
 ) -> Response:
-    """SPEC §13: embeddings are cached per input. Stored vectors are reused; only the
+    """Embeddings are cached per input. Stored vectors are reused; only the
     inputs not stored go upstream (one request, batched as usual), and are stored."""
     keys = [f"{plan.key}:{hashlib.sha256(text.encode()).hexdigest()}" for text in job.inputs]
     stored: list[bytes | None] = [None] * len(keys)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible surface (SPEC §7): `POST /v1/chat/completions`, `GET /v1/models`.
+"""The OpenAI-compatible surface (docs/http-api.md): `POST /v1/chat/completions`, `GET /v1/models`.
 
 Routing, retries, fallbacks and limits are the dispatcher's, exactly as for /v1/chat.
 What differs is the shape: openai-kind providers get the caller's body with only `model`
@@ -25,15 +25,11 @@ from chatd.providers.openai import upstream_cost
 from chatd.routing.dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream, Served
 from chatd.routing.registry import Registry
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
-from chatd.state.cache import (
-    CACHE_HEADER,
-    HIT,
-    Plan,
+from chatd.state.cache import CACHE_HEADER, HIT, Plan, ResponseCache, note_hit
+from chatd.state.cache_entries import (
     RecordedCompletionStream,
-    ResponseCache,
     completion_entry,
     completion_params,
-    note_hit,
     replay_completion,
 )
 from chatd.surfaces.contract.common import MODEL_CALL, error_responses, model_call, ok
@@ -92,7 +88,7 @@ def install_openai_routes(
         model: str = body["model"]
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         note(request, model=model, max_tokens=limit, temperature=body.get("temperature"))
-        admit = request.app.state.admit  # callers (SPEC §12), when configured
+        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
         if admit is not None:
             await admit(request, model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))

@@ -1,4 +1,4 @@
-"""Operations (SPEC §9): `GET /metrics`, `GET /ready`, and what each finished request
+"""Operations (docs/operations.md): `GET /metrics`, `GET /ready`, and what each finished request
 leaves behind — its log line, its metrics, its provider's counters.
 
 `create_app` builds one `Operations` and hands `finished` and `authorize` to the request
@@ -49,7 +49,7 @@ class Operations:
         self.stats = ProviderStats()
         self.request_log = logging.getLogger(REQUEST_LOGGER)
         tokens = auth_tokens(settings)
-        # SPEC §12: named callers (with auth_tokens_env's tokens as "default"), else §9's
+        # named callers (with auth_tokens_env's tokens as "default"), else the inbound-auth
         # bearer tokens. Auth on with no token (start-up refuses that; see
         # auth.check_auth_config) still fails closed here: nobody gets in.
         self.callers = Callers.from_settings(settings)
@@ -74,9 +74,9 @@ class Operations:
         # Told of every finished request (scope, provider, status, seconds): the
         # dashboard's ring buffer (ui/series.py) when it is installed, else nothing.
         self.on_finished: Callable[[Scope, str, int, float], None] | None = None
-        # The dispatcher's balancers (SPEC §10): their endpoints join the listing.
+        # The dispatcher's balancers (docs/routing.md): their endpoints join the listing.
         self.balancers: Mapping[str, Any] = {}
-        self.shared: Any = None  # SPEC §13: the Redis store, probed by /ready?probe=1
+        self.shared: Any = None  # the Redis store, probed by /ready?probe=1
 
     def install(self, app: FastAPI) -> None:
         """Add `/metrics` and `/ready`; learn the app's routes (for the route label)."""
@@ -128,7 +128,7 @@ class Operations:
             log_request(self.request_log, request_line(scope, status, seconds))
 
     def _bill(self, scope: Scope, status: int, seconds: float) -> None:
-        """SPEC §12: the call's cost, the caller's tokens and spend, the ledger row."""
+        """The call's cost, the caller's tokens and spend, the ledger row."""
         facts = scope.setdefault("state", {}).setdefault("log", {})
         cost, source = self.prices.cost(facts)
         if self.cost_facts or source != "none":

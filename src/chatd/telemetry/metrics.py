@@ -1,4 +1,4 @@
-"""Prometheus metrics for `GET /metrics` (SPEC §9), and the per-provider counters that
+"""Prometheus metrics for `GET /metrics` (docs/operations.md), and the per-provider counters that
 `/v1/chat/providers` shows.
 
 Under `chatd --workers N` the CLI points `PROMETHEUS_MULTIPROC_DIR` at a fresh directory
@@ -108,7 +108,7 @@ class Metrics(Observer):
             ("provider",),
             registry=registry,
         )
-        # SPEC §12: requests by caller (only when callers are configured), ledger drops.
+        # requests by caller (only when callers are configured), ledger drops.
         self.caller_requests = Counter(
             "chatd_caller_requests",
             "Requests answered to named callers, by caller and HTTP status.",
@@ -120,7 +120,7 @@ class Metrics(Observer):
             "Usage ledger rows dropped because the in-memory buffer was full.",
             registry=registry,
         )
-        # SPEC §10, for providers with several endpoints: separate families, so the
+        # For providers with several endpoints: separate families, so the
         # provider-labelled series above keep their labels (and their dashboards).
         self.endpoint_upstream_seconds = Histogram(
             "chatd_endpoint_upstream_duration_seconds",
@@ -143,7 +143,7 @@ class Metrics(Observer):
             ("provider", "outcome"),
             registry=registry,
         )
-        # SPEC §13 (set only when the cache / redis_url is configured)
+        # The cache and shared state (set only when the cache / redis_url is configured)
         self.cache_results = Counter(
             "chatd_cache",
             "Answers to cacheable requests, by result: hit, miss, bypass.",

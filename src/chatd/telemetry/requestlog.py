@@ -1,4 +1,4 @@
-"""The one log line per request (SPEC §9), and the formats chatd's log lines take.
+"""The one log line per request (docs/operations.md), and the formats chatd's log lines take.
 
 A request's line holds facts about it only — id, route, status, model names, timings,
 token counts, attempts, error type — never message content and never a header's value

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 import uuid
 from collections.abc import Mapping
@@ -21,7 +22,6 @@ from chatd.config import Settings
 from chatd.telemetry.propagation import TRACED_REQUEST, UPSTREAM_TRACEPARENT
 
 SPAN_STATE = "span"  # scope["state"][SPAN_STATE]: the server span and its context token
-SERVER_FACTS = (("chatd.caller", "caller"),)
 EXPORT_TIMEOUT_SECS = 2.0
 EXPORT_EVERY_MS = 500
 QUEUE_SPANS = 8192
@@ -48,12 +48,12 @@ class Tracing:
     """One process's tracer provider, exporter and the spans chatd makes."""
 
     def __init__(self, url: str, service_name: str, sample_ratio: float) -> None:
-        from opentelemetry import context, trace
+        from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.url = url
@@ -65,9 +65,10 @@ class Tracing:
                 "service.instance.id": self.instance,
             }
         )
-        self.provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio))
-        )
+        # chatd samples before it makes a span (`started`): a request left out costs no
+        # span at all, so the SDK keeps every span it is given.
+        self.ratio = sample_ratio
+        self.provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
         exporter = OTLPSpanExporter(endpoint=url, timeout=EXPORT_TIMEOUT_SECS)
         self.provider.add_span_processor(
             BatchSpanProcessor(
@@ -79,7 +80,6 @@ class Tracing:
         )
         self.tracer = self.provider.get_tracer("chatd", __version__)
         self._trace = trace
-        self._context = context
         self._propagator = TraceContextTextMapPropagator()
         self._server = trace.SpanKind.SERVER
         self._client = trace.SpanKind.CLIENT
@@ -89,13 +89,21 @@ class Tracing:
     # -- the server span: one per request ----------------------------------------------
 
     def started(self, scope: Any) -> None:
-        """Open the request's span, continuing the caller's `traceparent` if it sent one."""
+        """Open the request's span, continuing the caller's `traceparent` if it sent one.
+        Parent-based sampling: a caller's decision is kept; chatd's own traces are kept
+        at `sample_ratio`, and a request left out gets no span and costs nothing more."""
         carrier = {
             name.decode("latin-1"): value.decode("latin-1")
             for name, value in scope["headers"]
             if name in (b"traceparent", b"tracestate")
         }
         parent = self._propagator.extract(carrier) if carrier else None
+        caller = self._trace.get_current_span(parent).get_span_context() if parent else None
+        if caller is not None and caller.is_valid:
+            if not caller.trace_flags.sampled:
+                return
+        elif self.ratio < 1.0 and random.random() >= self.ratio:
+            return
         method = scope.get("method", "")
         span = self.tracer.start_span(
             f"{method} {scope.get('path', '')}",
@@ -103,13 +111,14 @@ class Tracing:
             kind=self._server,
             attributes={"http.request.method": method, "url.path": scope.get("path", "")},
         )
-        token = self._context.attach(self._trace.set_span_in_context(span, parent))
+        # The client spans' parent, handed down by a context variable of chatd's own: no
+        # attach/detach of OpenTelemetry's current context per request.
         state = scope.setdefault("state", {})
         facts = state.setdefault("log", {})
         operation = "embeddings" if scope.get("path") == "/v1/embeddings" else "chat"
-        state[SPAN_STATE] = (span, token, TRACED_REQUEST.set((facts, operation)))
-        if span.get_span_context().trace_flags.sampled:
-            facts["trace_id"] = format(span.get_span_context().trace_id, "032x")
+        parent_of_calls = self._trace.set_span_in_context(span, parent)
+        state[SPAN_STATE] = (span, TRACED_REQUEST.set((facts, operation, parent_of_calls)))
+        facts["trace_id"] = format(span.get_span_context().trace_id, "032x")
 
     def finished(self, scope: Any, status: int) -> None:
         """Close the request's span with what the request turned out to be."""
@@ -117,32 +126,34 @@ class Tracing:
         opened = state.pop(SPAN_STATE, None)
         if opened is None:
             return
-        span, token, request = opened
+        span, request = opened
         try:
             if span.is_recording():
                 self._describe_server(span, scope, state, status)
             span.end()
         finally:
             TRACED_REQUEST.reset(request)
-            self._context.detach(token)
 
     def _describe_server(self, span: Any, scope: Any, state: dict[str, Any], status: int) -> None:
         facts = state.get("log") or {}
+        attributes: dict[str, Any] = {
+            "http.response.status_code": status,
+            "chatd.cache": facts.get("cache") or "bypass",
+        }
         route = getattr(scope.get("route"), "path", None)
         if route:
             span.update_name(f"{scope.get('method', '')} {route}")
-            span.set_attribute("http.route", route)
-        span.set_attribute("http.response.status_code", status)
+            attributes["http.route"] = route
         request_id = state.get("request_id")
         if request_id:
-            span.set_attribute("chatd.request_id", request_id)
-        for attribute, fact in SERVER_FACTS:
-            if facts.get(fact) is not None:
-                span.set_attribute(attribute, str(facts[fact]))
-        span.set_attribute("chatd.cache", facts.get("cache") or "bypass")
+            attributes["chatd.request_id"] = request_id
+        caller = facts.get("caller")
+        if caller is not None:
+            attributes["chatd.caller"] = str(caller)
         error = facts.get("error")
         if error:
-            span.set_attribute("error.type", str(error))
+            attributes["error.type"] = str(error)
+        span.set_attributes(attributes)  # one lock and one pass, not one per attribute
         if status >= 500:
             span.set_status(self._error)
 
@@ -152,7 +163,7 @@ class Tracing:
         """A client span for one upstream call (a child of the request's); returns it and
         the token that makes the call's upstream `traceparent` name it."""
         provider = route.provider
-        facts, operation = TRACED_REQUEST.get() or ({}, "chat")
+        facts, operation, parent = TRACED_REQUEST.get() or ({}, "chat", None)
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": genai_provider(provider),
@@ -169,7 +180,7 @@ class Tracing:
             if isinstance(value, int | float) and not isinstance(value, bool):
                 attributes[f"gen_ai.request.{name}"] = value
         span = self.tracer.start_span(
-            f"{operation} {route.model}", kind=self._client, attributes=attributes
+            f"{operation} {route.model}", context=parent, kind=self._client, attributes=attributes
         )
         context = span.get_span_context()
         traceparent = (
@@ -260,8 +271,12 @@ class OncePerMinute(logging.Filter):
 
 
 def quiet_exporter_logs() -> None:
-    for name in ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
-                 "opentelemetry.sdk.trace.export"):  # fmt: skip
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, OncePerMinute) for f in logger.filters):
-            logger.addFilter(OncePerMinute())
+    """The SDK's loggers (made when its modules were imported): a line a minute at most.
+    Its batch processor warns once per span it drops when the queue is full; that one
+    stays at ERROR, so a dropped span costs no log record."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("opentelemetry"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, OncePerMinute) for f in logger.filters):
+                logger.addFilter(OncePerMinute())
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)

@@ -1,4 +1,4 @@
-"""The read-only dashboard at `/ui` (issue 15): a static page (no build step, no CDN)
+"""The read-only dashboard at `/ui`: a static page (no build step, no CDN)
 that polls `/ui/api/overview` every few seconds and draws it with hand-made SVG.
 
 `install_ui(app, ops, dispatcher)` is called once from `create_app`. With `[chatd] ui =

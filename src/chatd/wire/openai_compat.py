@@ -1,4 +1,4 @@
-"""OpenAI Chat Completions shapes for the OpenAI-compatible surface (SPEC §7).
+"""OpenAI Chat Completions shapes for the OpenAI-compatible surface (docs/http-api.md).
 
 Pure functions: check a caller's body, translate it for Ollama kinds, and turn chatd's
 own results and stream events back into `chat.completion` / `chat.completion.chunk`.
@@ -242,7 +242,7 @@ def ollama_format(body: dict[str, Any]) -> Any:
 
 
 def ollama_think(body: dict[str, Any]) -> bool:
-    """Reasoning stays off (SPEC §4) unless asked for by `think` or `reasoning_effort`."""
+    """Reasoning stays off unless asked for by `think` or `reasoning_effort`."""
     think = body.get("think")
     if isinstance(think, bool):
         return think

@@ -14,7 +14,7 @@ from chatd.surfaces.contract.common import (
     ok,
 )
 
-# -- the Anthropic Messages surface (SPEC §14) -------------------------------------------
+# -- the Anthropic Messages surface -------------------------------------------
 
 
 class AnthropicErrorDetail(BaseModel):
@@ -32,7 +32,7 @@ class AnthropicErrorDetail(BaseModel):
 
 
 class AnthropicError(BaseModel):
-    """Every error on `/v1/messages`: Anthropic's shape, with §3's statuses (SPEC §14)."""
+    """Every error on `/v1/messages`: Anthropic's shape, with chatd's statuses."""
 
     type: Literal["error"]
     error: AnthropicErrorDetail
@@ -90,7 +90,7 @@ ContentBlock = Annotated[TextBlock | ToolUseBlock | ThinkingBlock, Field(discrim
 
 
 class AnthropicMessage(BaseModel):
-    """`POST /v1/messages`'s answer: an Anthropic message (SPEC §14). (`Message` is
+    """`POST /v1/messages`'s answer: an Anthropic message. (`Message` is
     `/v1/chat`'s conversation turn in this document.)"""
 
     id: str
@@ -137,7 +137,7 @@ def anthropic_ok() -> dict[int | str, dict[str, Any]]:
     return entry
 
 
-# The Messages request as chatd checks it (anthropic_compat.check_body and to_openai).
+# The Messages request as chatd checks it (wire/anthropic_checks.py, anthropic_request.py).
 # Everything it checks is here; a rule JSON Schema cannot say (a `tool_result` answers
 # an earlier `tool_use`) is in the descriptions, and in schemathesis.toml.
 INT32_MAX = 2**31 - 1
@@ -202,7 +202,7 @@ MESSAGES_SCHEMAS: dict[str, Any] = {
     "MessagesRequest": {
         "type": "object",
         "title": "MessagesRequest",
-        "description": "The Anthropic Messages request (SPEC §14), translated into Chat "
+        "description": "The Anthropic Messages request, translated into Chat "
         'Completions for any provider kind. `null` is "not set" for optional fields.',
         "required": ["model", "max_tokens", "messages"],
         "properties": {

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
-    """SPEC §3: what went wrong; `code` repeats `type`, `param` names the bad field."""
+    """What went wrong; `code` repeats `type`, `param` names the bad field."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -34,7 +34,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Every error, on every route (SPEC §3)."""
+    """Every error, on every route."""
 
     error: ErrorDetail
 
@@ -106,7 +106,7 @@ def error_responses(
     model: type[BaseModel] = ErrorResponse,
     descriptions: dict[int, str] = ERROR_STATUSES,
 ) -> dict[int | str, dict[str, Any]]:
-    """FastAPI `responses=` entries for these error statuses, each the §3 envelope (or,
+    """FastAPI `responses=` entries for these error statuses, each the error envelope (or,
     on the Anthropic surface, `AnthropicError`)."""
     return {
         status: {

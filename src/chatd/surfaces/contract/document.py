@@ -60,5 +60,5 @@ def install_openapi(app: FastAPI, extra_schemas: dict[str, Any] | None = None) -
 
 DESCRIPTION = (
     "One address for every LLM a platform calls. Errors on every route are the "
-    "`ErrorResponse` envelope (SPEC §3); an unknown path is `404 not_found`."
+    "`ErrorResponse` envelope; an unknown path is `404 not_found`."
 )
