@@ -149,7 +149,7 @@ def test_every_route_is_fuzzed() -> None:
     assert {"/health", "/ready", MESSAGES} <= paths
 
 
-@fuzzed.parametrize()
+@fuzzed.exclude(path_regex="^/admin").parametrize()  # /admin: tests/test_fuzz_admin.py
 @settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import Scope
 
 from chatd.config import Settings
@@ -26,6 +27,7 @@ from chatd.replicas import replica_state
 from chatd.routing.dispatch import Dispatcher
 from chatd.routing.registry import Registry
 from chatd.state.usage.spend import spend_report
+from chatd.surfaces.admin import install_admin_routes
 from chatd.surfaces.anthropic import install_anthropic_routes
 from chatd.surfaces.chat import install_chat_routes
 from chatd.surfaces.contract.common import error_responses, ok
@@ -92,7 +94,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     if ops.callers is not None:  # the dashboard: admins only, and callers' spend
         callers, ledger = ops.callers, ops.ledger
         app.state.ui_admin = callers.is_admin
-        app.state.spend_report = lambda: spend_report(callers, ledger)
+        app.state.spend_report = lambda: spend_report(callers, ledger) if callers.named else None
     app.state.cache = cache  # None unless [chatd.cache] enabled; see cache.get_or_run
     install_error_handlers(app)
     install_openapi(app)
@@ -110,6 +112,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     install_embeddings_routes(app, dispatcher, settings)
     install_anthropic_routes(app, dispatcher, settings)
     install_usage_routes(app, ops)
+    install_admin_routes(app, ops)
     install_ui(app, ops, dispatcher, settings)
 
     @app.get(
@@ -165,7 +168,7 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             error = MethodNotAllowed(
                 f"{request.method} is not allowed on {request.url.path}",
-                headers=dict(exc.headers or {}),
+                headers={"Allow": allowed_methods(app, request)},
             )
         elif exc.status_code < 500:
             error = InvalidRequest(str(exc.detail))
@@ -180,3 +183,14 @@ def install_error_handlers(app: FastAPI) -> None:
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return error_response(InvalidRequest(message, param=param), request)
+
+
+def allowed_methods(app: FastAPI, request: Request) -> str:
+    """Every method some route takes on this path (Starlette names only the first
+    route's, and `/admin/callers` has one route per method)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))

@@ -17,6 +17,7 @@ from typing import Any
 
 from chatd import __version__
 from chatd.config import ConfigError, Settings, load_settings, parse_bind, resolve_key
+from chatd.state.admin_auth import admin_token
 from chatd.state.auth import auth_tokens, check_auth_config
 from chatd.state.callers import Callers
 from chatd.state.shared import describe_url
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chatd", description="One address for every LLM: serve chatd, or check its config."
     )
     parser.add_argument(
-        "command", nargs="?", choices=["serve", "check-config", "usage"], default="serve"
+        "command", nargs="?", choices=["serve", "check-config", "usage", "callers"], default="serve"
     )
     parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     parser.add_argument("--config", metavar="PATH", help="lakehouse.toml to read")
@@ -64,10 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["callers"]:  # live callers, on the database directly
+        from chatd.callers_cli import main as callers_main
+
+        return callers_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
         check_auth_config(settings)
+        admin_token(settings)
         callers = Callers.from_settings(settings)
         if callers is not None:
             callers.check()

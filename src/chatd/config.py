@@ -173,6 +173,9 @@ class ChatdConfig(BaseModel):
     app_url: str = ""
     app_name: str = "chatd"
     auth_tokens_env: str = ""
+    admin_token_env: str = Field(
+        default="", description="Variable holding an operator token for /admin/* only."
+    )
     shutdown_grace_secs: float = Field(default=30, ge=0)
     # The read-only dashboard at /ui (ui/); false: no /ui routes and nothing per request.
     ui: bool = True

@@ -111,6 +111,34 @@ class BudgetExceeded(ChatdError):
     type = "budget_exceeded"
 
 
+class CallerExists(ChatdError):
+    """a live caller of that name exists (or existed: names are not reused)."""
+
+    status = 409
+    type = "caller_exists"
+
+
+class ConfigCaller(ChatdError):
+    """the caller comes from the config file; /admin cannot change it."""
+
+    status = 409
+    type = "config_caller"
+
+
+class NoDatabase(ChatdError):
+    """live callers need `usage_db`, and it is off."""
+
+    status = 409
+    type = "no_database"
+
+
+class DatabaseUnavailable(ChatdError):
+    """an admin write while the callers' database cannot be reached."""
+
+    status = 503
+    type = "database_unavailable"
+
+
 class NotFound(ChatdError):
     status = 404
     type = "not_found"

@@ -83,3 +83,17 @@ class BearerAuth:
         for known in self._tokens:
             matched |= hmac.compare_digest(known, token)
         return matched
+
+
+def presented_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """`Authorization: Bearer <token>`, else `x-api-key: <token>`."""
+    api_key = None
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            token = token.strip()
+            if scheme.lower() == b"bearer" and token:
+                return token
+        elif name == b"x-api-key":
+            api_key = value.strip() or None
+    return api_key

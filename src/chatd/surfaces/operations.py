@@ -23,8 +23,11 @@ from chatd.config import Settings
 from chatd.errors import NotReady
 from chatd.providers.failures import describe_failure, is_timeout
 from chatd.routing.registry import Registry
+from chatd.state.admin_auth import AdminAuth, admin_token
 from chatd.state.auth import BearerAuth, auth_tokens
 from chatd.state.callers import Callers
+from chatd.state.callers_store import open_store
+from chatd.state.callers_sync import LiveCallers
 from chatd.state.usage.ledger import Ledger
 from chatd.state.usage.prices import Prices
 from chatd.surfaces.contract.common import error_responses, ok
@@ -52,7 +55,16 @@ class Operations:
         # named callers (with auth_tokens_env's tokens as "default"), else the inbound-auth
         # bearer tokens. Auth on with no token (start-up refuses that; see
         # auth.check_auth_config) still fails closed here: nobody gets in.
-        self.callers = Callers.from_settings(settings)
+        usage_db = settings.chatd.usage_db
+        self.callers = Callers.from_settings(settings, always=bool(usage_db))
+        # Live callers (docs/live-callers.md): kept in memory, refreshed from the database.
+        self.live = (
+            LiveCallers(open_store(usage_db), self.callers, self._load_spend,
+                        settings.chatd.redis_url)
+            if usage_db and self.callers is not None
+            else None
+        )  # fmt: skip
+        self.admin_auth = AdminAuth(self.callers, admin_token(settings))
         self.authorize: Any = None
         if self.callers is not None:
             self.authorize = self.callers.authorize
@@ -66,7 +78,7 @@ class Operations:
             else None
         )  # fmt: skip
         self.billing = self.ledger is not None or self.callers is not None
-        self.cost_facts = self.callers is not None or bool(settings.chatd.prices)
+        self.cost_facts = bool(settings.chatd.callers or settings.chatd.prices)
         self.shutdown_grace = settings.chatd.shutdown_grace_secs
         self._app: FastAPI | None = None
         self._routes: frozenset[str] = frozenset()
@@ -131,7 +143,8 @@ class Operations:
         """The call's cost, the caller's tokens and spend, the ledger row."""
         facts = scope.setdefault("state", {}).setdefault("log", {})
         cost, source = self.prices.cost(facts)
-        if self.cost_facts or source != "none":
+        callers = self.callers
+        if self.cost_facts or source != "none" or (callers is not None and callers.active):
             # Into the log line only when callers or prices make it mean something (a
             # default config keeps today's log line exactly).
             facts["cost_usd"] = cost
@@ -146,9 +159,28 @@ class Operations:
             self.ledger.record(scope, facts, status, seconds, cost, source)
 
     async def start(self) -> None:
-        """At start: the ledger's schema and writer, and callers' spend read back."""
+        """At start: live callers, then the ledger's schema and writer, and every
+        caller's spend read back."""
+        if self.live is not None:
+            await self.live.start()
         if self.ledger is not None:
             await self.ledger.start(self.callers)
+
+    async def _load_spend(self, names: list[str]) -> None:
+        """A live caller just given a budget: its spend this period, from the ledger."""
+        callers, ledger = self.callers, self.ledger
+        if callers is None or ledger is None:
+            return
+        now = time.time()
+        periods = {
+            name: caller.period_start(now).timestamp()
+            for name in names
+            if (caller := callers.callers.get(name)) is not None
+        }
+        try:
+            await callers.load_spend(await ledger.backend.spend_since(periods))
+        except Exception as exc:
+            log.warning("live callers: spend not read back (%s)", type(exc).__name__)
 
     def _route_label(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -227,6 +259,8 @@ class Operations:
     async def aclose(self) -> None:
         if self._probing is not None and not self._probing.done():
             self._probing.cancel()
+        if self.live is not None:
+            await self.live.aclose()
         if self.ledger is not None:  # SIGTERM: buffered rows are written before exit
             await self.ledger.aclose(max(1.0, self.shutdown_grace))
         self.metrics.close()

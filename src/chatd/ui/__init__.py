@@ -114,6 +114,9 @@ def install_ui(app: FastAPI, ops: Operations, dispatcher: Dispatcher, settings: 
 def admin_check(app: FastAPI, ops: Operations) -> Callable[[bytes], bool] | None:
     """Who counts as an admin: `app.state.ui_admin` if set (callers with the admin role),
     else any inbound-auth token; None when inbound auth is off (the dashboard is open)."""
+    callers = ops.callers
+    if callers is not None and not callers.active and callers.loaded:
+        return None  # no caller exists (yet): open, as /v1 is
     custom = getattr(app.state, "ui_admin", None)
     if custom is not None:
         return custom  # type: ignore[no-any-return]
