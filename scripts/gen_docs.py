@@ -87,6 +87,17 @@ MEANINGS: dict[str, str] = {
     "variable stops start-up.",
     "chatd.shutdown_grace_secs": "On SIGTERM, in-flight requests and streams may finish for "
     "this long; then chatd exits 0.",
+    "chatd.allow_unauthenticated": "Serve a non-loopback bind with no caller and no "
+    "`auth_tokens_env` (a development box); start-up warns and `/ready` says "
+    '`"auth": "off"`. Without it such a bind refuses to start (docs/exposing.md).',
+    "chatd.header_timeout_secs": "A request's headers must arrive within this (from the "
+    "connection's start, or the request's first byte): else `408 request_timeout` and the "
+    "connection is closed.",
+    "chatd.keep_alive_secs": "An idle keep-alive connection is closed after this.",
+    "chatd.max_connections": "Connections one worker holds open; the next is answered "
+    "`503 overloaded` with `Retry-After: 1` and closed.",
+    "chatd.max_header_bytes": "Request headers larger than this are "
+    "`431 headers_too_large`.",
     "chatd.ui": "The read-only dashboard at `/ui`; `false`: no `/ui` routes and nothing done "
     "per request.",
     "chatd.upstream_transport": "The HTTP transport under each provider's httpx client: "
@@ -329,8 +340,9 @@ def metric_rows() -> list[tuple[str, str, str, str]]:
 
     made = metrics_module.Metrics(multiprocess=False)
     made.shared_up(True)  # made only when redis_url is set
+    connections = metrics_module.ConnectionMetrics(made.registry)  # the server's own
     rows = []
-    for value in vars(made).values():
+    for value in [*vars(made).values(), *vars(connections).values()]:
         if isinstance(value, MetricWrapperBase):
             name = value._name + ("_total" if value._type == "counter" else "")
             labels = ", ".join(value._labelnames)

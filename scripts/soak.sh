@@ -11,6 +11,10 @@
 # afterwards ledger rows == requests answered and each caller's ledger spend == what the
 # fake upstream reported.
 #   scripts/soak.sh callers [--requests N] [--concurrency C] [--seed S]
+# The exposed soak (docs/exposing.md): one worker, 2,000 connections trickling their
+# headers for 60 s beside 20 ordinary callers; ordinary p99 within 2x of a quiet run, none
+# failed, chatd's RSS printed.
+#   scripts/soak.sh exposed [--slow N] [--secs S] [--callers C] [--quiet-secs S]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -x .venv/bin/python ]] || { python3 -m venv .venv; }
@@ -19,6 +23,10 @@ if [[ "${1:-}" == callers ]]; then
   shift
   SOAK_REQUESTS="${SOAK_REQUESTS:-3000}" SOAK_CONCURRENCY="${SOAK_CONCURRENCY:-40}" \
     exec .venv/bin/python -m tests.soak_callers "$@"
+fi
+if [[ "${1:-}" == exposed ]]; then
+  shift
+  exec .venv/bin/python -m tests.soak_exposed "$@"
 fi
 SOAK_REQUESTS="${SOAK_REQUESTS:-5000}" SOAK_CONCURRENCY="${SOAK_CONCURRENCY:-50}" \
   exec .venv/bin/python -m tests.soak "$@"

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import getpass
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -176,3 +177,24 @@ def cell(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
     return str(value)
+
+
+def live_callers_exist(settings: Settings) -> bool:
+    """Has a caller been made at run time (`chatd callers create`, `/admin/callers`)?
+    Read at start-up, before serving; an unreachable database counts as none."""
+    url = settings.chatd.usage_db
+    if not url or (url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists()):
+        return False  # no database yet: none made, and none is made by asking
+
+    async def ask() -> bool:
+        store = open_store(settings.chatd.usage_db)
+        try:
+            await store.open()
+            return bool(await store.changed_since(0))
+        finally:
+            await store.aclose()
+
+    try:
+        return asyncio.run(ask())
+    except Exception:
+        return False

@@ -18,7 +18,13 @@ from typing import Any
 from chatd import __version__
 from chatd.config import ConfigError, Settings, load_settings, parse_bind, resolve_key
 from chatd.state.admin_auth import admin_token
-from chatd.state.auth import auth_tokens, check_auth_config
+from chatd.state.auth import (
+    auth_tokens,
+    check_auth_config,
+    check_exposure,
+    is_loopback,
+    serves_open,
+)
 from chatd.state.callers import Callers
 from chatd.state.shared import describe_url
 from chatd.telemetry.requestlog import LOG_FORMATS, formatter
@@ -85,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--bind: {exc}") from None
         if args.workers < 1:
             raise ConfigError("--workers: must be 1 or more")
+        if args.command != "usage":  # an open gateway on the network: docs/exposing.md
+            from chatd.callers_cli import live_callers_exist
+
+            host = parse_bind(args.bind or settings.chatd.bind)[0]
+            check_exposure(settings, host, lambda: live_callers_exist(settings))
     except ConfigError as exc:
         print(f"chatd: config error: {exc}", file=sys.stderr)
         return 2
@@ -156,10 +167,17 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from chatd.app import create_app
+    from chatd.server import Doorway
 
     bind = args.bind or settings.chatd.bind
     host, port = parse_bind(bind)
     configure_logging(args.log_level, args.log_format)
+    if serves_open(settings) and not is_loopback(host):
+        logging.getLogger("chatd").warning(
+            "serving %s with authentication off (allow_unauthenticated = true): anyone who "
+            "reaches it spends your providers' keys",
+            bind,
+        )
     common: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -167,11 +185,12 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         "access_log": False,  # chatd writes its own one-line-per-request log
         "timeout_graceful_shutdown": settings.chatd.shutdown_grace_secs,
         "server_header": False,
+        "timeout_keep_alive": settings.chatd.keep_alive_secs,
         "log_config": None,  # uvicorn's loggers write through chatd's (configure_logging)
         # What "auto" picks when installed (uvicorn[standard]); said outright so that a
-        # missing one fails loudly instead of quietly serving slower.
+        # missing one fails loudly instead of quietly serving slower. The HTTP protocol
+        # is httptools' with chatd's deadlines and limits (server.py).
         "loop": "uvloop",
-        "http": "httptools",
     }
     if args.workers > 1:
         # Each worker process builds its own app from the same config file, logs as told,
@@ -184,14 +203,18 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="chatd-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_dir
         try:
-            uvicorn.run("chatd.cli:app_factory", factory=True, workers=args.workers, **common)
+            http = Doorway.from_settings(settings).protocol()  # a copy for each worker
+            uvicorn.run(
+                "chatd.cli:app_factory", factory=True, workers=args.workers, http=http, **common
+            )
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         exit_zero_after_drain()
         app = create_app(settings)
+        doorway = Doorway.from_settings(settings, app.state.operations.metrics.registry)
         settle_heap()
-        uvicorn.run(app, **common)
+        uvicorn.run(app, http=doorway.protocol(), **common)
     return 0
 
 
@@ -280,6 +303,11 @@ def describe_settings(settings: Settings) -> str:
         f"app_name: {chatd.app_name}",
         f"app_url: {chatd.app_url or '-'}",
         f"auth: {describe_auth(settings)}",
+        f"allow_unauthenticated: {str(chatd.allow_unauthenticated).lower()}",
+        f"max_connections: {chatd.max_connections} (per worker)",
+        f"header_timeout_secs: {chatd.header_timeout_secs:g}",
+        f"keep_alive_secs: {chatd.keep_alive_secs:g}",
+        f"max_header_bytes: {chatd.max_header_bytes}",
         f"ui: {'on (/ui)' if chatd.ui else 'off'}",
         f"usage_db: {describe_usage_db(chatd.usage_db)}",
         f"callers: {', '.join(sorted(chatd.callers)) or '-'}",

@@ -177,6 +177,12 @@ class ChatdConfig(BaseModel):
         default="", description="Variable holding an operator token for /admin/* only."
     )
     shutdown_grace_secs: float = Field(default=30, ge=0)
+    # docs/exposing.md: an open gateway only when said outright; connections keep moving
+    allow_unauthenticated: bool = False
+    header_timeout_secs: float = Field(default=10, gt=0)
+    keep_alive_secs: float = Field(default=5, gt=0)
+    max_connections: int = Field(default=4096, ge=1)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     # The read-only dashboard at /ui (ui/); false: no /ui routes and nothing per request.
     ui: bool = True
     # The HTTP transport under the providers' httpx clients (see providers/base.py).
@@ -229,9 +235,6 @@ class ChatdConfig(BaseModel):
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis:// (or rediss://, unix://) URL")
         return value
-
-    def host_port(self) -> tuple[str, int]:
-        return parse_bind(self.bind)
 
     def timeout_for(self, provider: str) -> float:
         return self.providers[provider].timeout_secs or self.timeout_secs

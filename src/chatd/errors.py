@@ -294,3 +294,22 @@ class ProviderCoolingDown(ChatdError):
 class UpstreamTimeout(ChatdError):
     status = 504
     type = "upstream_timeout"
+
+
+class RequestTimeout(ChatdError):
+    """A connection too slow to send its request (docs/exposing.md)."""
+
+    status = 408
+    type = "request_timeout"
+
+
+class HeadersTooLarge(ChatdError):
+    status = 431
+    type = "headers_too_large"
+
+
+class Overloaded(ChatdError):
+    """This worker holds `max_connections` already (docs/exposing.md)."""
+
+    status = 503
+    type = "overloaded"

@@ -24,7 +24,7 @@ from chatd.errors import NotReady
 from chatd.providers.failures import describe_failure, is_timeout
 from chatd.routing.registry import Registry
 from chatd.state.admin_auth import AdminAuth, admin_token
-from chatd.state.auth import BearerAuth, auth_tokens
+from chatd.state.auth import BearerAuth, auth_tokens, serves_open
 from chatd.state.callers import Callers
 from chatd.state.callers_store import open_store
 from chatd.state.callers_sync import LiveCallers
@@ -80,6 +80,7 @@ class Operations:
         self.billing = self.ledger is not None or self.callers is not None
         self.cost_facts = bool(settings.chatd.callers or settings.chatd.prices)
         self.shutdown_grace = settings.chatd.shutdown_grace_secs
+        self.open_gateway = serves_open(settings)  # /ready says "auth": "off"
         self._app: FastAPI | None = None
         self._routes: frozenset[str] = frozenset()
         self._probing: asyncio.Task[dict[str, Any]] | None = None
@@ -216,6 +217,8 @@ class Operations:
             error = NotReady(f"the default provider {default} is not registered")
             return error_response(error, request)
         body: dict[str, Any] = {"status": "ready", "default": default}
+        if self.open_gateway:
+            body["auth"] = "off"
         if probe:
             body["providers"] = await self.probe_all()
             if self.shared is not None:

@@ -253,6 +253,33 @@ class Metrics(Observer):
             prometheus_multiprocess.mark_process_dead(os.getpid())
 
 
+class ConnectionMetrics:
+    """What the server's doorway counts (docs/exposing.md): one per worker process, made by
+    it; `registry` is the app's (None in multiprocess mode, where files carry them)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.open = Gauge(
+            "chatd_connections_open",
+            "Client connections held open (each worker holds at most max_connections).",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.slow = Counter(
+            "chatd_connections_closed_slow",
+            "Connections closed for slowness: request headers not in within "
+            "header_timeout_secs, or a body not within timeout_secs.",
+            ("phase",),
+            registry=registry,
+        )
+        self.refused = Counter(
+            "chatd_connections_refused",
+            "Connections refused at max_connections, answered 503 with Retry-After: 1.",
+            registry=registry,
+        )
+        for phase in ("headers", "body"):  # zero-valued series from the start
+            self.slow.labels(phase)
+
+
 def collect_all_workers() -> bytes:
     registry = CollectorRegistry()
     prometheus_multiprocess.MultiProcessCollector(registry)

@@ -16,6 +16,11 @@ class Readiness(BaseModel):
 
     status: str
     default: str
+    auth: str | None = Field(
+        default=None,
+        description='"off" when allow_unauthenticated = true and no caller or token is '
+        "configured: anyone who reaches chatd may call it.",
+    )
     providers: dict[str, dict[str, Any]] | None = Field(
         default=None, description="With ?probe=1: each registered provider's reachability."
     )
