@@ -301,6 +301,7 @@ class RequestTimeout(ChatdError):
 
     status = 408
     type = "request_timeout"
+    should_retry = True  # a faster connection may get through
 
 
 class HeadersTooLarge(ChatdError):
