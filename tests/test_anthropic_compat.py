@@ -545,7 +545,7 @@ def test_error_body_shape() -> None:
     error = UpstreamError("ollama", "", upstream_status=500, body="boom")
     assert error_body(error) == {
         "type": "error",
-        "error": {"type": "api_error", "message": "ollama: upstream answered 500: boom"},
+        "error": {"type": "api_error", "message": "ollama: boom (upstream 500)"},
     }
     assert error_body(PayloadTooLarge("too big"))["error"]["type"] == "request_too_large"
 

@@ -58,6 +58,7 @@ def test_a_raw_answer_is_the_error_envelope() -> None:
         lines
     )
     assert orjson.loads(body)["error"]["type"] == "overloaded"
+    assert b"x-should-retry: true" in lines  # docs/errors.md
 
 
 def test_a_doorway_travels_to_workers_without_its_process_state() -> None:

@@ -40,6 +40,7 @@ def raw_response(error: ChatdError) -> bytes:
         "content-type: application/json",
         f"content-length: {len(body)}",
         "connection: close",
+        f"x-should-retry: {error.retry_hint}",  # docs/errors.md
         *(f"{name.lower()}: {value}" for name, value in error.headers.items()),
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -120,6 +121,7 @@ class Doorway:
             (b"content-type", b"application/json"),
             (b"content-length", str(len(self.too_large_body)).encode()),
             (b"connection", b"close"),
+            (b"x-should-retry", b"false"),  # docs/errors.md
         ]
         await send({"type": "http.response.start", "status": 431, "headers": headers})
         await send({"type": "http.response.body", "body": self.too_large_body})

@@ -8,10 +8,7 @@ prefix) and knows only how to speak to its upstream. Errors come out as the
 from __future__ import annotations
 
 import contextlib
-import errno
 import re
-import socket
-import ssl
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ import orjson
 
 from chatd.config import ProviderConfig
 from chatd.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from chatd.providers.failures import classify, describe_failure, is_timeout, stream_error
 from chatd.telemetry.propagation import with_traceparent
 from chatd.types import ChatRequest, ChatResult, EmbedResult, StreamEvent
 from chatd.wire.openai_compat import chunks, completion, to_chat_request, wants_usage
@@ -230,13 +228,16 @@ class Provider(ABC):
         return UpstreamError(self.name, f"could not reach upstream: {detail}", unreachable=True)
 
     def status_error(self, status: int, text: str, headers: httpx.Headers) -> UpstreamError:
-        return UpstreamError(
-            self.name,
-            "",
-            upstream_status=status,
-            body=self.redact(text),
-            retry_after=headers.get("retry-after"),
-        )
+        """The upstream's non-2xx answer, classified (docs/errors.md)."""
+        return classify(self.name, status, self.redact(text), headers.get("retry-after"))
+
+    def stream_error(self, error: Any) -> UpstreamError:
+        """An error the upstream sent inside a 2xx stream, classified like a status."""
+        if isinstance(error, str):
+            error = self.redact(error)
+        elif isinstance(error, dict):
+            error = orjson.loads(self.redact(orjson.dumps(error).decode()))
+        return stream_error(self.name, error)
 
     def bad_shape(self, what: str, data: Any) -> UpstreamError:
         text = orjson.dumps(data).decode() if not isinstance(data, str) else data
@@ -304,47 +305,6 @@ def make_client(
 def endpoint_name(base_url: str, provider: str) -> str:
     """An endpoint's default name: its base_url's host[:port], else the provider's name."""
     return urlsplit(base_url).netloc or provider
-
-
-def is_timeout(exc: httpx.HTTPError) -> bool:
-    """Did `exc` come from a timeout? (httpx-aiohttp maps some resets to ConnectTimeout.)"""
-    cause = exc.__cause__
-    if cause is not None and type(cause).__module__.startswith("aiohttp"):
-        return isinstance(cause, TimeoutError)
-    return isinstance(exc, httpx.TimeoutException)
-
-
-def describe_failure(exc: BaseException, url: httpx.URL) -> str:
-    """What went wrong on the wire, in words an operator can act on and naming the
-    upstream's host: never a transport's class names or internals (`ssl:default`)."""
-    where = f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
-    chain: list[BaseException] = []
-    seen: BaseException | None = exc
-    while seen is not None and len(chain) < 8:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    for cause in chain:
-        if isinstance(cause, socket.gaierror):
-            return f"cannot resolve host {url.host}"
-        if isinstance(cause, ConnectionRefusedError):
-            return f"connection refused by {where}"
-        if isinstance(cause, ConnectionResetError | BrokenPipeError):
-            return f"connection reset by {where}"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS handshake with {where} failed"
-        if isinstance(cause, TimeoutError):
-            return f"timed out talking to {where}"
-        if isinstance(cause, OSError) and cause.errno in UNREACHABLE_ERRNOS:
-            return f"no route to {where}"
-    names = " ".join(type(cause).__name__ for cause in chain)
-    if "Disconnect" in names or "RemoteProtocol" in names or "Payload" in names:
-        return f"{where} closed the connection"
-    if "Connect" in names:
-        return f"could not connect to {where}"
-    return f"connection to {where} failed"
-
-
-UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL})
 
 
 def loads_line(provider: Provider, line: str) -> Any:

@@ -131,7 +131,7 @@ class OpenAIProvider(Provider):
                     )
                     return
                 if isinstance(data.get("error"), dict | str):
-                    raise self.bad_shape("upstream error mid-stream", str(data["error"]))
+                    raise self.stream_error(data["error"])
                 usage = data.get("usage")
                 if isinstance(usage, dict):
                     input_tokens = as_int(usage.get("prompt_tokens")) or input_tokens
@@ -163,7 +163,7 @@ class OpenAIProvider(Provider):
                 if data is None:
                     return
                 if isinstance(data.get("error"), dict | str):
-                    raise self.bad_shape("upstream error mid-stream", str(data["error"]))
+                    raise self.stream_error(data["error"])
                 yield data
         raise self.bad_shape("stream ended before [DONE]", "")
 

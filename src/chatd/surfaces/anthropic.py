@@ -33,7 +33,7 @@ from chatd.surfaces.contract.common import MODEL_CALL, json_body
 from chatd.surfaces.openai import loads_body, served_headers
 from chatd.web import SSE_HEADERS, json_response, note, note_served, read_body, until_disconnect
 from chatd.wire.anthropic_checks import check_body
-from chatd.wire.anthropic_errors import error_body
+from chatd.wire.anthropic_errors import error_answer, error_body
 from chatd.wire.anthropic_reply import StreamTranslator, sse_event, to_message
 from chatd.wire.anthropic_request import to_openai as to_openai_body
 
@@ -52,7 +52,7 @@ def install_anthropic_routes(app: FastAPI, settings: Settings) -> None:
     """Add `POST /v1/messages`; errors under its path answer in Anthropic's shape."""
     max_body = settings.chatd.max_body_bytes
     shapes = getattr(app.state, "error_shapes", None) or {}
-    app.state.error_shapes = {**shapes, PATH: error_body}
+    app.state.error_shapes = {**shapes, PATH: error_answer}
 
     @app.post(
         PATH,
@@ -60,7 +60,7 @@ def install_anthropic_routes(app: FastAPI, settings: Settings) -> None:
         summary="Anthropic Messages",
         description=DESCRIPTION,
         openapi_extra={**json_body("MessagesRequest"), "parameters": MESSAGES_PARAMETERS},
-        responses={**anthropic_ok(), **anthropic_error_responses(*MODEL_CALL)},
+        responses={**anthropic_ok(), **anthropic_error_responses(*MODEL_CALL, 529)},
     )
     async def messages(request: Request) -> Response:
         started = time.perf_counter()

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from chatd.config import ProviderConfig, Settings
 from chatd.errors import (
     ChatdError,
+    ContextOverflow,
     InvalidRequest,
     ProviderDisabled,
     ProviderNotFound,
@@ -39,6 +40,7 @@ from chatd.surfaces.contract.embeddings import MAX_DIMENSIONS, MAX_INPUTS, Embed
 from chatd.surfaces.openai import header_safe, loads_body, served_headers
 from chatd.types import EmbedResult, integral
 from chatd.web import json_response, note, note_served, read_body, until_disconnect
+from chatd.wire.openai_compat import error_answer
 
 ENCODINGS = ("float", "base64")
 DEFAULT_BATCH = ProviderConfig.model_fields["embed_batch"].default
@@ -214,6 +216,8 @@ def answer(job: EmbeddingsRequest, served: list[Served[EmbedResult]]) -> dict[st
 
 def install_embeddings_routes(app: FastAPI, settings: Settings) -> None:
     max_body = settings.chatd.max_body_bytes
+    shapes = getattr(app.state, "error_shapes", None) or {}
+    app.state.error_shapes = {**shapes, "/v1/embeddings": embeddings_error}
 
     @app.post(
         "/v1/embeddings",
@@ -324,3 +328,11 @@ def hit_answer(job: EmbeddingsRequest, vectors: list[list[float]], model: str) -
         "model": model,
         "usage": {"prompt_tokens": 0, "total_tokens": 0},
     }
+
+
+def embeddings_error(error: ChatdError) -> tuple[int, dict[str, Any], str]:
+    """The OpenAI dialect; an input longer than the model's context names `input`."""
+    status, body, kind = error_answer(error)
+    if isinstance(error, ContextOverflow):
+        body["error"]["param"] = "input"
+    return status, body, kind

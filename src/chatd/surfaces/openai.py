@@ -44,7 +44,7 @@ from chatd.web import (
     sse,
     until_disconnect,
 )
-from chatd.wire.openai_compat import check_body, wants_usage
+from chatd.wire.openai_compat import check_body, error_answer, wants_usage
 
 log = logging.getLogger("chatd")
 
@@ -56,6 +56,12 @@ MODELS_WAIT_SECS = 3.0
 def install_openai_routes(app: FastAPI, settings: Settings) -> None:
     max_body = settings.chatd.max_body_bytes
     catalogs: dict[int, ModelCatalog] = {}  # by snapshot generation: the newest only
+    shapes = getattr(app.state, "error_shapes", None) or {}
+    app.state.error_shapes = {
+        **shapes,
+        "/v1/chat/completions": error_answer,
+        "/v1/models": error_answer,
+    }
 
     @app.post(
         "/v1/chat/completions",
@@ -288,7 +294,7 @@ async def chunk_stream(
         raise
     except ChatdError as exc:
         note(request, error=exc.type)
-        yield sse(exc.envelope())
+        yield sse(exc.api_answer()[1])
     except Exception:
         log.exception("stream from %s failed", opened.route.provider.name)
         note(request, error="internal_error")

@@ -21,7 +21,7 @@ from starlette.types import Scope
 
 from chatd.config import Settings
 from chatd.errors import NotReady
-from chatd.providers.base import describe_failure, is_timeout
+from chatd.providers.failures import describe_failure, is_timeout
 from chatd.routing.registry import Registry
 from chatd.state.admin_auth import AdminAuth, admin_token
 from chatd.state.auth import BearerAuth, auth_tokens, serves_open

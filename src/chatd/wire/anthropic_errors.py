@@ -15,6 +15,7 @@ ERROR_TYPES = {
     413: "request_too_large",
     429: "rate_limit_error",
     503: "overloaded_error",
+    529: "overloaded_error",
 }
 
 
@@ -26,6 +27,17 @@ def error_type(status: int) -> str:
     return "api_error" if status >= 500 else "invalid_request_error"
 
 
+def error_status(error: ChatdError) -> int:
+    """The status the Anthropic surface answers `error` with (docs/errors.md)."""
+    return error.anthropic_status or error.api_status or error.status
+
+
 def error_body(error: ChatdError) -> dict[str, Any]:
     """`{"type": "error", "error": {"type", "message"}}` for any chatd error."""
-    return {"type": "error", "error": {"type": error_type(error.status), "message": error.message}}
+    kind = error_type(error_status(error))
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def error_answer(error: ChatdError) -> tuple[int, dict[str, Any], str]:
+    """The surface's dialect (`chatd.web.Dialect`): status, body, and the type logged."""
+    return error_status(error), error_body(error), error.api_type or error.type

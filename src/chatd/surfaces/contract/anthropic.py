@@ -41,18 +41,20 @@ class AnthropicError(BaseModel):
 ANTHROPIC_ERROR_STATUSES: dict[int, str] = {
     400: "invalid_request_error: bad JSON, a missing or wrong field (named in `message`), "
     "an unsupported block (image, document), a `tool_result` answering no earlier "
-    "`tool_use`",
+    "`tool_use`, a request the upstream refused (a prompt longer than the model's context)",
     401: "authentication_error: inbound auth is on and the token (`Authorization: Bearer` "
     "or `x-api-key`) is missing or wrong",
     403: "permission_error: the caller may not use this model",
-    404: "not_found_error: the model resolves to a provider that is not registered",
+    404: "not_found_error: the model resolves to a provider that is not registered, or the "
+    "upstream does not know it",
     405: "invalid_request_error: a wrong method on this route",
     413: "request_too_large: the body is over `max_body_bytes`",
-    429: "rate_limit_error: the caller is over its limits",
+    429: "rate_limit_error: the caller is over its limits, or the upstream said 429",
     500: "api_error: a bug (logged with its traceback, answered without one)",
     502: "api_error: the provider answered non-2xx or nonsense, or could not be reached",
     503: "overloaded_error: the provider is disabled, overloaded or cooling down",
     504: "api_error: no answer within the request's deadline",
+    529: "overloaded_error: the upstream said it is overloaded (529)",
 }
 
 
