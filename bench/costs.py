@@ -39,6 +39,7 @@ budget_usd = 1000000.0
 [chatd.prices]
 "*" = {{ input = 1.0, output = 2.0 }}
 """
+LIVE = 10_000  # live callers loaded for the second authentication figure
 CALLS = 20_000
 RUNS = 5
 
@@ -133,8 +134,27 @@ def measure() -> list[tuple[str, float]]:
             for batch in batches:
                 backend._write(batch)  # type: ignore[attr-defined]
 
+        from chatd.state.caller import Caller, token_hash
+
+        live_token = b"ck-000000001388-" + b"5" * 40  # the last of LIVE
+        for i in range(LIVE):
+            token = b"ck-%012x-" % (i + 1) + b"5" * 40
+            callers.put_live(Caller(f"live-{i}", rpm=1000, source="live"), f"live-{i}",
+                             [token_hash(token)])  # fmt: skip
+        callers.loaded = True
+
+        def live_scope() -> dict[str, Any]:
+            s = scope()
+            s["headers"][1] = (b"authorization", b"Bearer " + live_token)
+            return s
+
+        assert callers.authorize(live_scope()) is None
         found = [
             ("callers: authenticate the token (middleware)", per_call(authorize, scope)),
+            (
+                f"callers: authenticate a live token, {LIVE:,} live callers loaded",
+                per_call(authorize, live_scope),
+            ),
             (
                 "callers: admit (allow-list, budget, tpm, rpm, X-RateLimit-* headers)",
                 per_call(admit, authorized),

@@ -1,4 +1,4 @@
-"""Balancing benchmark (SPEC §10): chatd in front of a farm of fake Ollama hosts.
+"""Balancing benchmark (docs/routing.md): chatd in front of a farm of fake Ollama hosts.
 
     .venv/bin/python bench/farm.py [--secs 12] [--concurrency 24] [--hedge-ms 150]
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from load import VARY, Request, run_wrk, write_lua
+from otlp_sink import start_sink
 from run import (
     BENCH,
     CHATD,
@@ -54,7 +55,9 @@ FULL = "full gateway (callers + limits + ledger + Redis + cache on, all misses)"
 OFF = 'ui = false\nusage_db = ""\n'
 
 
-def variants(up: int, redis_port: int | None) -> dict[str, tuple[str, dict[str, str]]]:
+def variants(
+    up: int, redis_port: int | None, otlp: str | None = None
+) -> dict[str, tuple[str, dict[str, str]]]:
     """name -> (lakehouse.toml, request headers). With BENCH_BASELINE_SRC=<a checkout's
     src/> a row "baseline" runs that build (e.g. part one's last commit) as `bare`."""
     auth = {"Authorization": f"Bearer {CHATD_TOKEN}"}
@@ -84,6 +87,15 @@ def variants(up: int, redis_port: int | None) -> dict[str, tuple[str, dict[str, 
             chatd_toml(up, callers=True, chatd_extra=ledger("e") + url, tables=CACHE_ON),
             auth,
         )
+    if otlp is not None:  # bench/otlp_sink.py: a collector that keeps nothing
+        for ratio in ("1.0", "0.01"):
+            tracing = f'[chatd.tracing]\notlp_endpoint = "{otlp}"\nsample_ratio = {ratio}\n\n'
+            found[f"tracing on, sample_ratio {ratio}"] = (
+                chatd_toml(up, chatd_extra=OFF, tables=tracing),
+                {},
+            )
+        down = f'[chatd.tracing]\notlp_endpoint = "http://127.0.0.1:{free_port()}"\n\n'
+        found["tracing on, collector down"] = (chatd_toml(up, chatd_extra=OFF, tables=down), {})
     found["bare, again (a second process, same config: the noise floor)"] = found["bare"]
     return found
 
@@ -238,7 +250,7 @@ def main() -> int:
         stale.unlink()
     up = start_upstream()
     redis_port = start_redis()
-    found = select(variants(up, redis_port), args.only)
+    found = select(variants(up, redis_port, start_sink()), args.only)
     baseline = os.environ.get("BENCH_BASELINE_SRC")
     if baseline:
         found = {"baseline": (chatd_toml(up), {}), **found}  # it knows no part-two keys

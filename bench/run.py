@@ -50,7 +50,7 @@ OAI_KEY = "sk-bench"
 START_TIMEOUT_S = 90.0
 
 PROCS: list[subprocess.Popen] = []
-# SPEC §12 switches (--ledger, --callers): what chatd's config says, what its requests carry.
+# Callers' switches (--ledger, --callers): what chatd's config says, what its requests carry.
 CHATD_TOKEN = "tok-bench-caller"
 CHATD_AUTH: dict[str, str] = {}
 
@@ -267,7 +267,7 @@ def litellm_yaml(up: int) -> str:
 
 def start_chatd_variants(gws: dict[str, Gateway], up: int, first: dict[str, Request]) -> None:
     """chatd with the response cache on (and a mock provider), and chatd with redis_url
-    set to a redis-server of its own (no cache, no callers): SPEC §13's rows."""
+    set to a redis-server of its own (no cache, no callers): the shared state's rows."""
     argv = ["--log-level", "warning"]
     env = {"BENCH_OAI_KEY": OAI_KEY}
     mock = '[chatd.providers.mock]\nkind = "mock"\n\n'
@@ -377,7 +377,7 @@ def build_targets(up: int, gws: dict[str, Gateway]) -> tuple[list[Target], list[
             Request(c, "/v1/messages", {**chat("benchoai/gpt-4o-mini"), "max_tokens": 64}),
             d_oai,
         ),
-        # SPEC §13: a cache hit (every request after the first) against the mock kind
+        # a cache hit (every request after the first) against the mock kind
         # (no upstream at all), and the hot path with redis_url set but no cache or callers
         Target(
             "chatd /v1/chat (mock kind, not cached)",
@@ -409,7 +409,7 @@ def build_targets(up: int, gws: dict[str, Gateway]) -> tuple[list[Target], list[
             d_oai,
         ),
     ]
-    # Embeddings (SPEC §11): one string in, one 768-dimension float vector back.
+    # Embeddings (docs/http-api.md): one string in, one 768-dimension float vector back.
     e_oll, e_oai = "direct nginx /api/embed", "direct nginx /v1/embeddings"
     text = "the quick brown fox"
     emb_body = {"model": "text-embedding-3-small", "input": text, "encoding_format": "float"}
@@ -576,7 +576,7 @@ def report(
     redis = rps("chatd /v1/chat with redis_url, no cache (ollama kind)")
     lines += [
         "",
-        "## Shared state and cache (SPEC §13, c=32)",
+        "## Shared state and cache (c=32)",
         "",
         "| | req/s | ratio |",
         "|---|---:|---:|",

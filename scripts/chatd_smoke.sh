@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# chatd acceptance gate (SPEC §5): six checks against a running chatd, with curl.
+# chatd acceptance gate (docs/getting-started.md): six checks against a running chatd, with curl.
 #   scripts/chatd_smoke.sh [URL]        default URL http://127.0.0.1:3220
 # Environment:
 #   CHATD_SMOKE_MODEL      model served by the default provider (default qwen3.5:latest)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full-size fuzz run (issue 4): schemathesis over chatd's own OpenAPI schema with
+# The full-size fuzz run: schemathesis over chatd's own OpenAPI schema with
 # CHATD_FUZZ_EXAMPLES examples per operation (default 1000, several thousand requests),
 # plus the hand-made hostile bodies. The test command runs the same file at 300.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full-size bounded soak (issue 4): a real chatd against fake upstreams that randomly
+# The full-size bounded soak: a real chatd against fake upstreams that randomly
 # answer 200, 429 or 500, hang past the 1 s deadline, reset the connection or break a
 # stream, with callers that hang up. Prints the report (requests, statuses, wall time,
 # req/s, chatd's RSS before and after, its connections to the fakes) and exits non-zero
@@ -7,10 +7,14 @@
 # SOAK_MAX_RSS_GROWTH_MB (default 30). The test command runs the same driver at 600.
 #   scripts/soak.sh [--requests N] [--concurrency C] [--seed S] [--json]
 #   SOAK_REQUESTS=20000 SOAK_CONCURRENCY=100 scripts/soak.sh
-# The callers soak (SPEC §12): many callers with rpm/tpm/budget/concurrency limits at once;
+# The callers soak (docs/callers-and-usage.md): many callers with rpm/tpm/budget/concurrency limits at once;
 # afterwards ledger rows == requests answered and each caller's ledger spend == what the
 # fake upstream reported.
 #   scripts/soak.sh callers [--requests N] [--concurrency C] [--seed S]
+# The exposed soak (docs/exposing.md): one worker, 2,000 connections trickling their
+# headers for 60 s beside 20 ordinary callers; ordinary p99 within 2x of a quiet run, none
+# failed, chatd's RSS printed.
+#   scripts/soak.sh exposed [--slow N] [--secs S] [--callers C] [--quiet-secs S]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -x .venv/bin/python ]] || { python3 -m venv .venv; }
@@ -19,6 +23,10 @@ if [[ "${1:-}" == callers ]]; then
   shift
   SOAK_REQUESTS="${SOAK_REQUESTS:-3000}" SOAK_CONCURRENCY="${SOAK_CONCURRENCY:-40}" \
     exec .venv/bin/python -m tests.soak_callers "$@"
+fi
+if [[ "${1:-}" == exposed ]]; then
+  shift
+  exec .venv/bin/python -m tests.soak_exposed "$@"
 fi
 SOAK_REQUESTS="${SOAK_REQUESTS:-5000}" SOAK_CONCURRENCY="${SOAK_CONCURRENCY:-50}" \
   exec .venv/bin/python -m tests.soak "$@"

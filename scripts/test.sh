@@ -2,7 +2,8 @@
 # The whole test suite, on a fresh machine: makes .venv, installs chatd with its test
 # extras, installs the real servers the tests start themselves when they are missing
 # (nginx: reverse-proxy tests; postgresql: the usage ledger; redis-server: shared state;
-# chromium + chromium-driver: the dashboard's browser test), lints, tests.
+# chromium + chromium-driver: the dashboard's browser test; systemd: systemd-analyze
+# verify for deploy/chatd.service), lints, tests.
 #   scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ declare -A NEEDED=(
   [redis-server]="$(command -v redis-server || true)"
   [chromium]="$(command -v chromium || true)"
   [chromium-driver]="$(command -v chromedriver || true)"
+  [systemd]="$(command -v systemd-analyze || true)"
 )
 missing=()
 for package in "${!NEEDED[@]}"; do
@@ -41,6 +43,14 @@ if ((${#missing[@]})); then
   else
     echo "missing ${missing[*]}: the tests that need them are skipped"
   fi
+fi
+
+# Arize Phoenix, the trace backend the tracing tests start and read spans back from, in
+# an environment of its own (its dependencies would clash with chatd's).
+if [[ ! -x .venv-phoenix/bin/phoenix ]]; then
+  "$PYTHON" -m venv .venv-phoenix
+  .venv-phoenix/bin/python -m pip install -q --disable-pip-version-check arize-phoenix \
+    >/tmp/chatd-phoenix.log 2>&1 || echo "installing arize-phoenix failed; see /tmp/chatd-phoenix.log"
 fi
 
 .venv/bin/ruff check src tests

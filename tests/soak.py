@@ -1,4 +1,4 @@
-"""A bounded soak (issue 4): many requests at once through a real chatd process against
+"""A bounded soak: many requests at once through a real chatd process against
 fake upstreams that randomly answer, refuse, rate-limit, hang, reset or break off.
 
     python -m tests.soak [--requests 5000] [--concurrency 50] [--seed N] [--json]
@@ -13,7 +13,7 @@ half way through sending the body) and a unique `X-Request-ID`. It checks, and r
 - every request got exactly one answer, with its own `X-Request-ID` echoed back;
 - every answer is well formed: a 200 of the right shape (the fake's text, the model and
   provider that should have served it; a stream ends in exactly one `done` or exactly
-  one `error` event) or a SPEC §3 envelope whose status matches its type — and the one
+  one `error` event) or an error envelope whose status matches its type — and the one
   that scenario allows (a hang is a 504, a 429 a 502, a broken stream an error event ...);
 - chatd made exactly `X-Chatd-Attempts` upstream calls for each request (counted at the
   fake: each request's model carries a unique `:r<n>` tag), so nothing was duplicated;
@@ -363,7 +363,7 @@ def judge_error(response: httpx.Response, raw: bytes, sc: Scenario, problems: li
         error = json.loads(raw)["error"]
         kind = error["type"]
     except (ValueError, KeyError, TypeError):
-        problems.append(f"{status} without a §3 envelope: {raw[:200]!r}")
+        problems.append(f"{status} without an error envelope: {raw[:200]!r}")
         return f"{status} ?"
     if not response.headers.get("content-type", "").startswith("application/json"):
         problems.append(f"{status} error with content-type {response.headers.get('content-type')}")

@@ -1,4 +1,4 @@
-"""The callers soak (SPEC §12): many callers at once, with limits, through a real chatd
+"""The callers soak: many callers at once, with limits, through a real chatd
 writing its SQLite ledger; afterwards the ledger must hold exactly one row per request
 answered, and each caller's spend in it must equal what the fake upstream was asked to
 report (`openrouter/cost-<micro>` answers carry `usage.cost = micro / 1e6`).

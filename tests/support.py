@@ -20,7 +20,14 @@ from chatd.config import Settings, build_settings
 
 REPO = Path(__file__).resolve().parent.parent
 # Variables a developer's shell may carry that would change what chatd registers.
-SCRUBBED = ("OLLAMA_API_KEY", "OPENROUTER_API_KEY", "OPENCODE_API_KEY", "KIMI_API_KEY")
+SCRUBBED = (
+    "OLLAMA_API_KEY",
+    "OPENROUTER_API_KEY",
+    "OPENCODE_API_KEY",
+    "KIMI_API_KEY",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+)
 
 
 def free_port() -> int:

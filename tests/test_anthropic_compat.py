@@ -1,4 +1,4 @@
-"""SPEC §14 shapes: Messages requests checked and translated to Chat Completions bodies,
+"""Anthropic Messages shapes: requests checked and translated to Chat Completions bodies,
 completions and chunks translated back, errors in Anthropic's shape (pure functions,
 compared with literal dicts); then the route in process, for what a real process cannot
 show on this branch (a 429 from caller admission, the auth hook)."""
@@ -14,15 +14,10 @@ import pytest
 
 from chatd.app import create_app
 from chatd.errors import ChatdError, InvalidRequest, PayloadTooLarge, UpstreamError
-from chatd.wire.anthropic_compat import (
-    StreamTranslator,
-    check_body,
-    error_body,
-    error_type,
-    sse_event,
-    to_message,
-    to_openai,
-)
+from chatd.wire.anthropic_checks import check_body
+from chatd.wire.anthropic_errors import error_body, error_type
+from chatd.wire.anthropic_reply import StreamTranslator, sse_event, to_message
+from chatd.wire.anthropic_request import to_openai
 from tests.support import make_settings
 
 USER = [{"role": "user", "content": "hi"}]
@@ -550,7 +545,7 @@ def test_error_body_shape() -> None:
     error = UpstreamError("ollama", "", upstream_status=500, body="boom")
     assert error_body(error) == {
         "type": "error",
-        "error": {"type": "api_error", "message": "ollama: upstream answered 500: boom"},
+        "error": {"type": "api_error", "message": "ollama: boom (upstream 500)"},
     }
     assert error_body(PayloadTooLarge("too big"))["error"]["type"] == "request_too_large"
 
@@ -559,7 +554,7 @@ def test_error_body_shape() -> None:
 
 
 class RateLimited(ChatdError):
-    """What issue 12's caller admission raises over a caller's rpm (SPEC §12)."""
+    """What caller admission raises over a caller's rpm (docs/callers-and-usage.md)."""
 
     status = 429
     type = "rate_limited"
@@ -623,7 +618,7 @@ async def test_x_api_key_is_a_token_and_a_refusal_is_anthropic_shaped(
                 model="echo/x", max_tokens=8, messages=USER
             )
         assert caught.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
-        # the other routes keep the §3 envelope, and take x-api-key too
+        # the other routes keep the error envelope, and take x-api-key too
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://chatd") as client:
             refused = await client.get("/v1/models")

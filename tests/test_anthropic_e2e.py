@@ -1,5 +1,5 @@
 """The official `anthropic` SDK against a real chatd process and a real fake upstream
-(SPEC §14), over every provider kind: messages (plain and streamed), system prompts and
+ (docs/http-api.md), over every provider kind: messages (plain and streamed), system prompts and
 multi-turn, a tool-use round trip, stop sequences, thinking, errors as the SDK's own
 exceptions; streams through a real nginx, and a caller leaving mid-stream.
 """
@@ -491,7 +491,7 @@ def test_the_request_log_names_the_route_and_tokens(
     assert line["model"] == "ollama/ok" and line["provider"] == "ollama"
     assert line["output_tokens"] == len(ANSWER.split()) and line["input_tokens"] > 0
 
-    # the caller sees Anthropic's error type; the log keeps §3's
+    # the caller sees Anthropic's error type; the log keeps chatd's
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(
             model="gone/x", max_tokens=8, messages=USER, extra_headers={"X-Request-ID": "anth-2"}
@@ -523,7 +523,7 @@ def test_x_api_key_is_a_caller_token(
 def test_callers_limits_are_the_sdks_permission_and_rate_limit_errors(
     fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """SPEC §12 through /v1/messages: a named caller's x-api-key, its allow-list (403 →
+    """Callers through /v1/messages: a named caller's x-api-key, its allow-list (403 →
     PermissionDeniedError) and its rpm (429 → RateLimitError with Retry-After)."""
     env = {"CHATD_ANTHROPIC_CALLER": "coder-token"}
     toml = config(fake) + (

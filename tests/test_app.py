@@ -1,4 +1,4 @@
-"""SPEC §3 through the ASGI app: routes, validation, every error row, request IDs."""
+"""The HTTP API through the ASGI app: routes, validation, every error row, request IDs."""
 
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ async def test_valid_boundaries_are_accepted(client: httpx.AsyncClient) -> None:
     assert (await client.post("/v1/chat", json=body)).status_code == 200
 
 
-# -- the rest of the §3 table -----------------------------------------------------
+# -- the rest of the error table -----------------------------------------------------
 
 
 async def test_unknown_route_is_404_not_found(client: httpx.AsyncClient) -> None:

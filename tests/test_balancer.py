@@ -1,4 +1,4 @@
-"""Unit tests for SPEC §10: the balancer's choice, its queue, hedging, and the config."""
+"""Unit tests for endpoints: the balancer's choice, its queue, hedging, and the config."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §10 end to end: a real chatd process in front of a farm of real fake Ollama hosts
+"""Balancing end to end: a real chatd process in front of a farm of real fake Ollama hosts
 on 127.0.0.1, each serving at most 4 requests at once and queueing the rest.
 
 What each host served, refused or saw disconnect is counted by the host itself.

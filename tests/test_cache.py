@@ -1,4 +1,4 @@
-"""SPEC §13 response cache: keys, Cache-Control, X-Chatd-Cache, replayed streams and
+"""The response cache: keys, Cache-Control, X-Chatd-Cache, replayed streams and
 single flight — in process, against the real fake upstream (calls counted on the wire)."""
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ async def test_in_process_cache_never_exceeds_max_bytes() -> None:
     assert await cache.get("k99") is not None and await cache.get("k0") is None
 
 
-# -- embeddings: cached per input (SPEC §13) ---------------------------------------------
+# -- embeddings: cached per input ----------------------------------------------------------
 
 
 async def embed(client: httpx.AsyncClient, inputs: list[str], **extra: Any) -> httpx.Response:

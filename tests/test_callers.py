@@ -1,4 +1,4 @@
-"""SPEC §12 in-process: the sliding windows, periods, prices, upstream cost parsing,
+"""Callers in process: the sliding windows, periods, prices, upstream cost parsing,
 config, and that with no callers admission is the do-nothing function."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import pytest
 from chatd.app import create_app
 from chatd.config import ConfigError, Price, build_settings
 from chatd.providers.openai import parse_openai_response, upstream_cost
-from chatd.state.callers import Callers, MemoryStore, period_bounds
-from chatd.state.ratelimit import format_reset
+from chatd.state.callers import Callers, MemoryStore, format_reset, period_bounds
 from chatd.state.usage.prices import Prices
 from tests.support import make_settings
 
@@ -177,7 +176,7 @@ async def test_max_concurrency_refuses_the_extra_call_and_gives_slots_back(
 
 
 def test_check_config_never_shows_the_ledgers_password() -> None:
-    from chatd.cli import describe_usage_db
+    from chatd.check_config import describe_usage_db
 
     shown = describe_usage_db("postgresql://chatd:s3cret-pw@db.internal:5432/usage")
     assert "s3cret-pw" not in shown and shown.startswith("postgresql://chatd:***@db.internal")

@@ -1,4 +1,4 @@
-"""SPEC §12 against real chatd processes and the fake upstream: tokens (Bearer and
+"""Callers against real chatd processes and the fake upstream: tokens (Bearer and
 x-api-key), allow-lists, rpm with OpenAI's rate-limit headers, budgets, upstream cost,
 the SQLite ledger read straight from its file, GET /v1/usage, spend across a restart,
 SIGTERM flushing, and no secret anywhere."""

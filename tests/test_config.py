@@ -1,4 +1,4 @@
-"""SPEC §2: the config file, environment overrides, key resolution, registration rules."""
+"""The config file, environment overrides, key resolution, registration rules."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The published contract tells the truth (issue 9), checked against a real chatd:
+"""The published contract tells the truth, checked against a real chatd:
 
 - a client generated from the served `/openapi.json` by openapi-python-client (without
   warnings) makes a chat and gets an error parsed into the envelope type;
@@ -113,7 +113,7 @@ def test_generated_client_parses_errors_into_the_envelope(
 
 def test_generated_client_sends_messages(chatd: ChatdProcess, client_package: Any) -> None:
     """`POST /v1/messages` through the generated client: blocks in, an `AnthropicMessage`
-    out; and an error parsed into the `AnthropicError` type (SPEC §14)."""
+    out; and an error parsed into the `AnthropicError` type (docs/http-api.md)."""
     from chatd_client.api.default import create_message  # type: ignore[import-not-found]
     from chatd_client.models import (  # type: ignore[import-not-found]
         AnthropicError,

@@ -1,4 +1,4 @@
-"""SPEC §13 shared cooldowns: a trip on one replica holds the same breaker on another."""
+"""Shared cooldowns: a trip on one replica holds the same breaker on another."""
 
 from __future__ import annotations
 

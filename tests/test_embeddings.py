@@ -1,4 +1,4 @@
-"""Embeddings (SPEC §11): wire formats against literal dicts, and the route over ASGI
+"""Embeddings (docs/http-api.md): wire formats against literal dicts, and the route over ASGI
 (validation, base64, batching and reassembly, bad upstream answers)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Embeddings (SPEC §11) end to end: the official `openai` SDK against a real chatd process
+"""Embeddings (docs/http-api.md) end to end: the official `openai` SDK against a real chatd process
 and the real fake upstream, through the ollama, openai and mock kinds; batching, limits,
 a connection failure mid-request, metrics and the log line."""
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "chatd"
 
 # Top to bottom. A module may import from its own floor or any floor below it.
 FLOORS = [
-    {"app", "cli", "replicas", "__main__"},
+    {"app", "cli", "check_config", "callers_cli", "replicas", "reloading", "server", "__main__"},
     {"ui"},
     {"surfaces"},
     {"state"},

@@ -1,4 +1,4 @@
-"""Streaming through a real nginx (SPEC §6): `X-Accel-Buffering: no` makes nginx stream.
+"""Streaming through a real nginx (docs/http-api.md): `X-Accel-Buffering: no` makes nginx stream.
 
 nginx runs as a non-daemon, single-process child with a config generated under tmp_path
 (pid, logs and temp paths all there, so it runs as root or not). The chatd location keeps

@@ -1,4 +1,4 @@
-"""The OpenAI surface's checks and translations (SPEC §7), without sockets."""
+"""The OpenAI surface's checks and translations (docs/http-api.md), without sockets."""
 
 from __future__ import annotations
 

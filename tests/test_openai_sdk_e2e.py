@@ -1,4 +1,4 @@
-"""The official `openai` SDK against a real chatd process and a real fake upstream (SPEC §7).
+"""The official `openai` SDK against a real chatd process and a real fake upstream.
 
 The SDK is the client most callers will use: it must complete chats (plain and
 streamed) through every provider kind, read usage, list models, and raise its usual

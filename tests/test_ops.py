@@ -1,4 +1,4 @@
-"""SPEC §9 in-process: the request log line, inbound auth, /metrics, /ready and the
+"""Operations in process: the request log line, inbound auth, /metrics, /ready and the
 per-provider counters, through the ASGI app and the pieces it is built from."""
 
 from __future__ import annotations
@@ -330,7 +330,10 @@ async def test_ready_with_probe_reports_each_provider(app_client: Callable[..., 
     async with app_client(settings(providers={"dead": dead})) as client:
         plain = await client.get("/ready")
         probed = await client.get("/ready", params={"probe": "1"})
-    assert plain.status_code == 200 and plain.json() == {"status": "ready", "default": "mock"}
+    assert plain.status_code == 200
+    config = plain.json().pop("config")  # the configuration in force (docs/reload.md)
+    assert plain.json() == {"status": "ready", "default": "mock", "config": config}
+    assert config["generation"] == 1 and set(config) == {"generation", "loaded_at", "sha256"}
     body = probed.json()
     assert probed.status_code == 200
     assert body["providers"]["mock"]["reachable"] is True

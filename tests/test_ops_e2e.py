@@ -1,4 +1,4 @@
-"""Operations (SPEC §9) against real chatd processes: /metrics (one process and
+"""Operations (docs/operations.md) against real chatd processes: /metrics (one process and
 `--workers 2`), the one JSON log line per request, /ready with and without probes,
 `chatd check-config`, and inbound bearer auth."""
 
@@ -250,7 +250,9 @@ def test_text_log_format_is_one_readable_line(tmp_path: Path) -> None:
 def test_ready_when_the_default_provider_is_registered(chatd: ChatdProcess) -> None:
     response = httpx.get(f"{chatd.url}/ready")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "default": "mock"}
+    config = response.json()["config"]  # the configuration in force (docs/reload.md)
+    assert response.json() == {"status": "ready", "default": "mock", "config": config}
+    assert config["generation"] == 1 and len(config["sha256"]) == 64
 
 
 def test_ready_probe_reports_each_provider(chatd: ChatdProcess, fake: FakeUpstream) -> None:

@@ -1,4 +1,4 @@
-"""SPEC §4: each provider's exact wire format, its parsing, and its failure mapping (respx)."""
+"""Each provider's exact wire format, its parsing, and its failure mapping (respx)."""
 
 from __future__ import annotations
 
@@ -216,8 +216,8 @@ async def test_non_2xx_is_upstream_error_with_status_quote_and_retry_after() -> 
     assert err.status == 502 and err.upstream_status == 429
     assert err.headers == {"Retry-After": "7"}
     assert "openrouter" in err.message and "429" in err.message and "slow down" in err.message
-    quoted = err.message.split(": ", 2)[-1]
-    assert len(quoted) <= 300
+    quoted = err.message.removeprefix("openrouter: ").removesuffix(" (upstream 429)")
+    assert quoted.startswith("slow down") and len(quoted) <= 300
     assert err.envelope()["error"]["upstream_status"] == 429
 
 

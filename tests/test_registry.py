@@ -1,4 +1,4 @@
-"""SPEC §1: which provider serves a model name, and what name goes upstream."""
+"""Which provider serves a model name, and what name goes upstream."""
 
 from __future__ import annotations
 

@@ -332,7 +332,7 @@ def test_in_process_cache_never_exceeds_max_bytes(fake, tmp_path: Path):
         assert "chatd_shared_state_up" not in httpx.get(chatd.url + "/metrics").text
 
 
-# -- callers' limits and budgets across replicas (SPEC §12 + §13) ----------------------
+# -- callers' limits and budgets across replicas ----------------------
 
 CALLER_TOKENS = {
     "REPLICA_APP_TOKEN": "app-replica-token",

@@ -1,4 +1,4 @@
-"""Unit tests for SPEC §8: backoff, Retry-After, breaker, limiter, and the Dispatcher's policy."""
+"""Resilience: backoff, Retry-After, breaker, limiter, and the Dispatcher's policy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fault injection (SPEC §8): a real chatd process against real fake upstreams.
+"""Fault injection (docs/routing.md): a real chatd process against real fake upstreams.
 
 Each test counts the calls that reached the fake, so "retried", "not retried" and
 "skipped" are observed on the wire, not inferred from chatd's answer.

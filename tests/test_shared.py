@@ -1,4 +1,4 @@
-"""SPEC §13 shared state: one suite, run against `LocalState` and against `RedisState` on
+"""Shared state: one suite, run against `LocalState` and against `RedisState` on
 a real redis-server; then Redis going away and coming back."""
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ async def test_claim_is_exclusive_until_released_or_expired(state: SharedState) 
 
 
 async def test_two_replicas_share_one_window_and_spend(tmp_path: Path) -> None:
-    """What issue 12's rpm and budget will rely on: the limit is the fleet's, not each's."""
+    """What callers' rpm and budget rely on: the limit is the fleet's, not each's."""
     with RedisServer(tmp_path) as server:
         a, b = RedisState(server.url, op_timeout=1.0), RedisState(server.url, op_timeout=1.0)
         await a.start()
@@ -274,7 +274,7 @@ def test_redis_url_is_described_without_credentials() -> None:
 
 
 def test_redis_url_and_cache_config_keys() -> None:
-    from chatd.cli import describe_settings
+    from chatd.check_config import describe_settings
     from chatd.config import ConfigError, build_settings
 
     settings = build_settings(

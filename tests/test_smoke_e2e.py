@@ -1,4 +1,4 @@
-"""End to end: a real chatd process, a real fake Ollama, and scripts/chatd_smoke.sh (SPEC §5)."""
+"""End to end: a real chatd process, a real fake Ollama, and scripts/chatd_smoke.sh."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The bounded soak (issue 4), small: a real chatd under concurrent load from fake upstreams
+"""The bounded soak, small: a real chatd under concurrent load from fake upstreams
 that randomly answer, rate-limit, fail, hang past the deadline, reset or break off.
 
 Every request is answered exactly once (its own X-Request-ID echoed), well formed (a 200
-of the right shape or the SPEC §3 envelope the scenario calls for), with exactly as many
+of the right shape or the error envelope the scenario calls for), with exactly as many
 upstream calls as `X-Chatd-Attempts` says; afterwards nothing is in flight at the fakes,
 chatd's connections to them are within its pool and close once idle, every provider still
 answers, and chatd's RSS stays flat. `tests/soak.py` has the details; `scripts/soak.sh`

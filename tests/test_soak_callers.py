@@ -1,4 +1,4 @@
-"""The callers soak (SPEC §12), small: many callers with limits at once; afterwards the
+"""The callers soak, small: many callers with limits at once; afterwards the
 ledger holds one row per request answered and each caller's spend equals what the fake
 upstream reported. `scripts/soak.sh callers` runs it full size."""
 

@@ -1,4 +1,4 @@
-"""Streaming end to end (SPEC §6): a real chatd process, the real fake upstream, a real client.
+"""Streaming end to end: a real chatd process, the real fake upstream, a real client.
 
 Every provider kind is streamed through `POST /v1/chat` with `"stream": true`: Ollama's
 NDJSON on /api/chat (ollama) and /api/generate (ollama_cloud), OpenAI SSE on
@@ -151,7 +151,7 @@ def assert_sse_headers(streamed: Streamed) -> None:
 
 
 def assert_envelope(error: dict[str, Any]) -> dict[str, Any]:
-    """The SPEC §3 error envelope; returns the inner object."""
+    """The error envelope; returns the inner object."""
     assert set(error) == {"error"}, error
     inner = error["error"]
     assert {"message", "type", "code", "param"} <= set(inner), inner

@@ -1,4 +1,4 @@
-"""The dashboard's data (issue 15), in process: the ring buffer, the overview API, its
+"""The dashboard's data, in process: the ring buffer, the overview API, its
 admin check, the static files, the Grafana dashboard. The browser test is test_ui_e2e.py."""
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ async def test_endpoints_from_the_listing_are_passed_through(app_client: Any) ->
         ops = client._transport.app.state.operations  # type: ignore[attr-defined]
         listing = ops.listing
 
-        def with_endpoints() -> dict[str, Any]:  # the shape issue 10 adds
+        def with_endpoints() -> dict[str, Any]:  # the shape endpoints add
             out = listing()
             out["providers"][0]["endpoints"] = [
                 {"name": "a", "base_url": "http://a", "available": True, "state": "ok",

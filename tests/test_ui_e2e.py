@@ -1,4 +1,4 @@
-"""The dashboard at /ui in a real browser (issue 15): headless Chromium driven by Selenium
+"""The dashboard at /ui in a real browser: headless Chromium driven by Selenium
 against a real chatd process with real fake upstreams under light traffic, and against
 an in-process app served by uvicorn on a real socket (for the spend panel's stub ledger).
 
@@ -356,7 +356,7 @@ def test_spend_panel_shows_each_callers_spend_against_its_budget(browser: Any) -
             "the no-ledger note",
         )
 
-        async def report() -> list[dict[str, Any]]:  # the usage ledger's shape (issue 12)
+        async def report() -> list[dict[str, Any]]:  # the usage ledger's shape
             return [
                 {"caller": "search-bot", "spend_usd": 7.5, "budget_usd": 10.0,
                  "input_tokens": 120000, "output_tokens": 34000, "period": "2025-06"},

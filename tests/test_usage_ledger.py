@@ -1,4 +1,4 @@
-"""SPEC §12's usage ledger, one suite over both back ends: SQLite (a file) and a real
+"""The usage ledger, one suite over both back ends: SQLite (a file) and a real
 PostgreSQL server started here (tests/servers.py), killed and restarted mid-run."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SPEC §12's ledger on a real PostgreSQL server, end to end: a chatd process writing to
+"""The usage ledger on a real PostgreSQL server, end to end: a chatd process writing to
 it, the server killed mid-run twice (rows wait in memory, land when it is back, and a
 SIGTERM right after it returns writes them before exit), spend read back at start, and
 `chatd usage` reading the database directly."""

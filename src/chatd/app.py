@@ -1,15 +1,19 @@
-"""`create_app(settings)`: the FastAPI application, its routes and error handlers (SPEC §3)."""
+"""`create_app(settings)`: the FastAPI application, its routes and error handlers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import Scope
 
 from chatd.config import Settings
 from chatd.errors import (
@@ -19,10 +23,13 @@ from chatd.errors import (
     MethodNotAllowed,
     NotFound,
 )
+from chatd.reloading import Reloader, first_snapshot
 from chatd.replicas import replica_state
 from chatd.routing.dispatch import Dispatcher
 from chatd.routing.registry import Registry
+from chatd.state.snapshot import Current
 from chatd.state.usage.spend import spend_report
+from chatd.surfaces.admin import install_admin_routes
 from chatd.surfaces.anthropic import install_anthropic_routes
 from chatd.surfaces.chat import install_chat_routes
 from chatd.surfaces.contract.common import error_responses, ok
@@ -31,7 +38,9 @@ from chatd.surfaces.contract.operations import Health, ProviderListing
 from chatd.surfaces.embeddings import install_embeddings_routes
 from chatd.surfaces.openai import install_openai_routes
 from chatd.surfaces.operations import Operations
+from chatd.surfaces.reload import install_reload_route
 from chatd.surfaces.usage import install_usage_routes
+from chatd.telemetry.tracing import Tracing, build_tracing
 from chatd.ui import install_ui
 from chatd.web import (
     ClientGone,
@@ -44,13 +53,19 @@ from chatd.web import (
 log = logging.getLogger("chatd")
 
 
-def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
-    """Build an isolated chatd app; providers' clients open and close with its lifespan."""
+def create_app(
+    settings: Settings, registry: Registry | None = None, *, reload_signal: bool = False
+) -> FastAPI:
+    """Build an isolated chatd app; providers' clients open and close with its lifespan.
+    `reload_signal`: SIGHUP reloads the config (the server's own process only)."""
     registry = registry or Registry.from_settings(settings)
-    ops = Operations(settings, registry)  # SPEC §9: metrics, request log, /ready, auth
-    dispatcher = Dispatcher(registry, observer=ops.metrics)
-    ops.balancers = dispatcher.balancers  # SPEC §10: endpoint state in the listing
+    ops = Operations(settings, registry)  # metrics, request log, /ready, auth
+    tracing = build_tracing(settings)  # None unless [chatd.tracing] or OTEL_* say where
+    dispatcher = Dispatcher(registry, observer=ops.metrics, tracing=tracing)
     state, cooldowns, cache = replica_state(settings, registry, dispatcher, ops)
+    # The configuration each request takes as it arrives; a reload swaps it (reloading.py).
+    current = Current(first_snapshot(settings, registry, dispatcher, cache))
+    ops.current = current
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,14 +74,18 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             await state.start()
             await cooldowns.start()
         await ops.start()  # after the shared state: callers' spend is read back into it
+        await reloader.start(signals=reload_signal)
         try:
             yield
         finally:
+            await reloader.aclose()
             if state is not None and cooldowns is not None:
                 await cooldowns.aclose()
                 await state.aclose()
-            await registry.aclose()
+            await current.snapshot.registry.aclose()
             await ops.aclose()
+            if tracing is not None:  # the spans still queued go out, within the timeout
+                await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(
         title="chatd",
@@ -75,29 +94,40 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    reloader = Reloader(current, ops, state=state, cooldowns=cooldowns, app=app)
     app.state.settings = settings
+    app.state.reloader = reloader
     app.state.registry = registry
     app.state.dispatcher = dispatcher
     app.state.operations = ops
-    # SPEC §12: every model-calling route awaits app.state.admit(request, model) after
+    # every model-calling route awaits app.state.admit(request, model) after
     # parsing; None (nothing to await) when no callers are configured.
     app.state.admit = ops.callers.admit if ops.callers is not None else None
     if ops.callers is not None:  # the dashboard: admins only, and callers' spend
         callers, ledger = ops.callers, ops.ledger
         app.state.ui_admin = callers.is_admin
-        app.state.spend_report = lambda: spend_report(callers, ledger)
+        app.state.spend_report = lambda: spend_report(callers, ledger) if callers.named else None
     app.state.cache = cache  # None unless [chatd.cache] enabled; see cache.get_or_run
     install_error_handlers(app)
     install_openapi(app)
-    app.add_middleware(RequestContext, logger=log, authorize=ops.authorize, finished=ops.finished)
+    app.add_middleware(
+        RequestContext,
+        logger=log,
+        authorize=ops.authorize,
+        finished=ops.finished if tracing is None else traced(tracing, ops.finished),
+        started=None if tracing is None else tracing.started,
+        config=current,
+    )
     ops.install(app)
 
-    install_chat_routes(app, dispatcher, settings, cache)
-    install_openai_routes(app, dispatcher, registry, settings, cache)
-    install_embeddings_routes(app, dispatcher, settings)
-    install_anthropic_routes(app, dispatcher, settings)
+    install_chat_routes(app, settings)
+    install_openai_routes(app, settings)
+    install_embeddings_routes(app, settings)
+    install_anthropic_routes(app, settings)
     install_usage_routes(app, ops)
-    install_ui(app, ops, dispatcher, settings)
+    install_admin_routes(app, ops)
+    install_reload_route(app, reloader.reload, ops.admin_auth)
+    install_ui(app, ops, settings)
 
     @app.get(
         "/v1/chat/providers",
@@ -118,8 +148,21 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     return app
 
 
+def traced(tracing: Tracing, finished: Callable[[Scope, int, float], None]) -> Any:
+    """The request's end: its server span closed, then its log line and metrics."""
+
+    def end(scope: Scope, status: int, seconds: float) -> None:
+        try:
+            tracing.finished(scope, status or 499)
+        except Exception:  # a span must never take a request down
+            log.exception("tracing failed")
+        finished(scope, status, seconds)
+
+    return end
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error, on every route, leaves as the SPEC §3 envelope."""
+    """Every error, on every route, leaves as the error envelope."""
 
     @app.exception_handler(ChatdError)
     async def chatd_error(request: Request, exc: ChatdError) -> Response:
@@ -139,7 +182,7 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             error = MethodNotAllowed(
                 f"{request.method} is not allowed on {request.url.path}",
-                headers=dict(exc.headers or {}),
+                headers={"Allow": allowed_methods(app, request)},
             )
         elif exc.status_code < 500:
             error = InvalidRequest(str(exc.detail))
@@ -154,3 +197,14 @@ def install_error_handlers(app: FastAPI) -> None:
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return error_response(InvalidRequest(message, param=param), request)
+
+
+def allowed_methods(app: FastAPI, request: Request) -> str:
+    """Every method some route takes on this path (Starlette names only the first
+    route's, and `/admin/callers` has one route per method)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))

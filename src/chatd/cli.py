@@ -1,4 +1,4 @@
-"""The `chatd` command: serve, or `check-config` (SPEC §5, §9)."""
+"""The `chatd` command: serve, or `check-config` (docs/getting-started.md, docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,17 @@ import sys
 import tempfile
 from typing import Any
 
-from chatd.config import ConfigError, Settings, load_settings, parse_bind, resolve_key
-from chatd.state.auth import auth_tokens, check_auth_config
+from chatd import __version__
+from chatd.check_config import describe_settings
+from chatd.config import ConfigError, Settings, load_settings, parse_bind
+from chatd.state.admin_auth import admin_token
+from chatd.state.auth import (
+    check_auth_config,
+    check_exposure,
+    is_loopback,
+    serves_open,
+)
 from chatd.state.callers import Callers
-from chatd.state.shared_redis import describe_url
 from chatd.telemetry.requestlog import LOG_FORMATS, formatter
 
 CONFIG_ENV = "LAKEHOUSE_CONFIG"
@@ -33,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chatd", description="One address for every LLM: serve chatd, or check its config."
     )
     parser.add_argument(
-        "command", nargs="?", choices=["serve", "check-config", "usage"], default="serve"
+        "command", nargs="?", choices=["serve", "check-config", "usage", "callers"], default="serve"
     )
+    parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     parser.add_argument("--config", metavar="PATH", help="lakehouse.toml to read")
     parser.add_argument("--bind", metavar="HOST:PORT", help="listen address (beats CHATD_BIND)")
     parser.add_argument(
@@ -62,13 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["callers"]:  # live callers, on the database directly
+        from chatd.callers_cli import main as callers_main
+
+        return callers_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(args.config)
-        check_auth_config(settings)
-        callers = Callers.from_settings(settings)
-        if callers is not None:
-            callers.check()
+        settings = load_checked(args.config)  # exactly what a reload checks
         if args.bind:
             try:
                 parse_bind(args.bind)
@@ -76,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--bind: {exc}") from None
         if args.workers < 1:
             raise ConfigError("--workers: must be 1 or more")
+        if args.command != "usage":  # an open gateway on the network: docs/exposing.md
+            from chatd.callers_cli import live_callers_exist
+
+            host = parse_bind(args.bind or settings.chatd.bind)[0]
+            check_exposure(settings, host, lambda: live_callers_exist(settings))
     except ConfigError as exc:
-        print(f"chatd: config error: {exc}", file=sys.stderr)
+        print(refusal_line(exc), file=sys.stderr)
         return 2
     if args.command == "check-config":
         try:
@@ -88,6 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "usage":
         return print_usage(settings, args)
     return serve(settings, args)
+
+
+def load_checked(path: str | None) -> Settings:
+    """The config file read and checked as start-up (and a reload) does; raises ConfigError."""
+    settings = load_settings(path)
+    check_auth_config(settings)
+    admin_token(settings)
+    callers = Callers.from_settings(settings)
+    if callers is not None:
+        callers.check()
+    return settings
+
+
+def refusal_line(error: ConfigError) -> str:
+    """The one line a bad config gets, from `check-config` and from a reload alike."""
+    return f"chatd: config error: {error}"
 
 
 def print_usage(settings: Settings, args: argparse.Namespace) -> int:
@@ -147,10 +177,18 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from chatd.app import create_app
+    from chatd.reloading import hold_sighup
+    from chatd.server import Doorway
 
     bind = args.bind or settings.chatd.bind
     host, port = parse_bind(bind)
     configure_logging(args.log_level, args.log_format)
+    if serves_open(settings) and not is_loopback(host):
+        logging.getLogger("chatd").warning(
+            "serving %s with authentication off (allow_unauthenticated = true): anyone who "
+            "reaches it spends your providers' keys",
+            bind,
+        )
     common: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -158,11 +196,12 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         "access_log": False,  # chatd writes its own one-line-per-request log
         "timeout_graceful_shutdown": settings.chatd.shutdown_grace_secs,
         "server_header": False,
+        "timeout_keep_alive": settings.chatd.keep_alive_secs,
         "log_config": None,  # uvicorn's loggers write through chatd's (configure_logging)
         # What "auto" picks when installed (uvicorn[standard]); said outright so that a
-        # missing one fails loudly instead of quietly serving slower.
+        # missing one fails loudly instead of quietly serving slower. The HTTP protocol
+        # is httptools' with chatd's deadlines and limits (server.py).
         "loop": "uvloop",
-        "http": "httptools",
     }
     if args.workers > 1:
         # Each worker process builds its own app from the same config file, logs as told,
@@ -175,30 +214,55 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="chatd-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_dir
         try:
-            uvicorn.run("chatd.cli:app_factory", factory=True, workers=args.workers, **common)
+            http = Doorway.from_settings(settings).protocol()  # a copy for each worker
+            config = uvicorn.Config(
+                "chatd.cli:app_factory", factory=True, workers=args.workers, http=http, **common
+            )
+            workers_supervisor()(config, sockets=[config.bind_socket()]).run()
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         exit_zero_after_drain()
-        app = create_app(settings)
+        hold_sighup()  # from here: a SIGHUP before the app's handler is in is kept
+        app = create_app(settings, reload_signal=True)
+        doorway = Doorway.from_settings(settings, app.state.operations.metrics.registry)
         settle_heap()
-        uvicorn.run(app, **common)
+        uvicorn.run(app, http=doorway.protocol(), **common)
     return 0
+
+
+def workers_supervisor() -> type:
+    """uvicorn's `--workers` parent, but SIGHUP is passed on to every worker (each
+    reloads its config, docs/reload.md) instead of restarting them all."""
+    from uvicorn.supervisors import Multiprocess
+
+    class Workers(Multiprocess):  # type: ignore[misc]
+        def handle_hup(self) -> None:
+            for process in self.processes:
+                if process.pid is not None:
+                    try:
+                        os.kill(process.pid, signal.SIGHUP)
+                    except ProcessLookupError:  # it just died; its replacement reads anew
+                        pass
+
+    return Workers
 
 
 def exit_zero_after_drain() -> None:
     """SIGTERM → uvicorn drains in-flight requests and streams (up to shutdown_grace_secs),
     then re-raises the signal it caught under the handler that was there before it ran.
-    Make that handler a no-op so the drained process exits 0 (SPEC §8), not -15."""
+    Make that handler a no-op so the drained process exits 0, not -15."""
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
 def app_factory() -> Any:
     """Used by `--workers N`: every worker loads the settings itself."""
     from chatd.app import create_app
+    from chatd.reloading import hold_sighup
 
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"), os.environ.get(LOG_FORMAT_ENV, "json"))
-    app = create_app(load_settings())
+    hold_sighup()  # a SIGHUP before this worker's handler is in is kept, then acted on
+    app = create_app(load_settings(), reload_signal=True)
     settle_heap()
     return app
 
@@ -255,87 +319,3 @@ def configure_logging(level: str, log_format: str = "json") -> None:
         other.propagate = True
     logging.getLogger("uvicorn").setLevel(level.upper())
     logging.captureWarnings(True)
-
-
-def describe_settings(settings: Settings) -> str:
-    """A readable dump of the resolved config; keys appear only as set/unset."""
-    chatd = settings.chatd
-    lines = [
-        f"config: {settings.source}",
-        f"bind: {chatd.bind}",
-        f"default_provider: {chatd.default_provider}",
-        f"timeout_secs: {chatd.timeout_secs:g}",
-        f"max_body_bytes: {chatd.max_body_bytes}",
-        f"shutdown_grace_secs: {chatd.shutdown_grace_secs:g}",
-        f"upstream_transport: {chatd.upstream_transport}",
-        f"app_name: {chatd.app_name}",
-        f"app_url: {chatd.app_url or '-'}",
-        f"auth: {describe_auth(settings)}",
-        f"ui: {'on (/ui)' if chatd.ui else 'off'}",
-        f"usage_db: {describe_usage_db(chatd.usage_db)}",
-        f"callers: {', '.join(sorted(chatd.callers)) or '-'}",
-        f"redis_url: {describe_url(chatd.redis_url) if chatd.redis_url else '- (in process)'}",
-        f"cache: {describe_cache(settings)}",
-        "models:",
-    ]
-    lines += [f"  {alias} = {', '.join(targets)}" for alias, targets in settings.models.items()]
-    lines.append("providers:")
-    for name, cfg in sorted(chatd.providers.items()):
-        key = "n/a"
-        if cfg.needs_key:
-            key = f"{cfg.key_env} {'set' if resolve_key(cfg) else 'unset'}"
-        keyed = not cfg.needs_key or key.endswith(" set")
-        endpoint_lines = []
-        if cfg.endpoints:  # SPEC §10: registered when one endpoint's key resolves
-            keyed = False
-            for entry in cfg.endpoints:
-                key_env = entry.key_env or cfg.key_env
-                found = bool(
-                    resolve_key(
-                        cfg.model_copy(
-                            update={"key_env": key_env, "key_file": entry.key_file or cfg.key_file}
-                        )
-                    )
-                )
-                keyed = keyed or found or not key_env
-                endpoint_key = f"{key_env} {'set' if found else 'unset'}" if key_env else "n/a"
-                base_url = entry.base_url or cfg.base_url or "-"
-                endpoint_lines.append(
-                    f"    endpoint {entry.name or '-'}: base_url={base_url} "
-                    f"key={endpoint_key} weight={entry.weight:g}"
-                )
-        registered = cfg.enabled is True or (cfg.enabled == "auto" and keyed)
-        lines.append(
-            f"  {name}: kind={cfg.kind} base_url={cfg.base_url or '-'} key={key} "
-            f"enabled={str(cfg.enabled).lower()} registered={'yes' if registered else 'no'} "
-            f"timeout_secs={chatd.timeout_for(name):g}"
-        )
-        lines += endpoint_lines
-    return "\n".join(lines)
-
-
-def describe_cache(settings: Settings) -> str:
-    cache = settings.chatd.cache
-    if not cache.enabled:
-        return "off"
-    where = "redis" if settings.chatd.redis_url else f"in process, max_bytes={cache.max_bytes}"
-    return f"on, ttl_secs={cache.ttl_secs:g}, {where}"
-
-
-def describe_auth(settings: Settings) -> str:
-    """Inbound auth as check-config shows it: on/off and where the tokens come from."""
-    tokens = auth_tokens(settings)
-    if tokens is None:
-        return "off"
-    return f"bearer tokens from {settings.chatd.auth_tokens_env} ({'set' if tokens else 'unset'})"
-
-
-def describe_usage_db(url: str) -> str:
-    """The ledger's database, its password (if any) never shown."""
-    if not url:
-        return "off"
-    scheme, _, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if at and ":" in userinfo:
-        return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
-    return url

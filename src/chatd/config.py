@@ -1,4 +1,4 @@
-"""Configuration: `lakehouse.toml` + `CHATD_*` environment overrides (SPEC §2).
+"""Configuration: `lakehouse.toml` + `CHATD_*` environment overrides (docs/configuration.md).
 
 Settings are built once at start-up by `load_settings` and passed into
 `create_app`; nothing reads the file or the environment at request time.
@@ -55,7 +55,7 @@ class ConfigError(Exception):
 
 
 class EndpointConfig(BaseModel):
-    """One entry of a provider's `endpoints` (SPEC §10); what it leaves out, the provider
+    """One entry of a provider's `endpoints` (docs/routing.md); what it leaves out, the provider
     gives (`max_concurrency` None = the provider's)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -82,16 +82,16 @@ class ProviderConfig(BaseModel):
     # mock kind
     reply: str | None = None
     latency_ms: int = Field(default=0, ge=0)
-    # resilience (SPEC §8)
+    # resilience (docs/routing.md)
     max_retries: int = Field(default=2, ge=0, le=10)
     max_retry_after_secs: float = Field(default=30, ge=0)
     max_concurrency: int = Field(default=0, ge=0)
     queue_timeout_secs: float = Field(default=30, ge=0)
     cooldown_failures: int = Field(default=5, ge=0)
     cooldown_secs: float = Field(default=30, ge=0)
-    # embeddings (SPEC §11): most inputs sent upstream in one call
+    # embeddings (docs/http-api.md): most inputs sent upstream in one call
     embed_batch: int = Field(default=256, ge=1)
-    # endpoints, balancing, hedging (SPEC §10)
+    # endpoints, balancing, hedging (docs/routing.md)
     balance: Literal["p2c", "round_robin"] = "p2c"
     hedge_after_ms: int = Field(default=0, ge=0)
     endpoints: list[EndpointConfig] = Field(default_factory=list)
@@ -107,7 +107,7 @@ DEFAULT_USAGE_DB = "sqlite:///chatd-usage.sqlite3"
 
 
 class CallerConfig(BaseModel):
-    """One `[chatd.callers.<name>]` table (SPEC §12)."""
+    """One `[chatd.callers.<name>]` table (docs/callers-and-usage.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -131,13 +131,31 @@ class Price(BaseModel):
 
 
 class CacheConfig(BaseModel):
-    """`[chatd.cache]`: the response cache (SPEC §13), off by default."""
+    """`[chatd.cache]`: the response cache (docs/replicas-and-cache.md), off by default."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = False
     ttl_secs: float = Field(default=600, gt=0)
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # in process; Redis has its own
+
+
+class TracingConfig(BaseModel):
+    """`[chatd.tracing]`: OpenTelemetry traces over OTLP/HTTP, off by default (docs/tracing.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    otlp_endpoint: str = ""  # "" = $OTEL_EXPORTER_OTLP_ENDPOINT, else off
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    service_name: str = ""  # "" = $OTEL_SERVICE_NAME, else "chatd"
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint_is_http(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value
 
 
 class ChatdConfig(BaseModel):
@@ -152,20 +170,31 @@ class ChatdConfig(BaseModel):
     app_url: str = ""
     app_name: str = "chatd"
     auth_tokens_env: str = ""
+    admin_token_env: str = Field(
+        default="", description="Variable holding an operator token for /admin/* only."
+    )
     shutdown_grace_secs: float = Field(default=30, ge=0)
+    # docs/exposing.md: an open gateway only when said outright; connections keep moving
+    allow_unauthenticated: bool = False
+    header_timeout_secs: float = Field(default=10, gt=0)
+    keep_alive_secs: float = Field(default=5, gt=0)
+    max_connections: int = Field(default=4096, ge=1)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     # The read-only dashboard at /ui (ui/); false: no /ui routes and nothing per request.
     ui: bool = True
     # The HTTP transport under the providers' httpx clients (see providers/base.py).
     upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
-    # SPEC §13: state replicas share ("" = in process); e.g. "redis://cache:6379/0"
+    # state replicas share ("" = in process); e.g. "redis://cache:6379/0"
     redis_url: str = ""
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
-    # SPEC §12: callers, prices, the usage ledger ("" = no ledger).
+    # callers, prices, the usage ledger ("" = no ledger).
     callers: dict[str, CallerConfig] = Field(default_factory=dict)
     prices: dict[str, Price] = Field(default_factory=dict)
     usage_db: str = DEFAULT_USAGE_DB
     usage_buffer_rows: int = Field(default=100_000, ge=1)
+    watch_config: bool = Field(False, description="Reload when the config file changes")
 
     @field_validator("usage_db")
     @classmethod
@@ -205,9 +234,6 @@ class ChatdConfig(BaseModel):
             raise ValueError("must be a redis:// (or rediss://, unix://) URL")
         return value
 
-    def host_port(self) -> tuple[str, int]:
-        return parse_bind(self.bind)
-
     def timeout_for(self, provider: str) -> float:
         return self.providers[provider].timeout_secs or self.timeout_secs
 
@@ -221,19 +247,15 @@ class _EnvChatdConfig(ChatdConfig, BaseSettings):
 
     @classmethod
     def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, **others: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:  # fmt: skip
         return (env_settings, init_settings)  # environment beats the file
 
 
 @dataclass(frozen=True, slots=True)
 class AliasOptions:
-    """How a table-form alias (`[models.<alias>]`) uses its targets (SPEC §10)."""
+    """How a table-form alias (`[models.<alias>]`) uses its targets (docs/routing.md)."""
 
     mode: Literal["fallback", "balance"] = "fallback"
     hedge_after_ms: int = 0
@@ -329,7 +351,7 @@ def _parse_models(
     models: Mapping[str, Any],
 ) -> tuple[dict[str, list[str]], dict[str, AliasOptions]]:
     """`[models]`: a string (one target), a list (fallback order) or a table
-    `{targets, mode, hedge_after_ms}` (SPEC §10)."""
+    `{targets, mode, hedge_after_ms}` (docs/routing.md)."""
     tiers: dict[str, list[str]] = {}
     options: dict[str, AliasOptions] = {}
     for alias, value in models.items():

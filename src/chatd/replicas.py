@@ -1,4 +1,4 @@
-"""What replicas share (SPEC §13), built only when configured: the shared state (Redis,
+"""What replicas share, built only when configured: the shared state (Redis,
 with in-process fallback), the breakers it keeps in step across replicas, and the
 response cache."""
 
@@ -26,7 +26,7 @@ RELOAD_AFTER_SECS = 1.5  # the ledger's writer flushes at least once a second
 def replica_state(
     settings: Settings, registry: Registry, dispatcher: Dispatcher, ops: Operations
 ) -> tuple[SharedState | None, SharedCooldowns | None, ResponseCache | None]:
-    """SPEC §13: the shared state (with `redis_url`), the breakers it keeps in step across
+    """The shared state (with `redis_url`), the breakers it keeps in step across
     replicas, and the response cache (with `[chatd.cache] enabled`). Nothing without them."""
     chatd = settings.chatd
     state: SharedState | None = None
@@ -41,16 +41,28 @@ def replica_state(
         if ops.callers is not None:  # one rpm/tpm window and one spend for the fleet
             ops.callers.store = state
         ops.shared = state
-    cache = None
-    if chatd.cache.enabled:
-        cache = ResponseCache(
-            chatd.cache,
-            registry,
-            state=state,
-            count=ops.metrics.cache_result,
-            size=ops.metrics.cache_bytes.set,
-        )
-    return state, cooldowns, cache
+    return state, cooldowns, build_cache(settings, registry, state, ops)
+
+
+def build_cache(
+    settings: Settings,
+    registry: Registry,
+    state: SharedState | None,
+    ops: Operations,
+    previous: ResponseCache | None = None,
+) -> ResponseCache | None:
+    """The response cache for `registry` (with `[chatd.cache] enabled`); on a reload,
+    over `previous`'s entries (docs/reload.md)."""
+    if not settings.chatd.cache.enabled:
+        return None
+    return ResponseCache(
+        settings.chatd.cache,
+        registry,
+        state=state,
+        count=ops.metrics.cache_result,
+        size=ops.metrics.cache_bytes.set,
+        previous=previous,
+    )
 
 
 async def reload_spend(callers: Callers, ledger: Ledger) -> None:
@@ -65,7 +77,7 @@ async def reload_spend(callers: Callers, ledger: Ledger) -> None:
 
 def shared_breakers(registry: Registry, dispatcher: Dispatcher) -> dict[str, Breaker]:
     """Every breaker a trip of which other replicas must honour: one per endpoint of a
-    provider with `endpoints` (SPEC §10), else the provider's own."""
+    provider with `endpoints` (docs/routing.md), else the provider's own."""
     breakers: dict[str, Breaker] = {}
     for name in registry.providers:
         if name in registry.endpoints:

@@ -1,4 +1,4 @@
-"""Request and response shapes of `POST /v1/chat` (SPEC §3)."""
+"""Request and response shapes of `POST /v1/chat` (docs/http-api.md)."""
 
 from __future__ import annotations
 

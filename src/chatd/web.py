@@ -41,7 +41,7 @@ def note_served(request: Request, served: Any) -> None:
         attempts=served.attempts,
     )
     endpoint = getattr(served, "endpoint", None)
-    if endpoint is not None:  # a provider with several endpoints (SPEC §10)
+    if endpoint is not None:  # a provider with several endpoints (docs/routing.md)
         note(request, endpoint=endpoint)
 
 
@@ -61,33 +61,47 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 def error_response(
     error: ChatdError, request: Request | None = None, *, scope: Scope | None = None
 ) -> Response:
-    """The error's response; given the request (or its scope), its log line learns the
-    error and its path picks the body's shape (`error_body`)."""
+    """The error's response in its surface's dialect (`answer`), with `x-should-retry`;
+    given the request (or its scope), its log line learns the error as answered."""
     if request is not None:
         scope = request.scope
+    status, body, kind = answer(error, scope)
     if scope is not None:
-        note_error(scope, error)
-    return json_response(error_body(error, scope), error.status, error.headers or None)
+        note_error(scope, error, kind)
+    headers = {**error.headers, RETRY_HEADER: error.retry_hint}
+    return json_response(body, status, headers)
 
 
-def error_body(error: ChatdError, scope: Scope | None) -> Any:
-    """The §3 envelope, unless the app gave the request's path a shape of its own:
-    `app.state.error_shapes` maps a path prefix to a function of the error (the
-    Anthropic surface answers in Anthropic's shape)."""
+RETRY_HEADER = "x-should-retry"  # both official SDKs obey it (docs/errors.md)
+# A surface's way of answering an error: its status, its body, and its type for the log.
+Dialect = Callable[[ChatdError], tuple[int, Any, str]]
+
+
+def native(error: ChatdError) -> tuple[int, Any, str]:
+    """The error envelope with the error's own status (`/v1/chat` and chatd's own routes)."""
+    return error.status, error.envelope(), error.type
+
+
+def answer(error: ChatdError, scope: Scope | None) -> tuple[int, Any, str]:
+    """Status, body and logged type of `error` on the request's path: natively, unless
+    the app gave the path a dialect of its own (`app.state.error_shapes` maps a path
+    prefix to a `Dialect`: the OpenAI surface keeps an upstream's 4xx, the Anthropic
+    surface answers in Anthropic's shape)."""
     if scope is not None:
         shapes = getattr(getattr(scope.get("app"), "state", None), "error_shapes", None)
         if shapes:
             path: str = scope.get("path", "")
-            for prefix, shape in shapes.items():
+            for prefix, dialect in shapes.items():
                 if path == prefix or path.startswith(prefix + "/"):
-                    return shape(error)
-    return error.envelope()
+                    return dialect(error)
+    return native(error)
 
 
-def note_error(scope: Scope, error: ChatdError) -> None:
-    """Record an error's type (and, from the dispatcher, its provider and attempts)."""
+def note_error(scope: Scope, error: ChatdError, kind: str | None = None) -> None:
+    """Record an error's type as answered (and, from the dispatcher, its provider and
+    attempts)."""
     facts = scope.setdefault("state", {}).setdefault("log", {})
-    facts["error"] = error.type
+    facts["error"] = kind or error.type
     # The server-log wording (an upstream error's summary leaves out its body, which can
     # quote the caller's prompt): for the dashboard's error list, never the log line.
     facts["error_message"] = getattr(error, "summary", error.message)
@@ -247,11 +261,17 @@ class RequestContext:
         logger: Any,
         authorize: Callable[[Scope], ChatdError | None] | None = None,
         finished: Callable[[Scope, int, float], None] | None = None,
+        started: Callable[[Scope], None] | None = None,
+        config: Any = None,
     ) -> None:
         self.app = app
         self.logger = logger
         self.authorize = authorize  # returns the error to refuse the request with, or None
         self.finished = finished
+        self.started = started  # tracing's server span, when it is on
+        # Its `.snapshot`: the configuration each request takes once, as it arrives, into
+        # `scope["state"]["config"]`, and runs on to its end (docs/reload.md).
+        self.config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -259,9 +279,16 @@ class RequestContext:
             return
         began = time.perf_counter()
         request_id = _incoming_request_id(scope) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        snapshot = None
+        if self.config is not None:
+            snapshot = state["config"] = self.config.snapshot
+            snapshot.in_flight += 1
         header = (REQUEST_ID_HEADER, request_id.encode())
         status = 0  # 0 until the response starts
+        if self.started is not None:
+            self.started(scope)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -286,6 +313,8 @@ class RequestContext:
         finally:
             if self.finished is not None:
                 self.finished(scope, status, time.perf_counter() - began)
+            if snapshot is not None:
+                snapshot.in_flight -= 1
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -33,6 +33,7 @@ The model name picks a behaviour (the part after the last `/` for OpenAI paths):
     cost-<micro>        (OpenAI) usage carries OpenRouter's `"cost": <micro> / 1e6` USD
     tool                (/api/chat, /v1/chat/completions) a call of the request's first tool,
                         arguments {"city": "Paris"} (OpenAI: a JSON string, streamed in pieces)
+    said-<name>         the error answer a real server gave, `fakes/recorded.py`'s <name>
     wrongcount          (embeddings) one vector fewer than inputs
     ragged              (embeddings) the second vector is one element short
 
@@ -61,6 +62,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.fakes.recorded import RECORDED
 
 ANSWER = "Hello from the fake upstream, one word at a time."
 THINKING = "The caller wants a greeting."
@@ -249,6 +252,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         if not isinstance(call.json, dict) or not model:
             self.send_json(400, {"error": "missing model"})
+            return
+        said = model.rsplit("/", 1)[-1]
+        if said.startswith("said-"):  # a real server's error answer (fakes/recorded.py)
+            recorded = RECORDED[said.removeprefix("said-")]
+            self.send_bytes(recorded.status, recorded.body, recorded.content_type, recorded.headers)
             return
         if not dialect.startswith("openai") and ("/" in model or model.startswith("missing")):
             self.send_json(404, {"error": f'model "{model}" not found, try pulling it first'})

@@ -8,10 +8,7 @@ prefix) and knows only how to speak to its upstream. Errors come out as the
 from __future__ import annotations
 
 import contextlib
-import errno
 import re
-import socket
-import ssl
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +20,8 @@ import orjson
 
 from chatd.config import ProviderConfig
 from chatd.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from chatd.providers.failures import classify, describe_failure, is_timeout, stream_error
+from chatd.telemetry.propagation import with_traceparent
 from chatd.types import ChatRequest, ChatResult, EmbedResult, StreamEvent
 from chatd.wire.openai_compat import chunks, completion, to_chat_request, wants_usage
 
@@ -41,7 +40,7 @@ class Provider(ABC):
     kind: ClassVar[str]
     # Where the upstream lists its models: `GET /v1/models` and `/ready?probe=1` ask it.
     models_path: ClassVar[str | None] = None
-    weight: float = 1.0  # the endpoint's share of its provider's traffic (SPEC §10)
+    weight: float = 1.0  # the endpoint's share of its provider's traffic (docs/routing.md)
 
     def __init__(
         self,
@@ -57,7 +56,7 @@ class Provider(ABC):
         self.name = name
         self.config = config
         self.base_url = config.base_url.rstrip("/")
-        # Which of the provider's endpoints this instance is (SPEC §10): one instance per
+        # Which of the provider's endpoints this instance is (docs/routing.md): one instance per
         # endpoint, each with its own base_url, key and pooled client.
         self.endpoint = endpoint or endpoint_name(self.base_url, name)
         self.timeout = timeout
@@ -105,11 +104,11 @@ class Provider(ABC):
         """Stream the answer; the last event has `done=True`."""
 
     async def complete(self, body: dict[str, Any], model: str) -> dict[str, Any]:
-        """SPEC §7: one `chat.completion` for a checked OpenAI-shaped body."""
+        """One `chat.completion` for a checked OpenAI-shaped body."""
         return completion(await self.chat(to_chat_request(body, model), model), model)
 
     def complete_stream(self, body: dict[str, Any], model: str) -> AsyncIterator[dict[str, Any]]:
-        """SPEC §7: `chat.completion.chunk`s (the route adds `data: [DONE]`)."""
+        """`chat.completion.chunk`s (the route adds `data: [DONE]`)."""
         events = self.stream(to_chat_request(body, model), model)
         return chunks(events, model, wants_usage(body))
 
@@ -120,7 +119,7 @@ class Provider(ABC):
     async def embed(
         self, inputs: list[str], model: str, dimensions: int | None, body: dict[str, Any]
     ) -> EmbedResult:
-        """SPEC §11: one vector per input, in order (`body` is the caller's request)."""
+        """One vector per input, in order (`body` is the caller's request)."""
         raise InvalidRequest(
             f"provider {self.name} ({self.kind}) serves no embeddings", param="model"
         )
@@ -154,7 +153,7 @@ class Provider(ABC):
         """`post_json`, with the answer's bytes as they came beside what they parse to."""
         try:
             response = await self.client.post(
-                self.url(path), content=orjson.dumps(body), headers=JSON_HEADERS
+                self.url(path), content=orjson.dumps(body), headers=with_traceparent(JSON_HEADERS)
             )
         except httpx.HTTPError as exc:
             raise self.timeout_error() if is_timeout(exc) else self.unreachable(exc) from None
@@ -186,7 +185,10 @@ class Provider(ABC):
     async def open_stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
         """POST and yield the streaming response once its status is known to be 2xx."""
         request = self.client.build_request(
-            "POST", self.url(path), content=orjson.dumps(body), headers=JSON_HEADERS
+            "POST",
+            self.url(path),
+            content=orjson.dumps(body),
+            headers=with_traceparent(JSON_HEADERS),
         )
         try:
             response = await self.client.send(request, stream=True)
@@ -226,13 +228,16 @@ class Provider(ABC):
         return UpstreamError(self.name, f"could not reach upstream: {detail}", unreachable=True)
 
     def status_error(self, status: int, text: str, headers: httpx.Headers) -> UpstreamError:
-        return UpstreamError(
-            self.name,
-            "",
-            upstream_status=status,
-            body=self.redact(text),
-            retry_after=headers.get("retry-after"),
-        )
+        """The upstream's non-2xx answer, classified (docs/errors.md)."""
+        return classify(self.name, status, self.redact(text), headers.get("retry-after"))
+
+    def stream_error(self, error: Any) -> UpstreamError:
+        """An error the upstream sent inside a 2xx stream, classified like a status."""
+        if isinstance(error, str):
+            error = self.redact(error)
+        elif isinstance(error, dict):
+            error = orjson.loads(self.redact(orjson.dumps(error).decode()))
+        return stream_error(self.name, error)
 
     def bad_shape(self, what: str, data: Any) -> UpstreamError:
         text = orjson.dumps(data).decode() if not isinstance(data, str) else data
@@ -300,47 +305,6 @@ def make_client(
 def endpoint_name(base_url: str, provider: str) -> str:
     """An endpoint's default name: its base_url's host[:port], else the provider's name."""
     return urlsplit(base_url).netloc or provider
-
-
-def is_timeout(exc: httpx.HTTPError) -> bool:
-    """Did `exc` come from a timeout? (httpx-aiohttp maps some resets to ConnectTimeout.)"""
-    cause = exc.__cause__
-    if cause is not None and type(cause).__module__.startswith("aiohttp"):
-        return isinstance(cause, TimeoutError)
-    return isinstance(exc, httpx.TimeoutException)
-
-
-def describe_failure(exc: BaseException, url: httpx.URL) -> str:
-    """What went wrong on the wire, in words an operator can act on and naming the
-    upstream's host: never a transport's class names or internals (`ssl:default`)."""
-    where = f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
-    chain: list[BaseException] = []
-    seen: BaseException | None = exc
-    while seen is not None and len(chain) < 8:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    for cause in chain:
-        if isinstance(cause, socket.gaierror):
-            return f"cannot resolve host {url.host}"
-        if isinstance(cause, ConnectionRefusedError):
-            return f"connection refused by {where}"
-        if isinstance(cause, ConnectionResetError | BrokenPipeError):
-            return f"connection reset by {where}"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS handshake with {where} failed"
-        if isinstance(cause, TimeoutError):
-            return f"timed out talking to {where}"
-        if isinstance(cause, OSError) and cause.errno in UNREACHABLE_ERRNOS:
-            return f"no route to {where}"
-    names = " ".join(type(cause).__name__ for cause in chain)
-    if "Disconnect" in names or "RemoteProtocol" in names or "Payload" in names:
-        return f"{where} closed the connection"
-    if "Connect" in names:
-        return f"could not connect to {where}"
-    return f"connection to {where} failed"
-
-
-UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL})
 
 
 def loads_line(provider: Provider, line: str) -> Any:

@@ -1,4 +1,4 @@
-"""Local Ollama: `POST /api/chat` (SPEC §4), `POST /api/embed` (SPEC §11)."""
+"""Local Ollama: `POST /api/chat` (docs/routing.md), `POST /api/embed` (docs/http-api.md)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ async def read_ndjson_stream(
             if not isinstance(data, dict):
                 raise provider.bad_shape("unexpected stream line", data)
             if "error" in data:
-                raise provider.bad_shape("upstream error mid-stream", str(data["error"]))
+                raise provider.stream_error(data["error"])
             source = data.get("message") if text_field == "message" else data
             source = source if isinstance(source, dict) else {}
             text = source.get("content" if text_field == "message" else "response") or ""

@@ -1,5 +1,5 @@
-"""Ollama Cloud: `POST /api/generate` with a Bearer key and flattened messages (SPEC §4);
-`POST /api/embed` as local Ollama (SPEC §11)."""
+"""Ollama Cloud: `POST /api/generate` with a Bearer key and flattened messages (docs/routing.md);
+`POST /api/embed` as local Ollama (docs/http-api.md)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def to_generate_body(request: ChatRequest, model: str, *, stream: bool = False) 
 
 
 def generate_body_from_openai(body: dict[str, Any], model: str, *, stream: bool) -> dict[str, Any]:
-    """An /api/generate body for an OpenAI-shaped request (SPEC §7's translation)."""
+    """An /api/generate body for an OpenAI-shaped request (the OpenAI surface's translation)."""
     system, prompt = flatten_messages(as_messages(body))
     out: dict[str, Any] = {"model": model, "prompt": prompt}
     if system:

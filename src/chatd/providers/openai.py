@@ -131,7 +131,7 @@ class OpenAIProvider(Provider):
                     )
                     return
                 if isinstance(data.get("error"), dict | str):
-                    raise self.bad_shape("upstream error mid-stream", str(data["error"]))
+                    raise self.stream_error(data["error"])
                 usage = data.get("usage")
                 if isinstance(usage, dict):
                     input_tokens = as_int(usage.get("prompt_tokens")) or input_tokens
@@ -147,7 +147,7 @@ class OpenAIProvider(Provider):
         raise self.bad_shape("stream ended before [DONE]", "")
 
     async def complete(self, body: dict[str, Any], model: str) -> dict[str, Any]:
-        """SPEC §7: the caller's body as sent but for `model`; the answer as received."""
+        """The caller's body as sent but for `model`; the answer as received."""
         data = await self.post_json("/chat/completions", {**body, "model": model})
         if not isinstance(data, dict):
             raise self.bad_shape("unexpected response shape", data)
@@ -163,7 +163,7 @@ class OpenAIProvider(Provider):
                 if data is None:
                     return
                 if isinstance(data.get("error"), dict | str):
-                    raise self.bad_shape("upstream error mid-stream", str(data["error"]))
+                    raise self.stream_error(data["error"])
                 yield data
         raise self.bad_shape("stream ended before [DONE]", "")
 

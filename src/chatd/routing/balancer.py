@@ -1,9 +1,9 @@
-"""Which host gets this call: a provider's endpoints and the choice among them (SPEC §10).
+"""Which host gets this call: a provider's endpoints and the choice among them (docs/routing.md).
 
 A provider configured with `endpoints` has one Provider instance per endpoint (its own
 base_url, key and pooled client). The Balancer keeps each endpoint's state — in-flight
 calls (its limiter's count), a peak-EWMA latency estimate, request and error counts, its
-own §8 limiter and cooldown breaker — and picks one per attempt:
+own limiter and cooldown breaker — and picks one per attempt:
 
 - p2c: two distinct endpoints drawn at random (weighted), the one with the lower
   load = latency × (in-flight + 1) ÷ weight wins. No sample yet = fastest (once).

@@ -20,6 +20,7 @@ from chatd.routing.hedging import race
 from chatd.routing.registry import Route
 from chatd.routing.resilience import Guard, is_retryable, parse_retry_after
 from chatd.telemetry.observer import Observer
+from chatd.telemetry.propagation import TRACED_REQUEST, UPSTREAM_TRACEPARENT
 
 E = TypeVar("E")
 Attempt = Callable[[Route, Guard], Awaitable[Any]]
@@ -44,11 +45,13 @@ class TargetCalls:
         balancers: dict[str, Balancer],
         backoff: Callable[[int], float],
         observer: Observer,
+        tracing: Any = None,
     ) -> None:
         self.guard = guard
         self.balancers = balancers
         self.backoff = backoff  # seconds before the n-th retry (0-based) absent a Retry-After
         self.observer = observer
+        self.tracing = tracing  # telemetry.tracing.Tracing, or None: no spans, no cost
 
     async def try_target(
         self,
@@ -56,9 +59,11 @@ class TargetCalls:
         attempt: Attempt,
         deadline: float,
         tally: Tally,
+        hedge: bool = False,
     ) -> tuple[Route, Any]:
         """One target with its retries, each call inside the request's deadline; returns
-        the route that answered (for a balanced provider: the endpoint's) and the result."""
+        the route that answered (for a balanced provider: the endpoint's) and the result.
+        `hedge`: this target was started as another's hedge (a hedged alias)."""
         name = route.provider.name
         balancer = self.balancers.get(name)
         if balancer is not None:
@@ -82,7 +87,11 @@ class TargetCalls:
             remaining = deadline - called
             try:
                 async with asyncio.timeout_at(deadline) as window:
-                    result = await attempt(route, guard)
+                    if self.tracing is None or TRACED_REQUEST.get() is None:
+                        result = await attempt(route, guard)
+                    else:
+                        number = tally.attempts
+                        result = await self._traced(attempt, route, guard, number, hedge, deadline)
             except TimeoutError:
                 if not window.expired():
                     raise
@@ -148,7 +157,9 @@ class TargetCalls:
                 if balancer.hedge_after:
                     served = await self._hedged(balancer, endpoint, model, attempt, deadline, tally)
                 else:
-                    served = await self._call_endpoint(balancer, endpoint, model, attempt, deadline)
+                    served = await self._call_endpoint(
+                        balancer, endpoint, model, attempt, deadline, tally.attempts
+                    )
             except (UpstreamError, UpstreamTimeout) as exc:
                 last = exc
             else:
@@ -170,8 +181,11 @@ class TargetCalls:
         model: str,
         attempt: Attempt,
         deadline: float,
+        number: int,
+        hedge: bool = False,
     ) -> tuple[Route, Any]:
-        """One call on an endpoint whose slot is taken; its outcome feeds the balancer."""
+        """One call on an endpoint whose slot is taken; its outcome feeds the balancer.
+        `number`: the request's attempt count with this call (for its span)."""
         loop = asyncio.get_running_loop()
         route = Route(endpoint.provider, model)
         called = loop.time()
@@ -180,7 +194,11 @@ class TargetCalls:
         outcome = "other"  # "ok" | "failed" | "cut" (cancelled, or a deadline not its own)
         try:
             async with asyncio.timeout_at(deadline) as window:
-                result = await attempt(route, endpoint.guard)
+                if self.tracing is None or TRACED_REQUEST.get() is None:
+                    result = await attempt(route, endpoint.guard)
+                else:
+                    guard = endpoint.guard
+                    result = await self._traced(attempt, route, guard, number, hedge, deadline)
             outcome = "ok"
             return route, result
         except TimeoutError:
@@ -220,13 +238,40 @@ class TargetCalls:
             if other is None:
                 return None
             tally.attempts += 1
-            return self._call_endpoint(balancer, other, model, attempt, deadline)
+            return self._call_endpoint(
+                balancer, other, model, attempt, deadline, tally.attempts, hedge=True
+            )
 
-        first = self._call_endpoint(balancer, endpoint, model, attempt, deadline)
+        first = self._call_endpoint(balancer, endpoint, model, attempt, deadline, tally.attempts)
         (route, result), won = await race(first, hedge, balancer.hedge_after, discard)
         if won is not None:
             self.observer.hedged(balancer.name, "won" if won else "lost")
         return route, result
+
+    async def _traced(
+        self,
+        attempt: Attempt,
+        route: Route,
+        guard: Guard,
+        number: int,
+        hedge: bool,
+        deadline: float,
+    ) -> Any:
+        """`attempt(route, guard)` inside a client span (docs/tracing.md)."""
+        span, token = self.tracing.call_started(route, number, hedge)
+        try:
+            result = await attempt(route, guard)
+        except asyncio.CancelledError:
+            late = asyncio.get_running_loop().time() >= deadline
+            self.tracing.call_failed(span, UpstreamTimeout("deadline") if late else None)
+            raise
+        except BaseException as exc:
+            self.tracing.call_failed(span, exc)
+            raise
+        finally:
+            UPSTREAM_TRACEPARENT.reset(token)
+        self.tracing.call_answered(span, route, result)
+        return result
 
 
 class GuardedEvents(AsyncIterator[E]):
@@ -236,6 +281,11 @@ class GuardedEvents(AsyncIterator[E]):
         self._events = events
         self._guard = guard
         self._closed = False
+        # Told how the stream ended (its last event, or the error) when it closes: the
+        # call's client span when tracing is on.
+        self.on_close: Callable[[E | None, BaseException | None], None] | None = None
+        self._last: E | None = None
+        self._error: BaseException | None = None
 
     def __aiter__(self) -> GuardedEvents[E]:
         return self
@@ -244,17 +294,22 @@ class GuardedEvents(AsyncIterator[E]):
         if self._closed:
             raise StopAsyncIteration
         try:
-            return await anext(self._events)
+            event = await anext(self._events)
         except StopAsyncIteration:
             await self.aclose()
             raise
         except (UpstreamError, UpstreamTimeout) as exc:
             self._guard.record(exc)
+            self._error = exc
             await self.aclose()
             raise
-        except BaseException:
+        except BaseException as exc:
+            self._error = exc
             await self.aclose()
             raise
+        if self.on_close is not None:
+            self._last = event
+        return event
 
     async def aclose(self) -> None:
         if self._closed:
@@ -264,6 +319,8 @@ class GuardedEvents(AsyncIterator[E]):
             await aclose_events(self._events)
         finally:
             self._guard.limiter.release()
+            if self.on_close is not None:
+                self.on_close(self._last, self._error)
 
 
 def had_whole_timeout(remaining: float, provider: Provider) -> bool:

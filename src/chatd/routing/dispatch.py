@@ -24,6 +24,7 @@ from chatd.errors import (
     ProviderNotFound,
     UpstreamError,
 )
+from chatd.providers import Provider
 from chatd.routing.balancer import Balancer
 from chatd.routing.calls import GuardedEvents, Tally, TargetCalls, aclose_events, discard
 from chatd.routing.hedging import race
@@ -93,32 +94,44 @@ class Dispatcher:
         *,
         backoff: Callable[[int], float] = backoff_delay,
         observer: Observer | None = None,
+        tracing: Any = None,
+        previous: Dispatcher | None = None,
     ) -> None:
         self.registry = registry
         self.observer = observer or Observer()
+        # A reload (docs/reload.md): a provider that is `previous`'s very instance keeps
+        # its limiter, breaker and (balanced) latency estimates.
         self.guards: dict[str, Guard] = {}
-        # SPEC §10: providers configured with `endpoints` (and those a balanced alias
+        if previous is not None:
+            self.guards = {
+                name: guard
+                for name, guard in previous.guards.items()
+                if previous.registry.providers.get(name) is registry.providers.get(name)
+            }
+        # providers configured with `endpoints` (and those a balanced alias
         # weighs) are served through a Balancer; every other provider takes the plain path.
         self.alias_options = registry.alias_options  # table-form aliases only
         self.balancers: dict[str, Balancer] = {}
         for name, providers in registry.endpoints.items():
-            self.balancers[name] = Balancer(
+            self.balancers[name] = kept_balancer(previous, name, providers) or Balancer(
                 name, providers[0].config, providers, observer=self.observer
             )
         for alias, options in self.alias_options.items():
             if options.mode == "balance":
                 for target in registry.aliases.get(alias, ()):
-                    self._balance(target)
-        self.calls = TargetCalls(self.guard, self.balancers, backoff, self.observer)
+                    self._balance(target, previous)
+        self.calls = TargetCalls(self.guard, self.balancers, backoff, self.observer, tracing)
 
-    def _balance(self, target: str) -> None:
+    def _balance(self, target: str, previous: Dispatcher | None = None) -> None:
         """Track the load of `target`'s provider (a balanced alias orders by it)."""
         try:
             provider = self.registry.resolve(target).provider
         except ChatdError:
             return
         if provider.name not in self.balancers:
-            self.balancers[provider.name] = Balancer(
+            self.balancers[provider.name] = kept_balancer(
+                previous, provider.name, [provider]
+            ) or Balancer(
                 provider.name,
                 provider.config,
                 [provider],
@@ -209,7 +222,7 @@ class Dispatcher:
         targets = self.registry.targets(model)
         hedge_after = 0.0
         spent: set[str] | None = None  # a hedged alias: the targets its hedges called
-        if self.alias_options:  # table-form aliases (SPEC §10); none: nothing to do
+        if self.alias_options:  # table-form aliases (docs/routing.md); none: nothing to do
             options = self.alias_options.get(model.strip())
             if options is not None:
                 if options.mode == "balance":
@@ -264,7 +277,7 @@ class Dispatcher:
         tally: Tally,
         after: float,
     ) -> tuple[Route, Any]:
-        """An alias with `hedge_after_ms`: the target, hedged on the next one (SPEC §10)."""
+        """An alias with `hedge_after_ms`: the target, hedged on the next one (docs/routing.md)."""
 
         async def hedge() -> Any:
             for target in later:
@@ -275,7 +288,7 @@ class Dispatcher:
                     other = self.registry.resolve(target)
                 except (ProviderNotFound, ProviderDisabled):
                     continue
-                return self.calls.try_target(other, attempt, deadline, tally)
+                return self.calls.try_target(other, attempt, deadline, tally, hedge=True)
             return None
 
         first = self.calls.try_target(route, attempt, deadline, tally)
@@ -285,7 +298,7 @@ class Dispatcher:
         return served, result
 
     def _lightest_first(self, targets: list[str]) -> list[str]:
-        """A balanced alias's targets by their providers' load, lightest first (SPEC §10)."""
+        """A balanced alias's targets by their providers' load, lightest first (docs/routing.md)."""
 
         def load(target: str) -> float:
             try:
@@ -295,6 +308,16 @@ class Dispatcher:
             return balancer.load() if balancer is not None else 0.0
 
         return sorted(targets, key=load)
+
+
+def kept_balancer(
+    previous: Dispatcher | None, name: str, providers: list[Provider]
+) -> Balancer | None:
+    """On a reload: `previous`'s balancer for `name` if it balanced these very instances."""
+    old = previous.balancers.get(name) if previous is not None else None
+    if old is None or [e.provider for e in old.endpoints] != providers:
+        return None
+    return old
 
 
 def _most_telling(errors: list[ChatdError]) -> ChatdError:

@@ -1,4 +1,4 @@
-"""Hedging (SPEC §10): when the first call has not answered within `hedge_after`, send the
+"""Hedging (docs/routing.md): when the first call has not answered within `hedge_after`, send the
 same request to another endpoint as well; the first success wins.
 
 The loser is cancelled, which closes its upstream connection (a stream that already

@@ -1,4 +1,4 @@
-"""The registry: which provider serves a model name, and under which upstream name (SPEC §1).
+"""The registry: which provider serves a model name, and under which upstream name.
 
 Resolution lives only here. Order: tier alias → `<provider>/<model>` prefix →
 `<model>:cloud` suffix → the default provider with the name unchanged.
@@ -6,10 +6,11 @@ Resolution lives only here. Order: tier alias → `<provider>/<model>` prefix �
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from chatd.config import AliasOptions, ChatdConfig, ProviderConfig, Settings, resolve_key
+from chatd.config import AliasOptions, ProviderConfig, Settings, resolve_key
 from chatd.errors import InvalidRequest, ProviderDisabled, ProviderNotFound
 from chatd.providers import KINDS, Attribution, Provider
 from chatd.providers.base import endpoint_name
@@ -43,52 +44,68 @@ class Registry:
         self.configured = frozenset(configured) | frozenset(providers)
         self.default = default
         self.aliases = dict(aliases or {})
-        # SPEC §10: the endpoints of providers configured with `endpoints` (the first is
+        # the endpoints of providers configured with `endpoints` (the first is
         # also in `providers`, which lists, probes and resolves); others have one, itself.
         self.endpoints = dict(endpoints or {})
         self.alias_options = dict(alias_options or {})
+        # Each instance by what made it (name, config, key, ...): a reload reuses those.
+        self.built: dict[tuple[object, ...], Provider] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Registry:
-        """Register each configured provider per SPEC §2's `enabled` rules."""
+    def from_settings(cls, settings: Settings, previous: Registry | None = None) -> Registry:
+        """Register each configured provider per the `enabled` rules (docs/configuration.md);
+        on a reload, a provider whose configuration (and key) did not change is
+        `previous`'s own instance, its connection pool and all (docs/reload.md)."""
         chatd = settings.chatd
         attribution = Attribution(app_url=chatd.app_url, app_name=chatd.app_name)
         providers: dict[str, Provider] = {}
         endpoints: dict[str, list[Provider]] = {}
+        kept = previous.built if previous is not None else {}
+        built: dict[tuple[object, ...], Provider] = {}
+
+        def make(name: str, config: ProviderConfig, key: str = "", **more: Any) -> Provider:
+            identity = (name, config.model_dump_json(), key, chatd.timeout_for(name),
+                        attribution, chatd.upstream_transport, *sorted(more.items()))  # fmt: skip
+            provider = kept.get(identity)
+            if provider is None:
+                weight = more.pop("weight", None)
+                provider = KINDS[config.kind](
+                    name,
+                    config,
+                    key=key,
+                    timeout=chatd.timeout_for(name),
+                    attribution=attribution,
+                    transport=chatd.upstream_transport,
+                    **more,
+                )
+                if weight is not None:
+                    provider.weight = weight
+            built[identity] = provider
+            return provider
+
         for name, config in chatd.providers.items():
             if config.enabled is False:
                 continue
             if config.endpoints:
-                found = build_endpoints(name, config, chatd, attribution)
+                found = build_endpoints(name, config, make)
                 if found:
                     providers[name] = found[0]
                     endpoints[name] = found
                     continue
                 # No endpoint has a key: not registered, unless `enabled = true` (then
-                # registered but unavailable → 503, as in §2).
+                # registered but unavailable → 503, see docs/configuration.md).
                 if config.enabled == "auto":
                     continue
                 keyed = [e.key_env for e in config.endpoints if e.key_env]
-                providers[name] = KINDS[config.kind](
-                    name,
-                    config.model_copy(update={"key_env": config.key_env or keyed[0]}),
-                    timeout=chatd.timeout_for(name),
-                    attribution=attribution,
-                    transport=chatd.upstream_transport,
+                providers[name] = make(
+                    name, config.model_copy(update={"key_env": config.key_env or keyed[0]})
                 )
                 continue
             key = resolve_key(config)
             if config.needs_key and not key and config.enabled == "auto":
                 continue
-            providers[name] = KINDS[config.kind](
-                name,
-                config,
-                key=key,
-                timeout=chatd.timeout_for(name),
-                attribution=attribution,
-                transport=chatd.upstream_transport,
-            )
-        return cls(
+            providers[name] = make(name, config, key)
+        registry = cls(
             providers,
             configured=chatd.providers,
             default=chatd.default_provider,
@@ -96,6 +113,8 @@ class Registry:
             endpoints=endpoints,
             alias_options=settings.alias_options,
         )
+        registry.built = built
+        return registry
 
     def targets(self, model: str) -> list[str]:
         """The model names to try for `model`: an alias's targets in order, else itself."""
@@ -158,9 +177,9 @@ class Registry:
 
 
 def build_endpoints(
-    name: str, config: ProviderConfig, chatd: ChatdConfig, attribution: Attribution
+    name: str, config: ProviderConfig, make: Callable[..., Provider]
 ) -> list[Provider]:
-    """One provider instance per configured endpoint whose key resolves (SPEC §10).
+    """One provider instance per configured endpoint whose key resolves (docs/routing.md).
 
     Names are fixed by position, so leaving a keyless endpoint out renames no other.
     """
@@ -188,15 +207,5 @@ def build_endpoints(
         key = resolve_key(own)
         if own.needs_key and not key:
             continue
-        provider = KINDS[config.kind](
-            name,
-            own,
-            key=key,
-            timeout=chatd.timeout_for(name),
-            attribution=attribution,
-            transport=chatd.upstream_transport,
-            endpoint=label,
-        )
-        provider.weight = entry.weight
-        made.append(provider)
+        made.append(make(name, own, key, endpoint=label, weight=entry.weight))
     return made

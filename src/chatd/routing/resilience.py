@@ -1,4 +1,4 @@
-"""Resilience policy (SPEC §8): what to retry, how long to wait, and per-provider guards.
+"""Resilience policy (docs/routing.md): what to retry, how long to wait, and per-provider guards.
 
 The Dispatcher applies these; nothing here knows about HTTP routes. A provider's guard
 holds its concurrency limiter and its cooldown breaker for the life of the app.
@@ -17,18 +17,19 @@ from email.utils import parsedate_to_datetime
 from chatd.config import ProviderConfig
 from chatd.errors import (
     ChatdError,
+    ContextOverflow,
     InvalidRequest,
     ProviderCoolingDown,
     ProviderOverloaded,
     UpstreamError,
+    UpstreamRejected,
     UpstreamTimeout,
 )
+from chatd.providers.failures import CALLER_FAULT_STATUSES
 
 BACKOFF_BASE_SECS = 0.5
 BACKOFF_CAP_SECS = 8.0
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
-# Upstream answers that say the request itself is wrong: another provider would say the same.
-CALLER_FAULT_STATUSES = frozenset({400, 413, 422})
 TIMEOUT_HEADER = "x-chatd-timeout-ms"
 
 
@@ -63,8 +64,9 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 
 def is_retryable(error: BaseException) -> bool:
-    """Connection failures and upstream 429/5xx-transients; never timeouts or bad answers."""
-    if not isinstance(error, UpstreamError):
+    """Connection failures and upstream 429/5xx-transients; never timeouts, bad answers or
+    a verdict on the caller's request (an overflow said with a 500 included)."""
+    if not isinstance(error, UpstreamError) or error.should_retry is False:
         return False
     if error.upstream_status is None:
         return error.unreachable
@@ -72,10 +74,11 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def is_upstream_failure(error: BaseException) -> bool:
-    """Failures that count towards a provider's cooldown: 5xx, 429, unreachable, timeout."""
+    """Failures that count towards a provider's cooldown: 5xx, 429, unreachable, timeout;
+    never the caller's own fault."""
     if isinstance(error, UpstreamTimeout):
         return True
-    if not isinstance(error, UpstreamError):
+    if not isinstance(error, UpstreamError) or isinstance(error, UpstreamRejected):
         return False
     if error.upstream_status is None:
         return error.unreachable
@@ -83,8 +86,11 @@ def is_upstream_failure(error: BaseException) -> bool:
 
 
 def may_fall_back(error: ChatdError) -> bool:
-    """Whether the next fallback target should be tried after `error`; never on a 400."""
-    if isinstance(error, InvalidRequest):
+    """Whether the next fallback target should be tried after `error`: never on a fault of
+    the caller's, but a context overflow, which a roomier target may take."""
+    if isinstance(error, ContextOverflow):
+        return True
+    if isinstance(error, InvalidRequest | UpstreamRejected):
         return False
     if isinstance(error, UpstreamError):
         return error.upstream_status not in CALLER_FAULT_STATUSES

@@ -1,8 +1,8 @@
-"""Inbound auth (SPEC §9), off by default.
+"""Inbound auth (docs/operations.md), off by default.
 
 When `[chatd] auth_tokens_env` names an environment variable holding comma-separated
 tokens, every `/v1/*` route — whoever adds it — wants `Authorization: Bearer <token>`
-(or `x-api-key: <token>`, as Anthropic's SDKs send it, SPEC §12);
+(or `x-api-key: <token>`, as Anthropic's SDKs send it);
 `/health`, `/ready` and `/metrics` stay open. The check runs in the request middleware,
 by path prefix, before any route.
 """
@@ -10,8 +10,9 @@ by path prefix, before any route.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from starlette.types import Scope
 
@@ -38,6 +39,42 @@ def check_auth_config(settings: Settings, environ: Mapping[str, str] | None = No
             f"chatd.auth_tokens_env: ${settings.chatd.auth_tokens_env} is unset or empty "
             "(it must hold comma-separated bearer tokens)"
         )
+
+
+def auth_is_on(settings: Settings) -> bool:
+    """Does anything ask callers who they are: bearer tokens or any configured caller?"""
+    return bool(settings.chatd.auth_tokens_env) or bool(settings.chatd.callers)
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach `host` (`localhost`, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to any interface
+        return False
+
+
+def check_exposure(
+    settings: Settings, host: str, live_callers: Callable[[], bool] = lambda: False
+) -> None:
+    """An open gateway on the network only when the config says so (docs/exposing.md).
+    `live_callers()`: does the database hold callers made at run time (asked last)?"""
+    if is_loopback(host) or auth_is_on(settings) or settings.chatd.allow_unauthenticated:
+        return
+    if live_callers():
+        return
+    raise ConfigError(
+        f"refusing to serve {host} with authentication off (anyone who reaches it spends "
+        'your providers\' keys): add a caller ([chatd.callers.NAME] token_env = "VAR") '
+        "or [chatd] auth_tokens_env, or set [chatd] allow_unauthenticated = true"
+    )
+
+
+def serves_open(settings: Settings) -> bool:
+    """Authentication is off because the config said so outright (/ready: "auth": "off")."""
+    return settings.chatd.allow_unauthenticated and not auth_is_on(settings)
 
 
 class BearerAuth:
@@ -73,7 +110,7 @@ class BearerAuth:
                 )
         if not any(self.accepts(token) for token in tokens):
             return Unauthorized("invalid token", headers=dict(CHALLENGE))
-        # SPEC §12: these tokens are the caller named "default" (no limits).
+        # these tokens are the caller named "default" (no limits).
         scope.setdefault("state", {}).setdefault("log", {})["caller"] = "default"
         return None
 
@@ -83,3 +120,17 @@ class BearerAuth:
         for known in self._tokens:
             matched |= hmac.compare_digest(known, token)
         return matched
+
+
+def presented_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """`Authorization: Bearer <token>`, else `x-api-key: <token>`."""
+    api_key = None
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            token = token.strip()
+            if scheme.lower() == b"bearer" and token:
+                return token
+        elif name == b"x-api-key":
+            api_key = value.strip() or None
+    return api_key

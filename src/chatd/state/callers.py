@@ -1,249 +1,156 @@
-"""Who is calling (SPEC §12): callers' tokens, model allow-lists, rpm/tpm windows,
-per-period budgets and per-caller concurrency.
+"""Who is calling (docs/callers-and-usage.md, docs/live-callers.md): callers' tokens,
+model allow-lists, and admission.
 
-The request middleware calls `Callers.authorize(scope)`: it names the caller (in
-`scope["state"]["caller"]` and the log facts) or answers 401. Every model-calling route
-then awaits `admit(request, model)` right after parsing (403 / 429, and the
-`X-RateLimit-*` headers), and `Operations.finished` calls `settle` with what the call
-cost. Windows and spend live behind `MemoryStore`, whose primitives are the shared-state
-interface (design point 5), so a Redis store can take its place.
+Callers come from two sources merged behind one look-up keyed by the SHA-256 of a token:
+the config file's (`replace_config`, which a reload calls) and live ones from the
+database (`put_live`, fed by state/callers_sync.py). The request middleware calls
+`Callers.authorize(scope)`: it names the caller (in `scope["state"]["caller"]` and the
+log facts) or answers 401. Every model-calling route then awaits `admit(request, model)`
+right after parsing (403 / 429, and the `X-RateLimit-*` headers), and
+`Operations.finished` calls `settle` with what the call cost. Windows and spend live
+behind `MemoryStore` (state/limits.py) or the shared state, whichever is set.
 """
 
 from __future__ import annotations
 
-import hmac
+import hashlib
+import math
 import os
 import time
-from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from fnmatch import fnmatchcase
+from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 from starlette.requests import Request
 from starlette.types import Scope
 
-from chatd.config import CallerConfig, ConfigError, Settings
-from chatd.errors import ChatdError, Forbidden, Unauthorized
-from chatd.state.auth import CHALLENGE, PROTECTED, auth_tokens
-from chatd.state.ratelimit import (
+from chatd.config import ConfigError, Settings
+from chatd.errors import (
+    BudgetExceeded,
+    ChatdError,
+    DatabaseUnavailable,
+    Forbidden,
+    RateLimited,
+    Unauthorized,
+)
+from chatd.state.auth import CHALLENGE, PROTECTED, auth_tokens, presented_token
+from chatd.state.caller import LIMIT_FIELDS, Caller, token_hash
+from chatd.state.limits import (
     REQUESTS,
     TOKENS,
-    over_budget,
-    over_concurrency,
-    over_rate,
+    WINDOW_SECS,
+    MemoryStore,
+    format_reset,
+    period_bounds,
     rate_headers,
 )
+from chatd.state.refusals import over_budget, over_concurrency, over_rate
+
+__all__ = ["Caller", "Callers", "MemoryStore", "format_reset", "period_bounds", "token_hash"]
 
 DEFAULT_CALLER = "default"  # the caller made of `auth_tokens_env`'s tokens: no limits
-WINDOW_SECS = 60.0
-
-
-# -- the store: sliding windows, expiring counters, flags --------------------------------
-
-
-@dataclass(slots=True)
-class _Window:
-    log: deque[tuple[float, float]] = field(default_factory=deque)
-    total: float = 0.0
-
-
-class MemoryStore:
-    """In-process shared-state primitives. The async methods are the interface (a Redis
-    store implements the same); the sync ones let in-process callers skip a task."""
-
-    local = True
-
-    def __init__(self) -> None:
-        self._windows: dict[str, _Window] = {}
-        self._counters: dict[str, tuple[float, float]] = {}
-        self._flags: dict[str, float] = {}
-
-    # the interface
-    async def window_hit(
-        self, key: str, amount: float, limit: float, window_secs: float
-    ) -> tuple[bool, float, float]:
-        return self.hit(key, amount, limit, window_secs)
-
-    async def add(self, key: str, amount: float, ttl_secs: float) -> float:
-        return self.incr(key, amount, ttl_secs)
-
-    async def get(self, key: str) -> float:
-        return self.value(key)
-
-    async def raise_to(self, key: str, value: float, ttl_secs: float) -> None:
-        missing = value - self.value(key)
-        if missing > 0:
-            self.incr(key, missing, ttl_secs)
-
-    async def set_flag(self, key: str, ttl_secs: float) -> None:
-        self._flags[key] = time.monotonic() + ttl_secs
-
-    async def flag_remaining(self, key: str) -> float:
-        until = self._flags.get(key)
-        return max(0.0, until - time.monotonic()) if until is not None else 0.0
-
-    # in-process, synchronous
-    def hit(
-        self, key: str, amount: float, limit: float, window_secs: float
-    ) -> tuple[bool, float, float]:
-        """Count `amount` in the sliding window unless that would pass `limit` (0: no
-        limit; amount 0: just look). Returns (allowed, remaining, reset_secs): when
-        refused, the seconds until it would be allowed; else until the window is empty."""
-        now = time.monotonic()
-        window = self._windows.get(key)
-        if window is None:
-            window = self._windows[key] = _Window()
-        log = window.log
-        cutoff = now - window_secs
-        while log and log[0][0] <= cutoff:
-            window.total -= log.popleft()[1]
-        if limit and (window.total + amount > limit if amount else window.total >= limit):
-            # Walk the log to the entry whose expiry frees enough room.
-            need = window.total + max(amount, 1e-9) - limit
-            freed = 0.0
-            reset = window_secs
-            for at, counted in log:
-                freed += counted
-                if freed >= need:
-                    reset = at + window_secs - now
-                    break
-            return False, max(0.0, limit - window.total), reset
-        if amount:
-            log.append((now, amount))
-            window.total += amount
-        reset = log[-1][0] + window_secs - now if log else 0.0
-        return True, max(0.0, limit - window.total) if limit else 0.0, reset
-
-    def incr(self, key: str, amount: float, ttl_secs: float) -> float:
-        now = time.monotonic()
-        value, expires = self._counters.get(key, (0.0, 0.0))
-        if expires <= now:
-            value = 0.0
-        value += amount
-        self._counters[key] = (value, now + ttl_secs)
-        return value
-
-    def value(self, key: str) -> float:
-        value, expires = self._counters.get(key, (0.0, 0.0))
-        return value if expires > time.monotonic() else 0.0
-
-
-# -- periods -------------------------------------------------------------------------
-
-
-def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime]:
-    """The UTC calendar day, week (from Monday) or month holding `now`."""
-    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day, day + timedelta(days=1)
-    if period == "week":
-        start = day - timedelta(days=day.weekday())
-        return start, start + timedelta(days=7)
-    start = day.replace(day=1)
-    return start, (start + timedelta(days=32)).replace(day=1)
-
-
-# -- callers ---------------------------------------------------------------------------
-
-
-@dataclass(slots=True, eq=False)
-class Caller:
-    """One named caller and its limits."""
-
-    name: str
-    models: tuple[str, ...] = ("*",)
-    rpm: int = 0
-    tpm: int = 0
-    budget_usd: float = 0.0
-    budget_period: str = "month"
-    max_concurrency: int = 0
-    admin: bool = False
-    in_flight: int = 0
-    _period_end: float = 0.0
-    _spend_key: str = ""
-    _period_ends_at: str = ""
-    # Made once, not per request: the window keys and the encoded header limits.
-    rpm_key: str = field(init=False, default="")
-    tpm_key: str = field(init=False, default="")
-    rpm_limit: bytes = field(init=False, default=b"")
-    tpm_limit: bytes = field(init=False, default=b"")
-
-    def __post_init__(self) -> None:
-        self.rpm_key, self.tpm_key = f"rpm:{self.name}", f"tpm:{self.name}"
-        self.rpm_limit, self.tpm_limit = str(self.rpm).encode(), str(self.tpm).encode()
-
-    @classmethod
-    def from_config(cls, name: str, config: CallerConfig) -> Caller:
-        return cls(
-            name=name,
-            models=tuple(m.strip() for m in config.models),
-            rpm=config.rpm,
-            tpm=config.tpm,
-            budget_usd=config.budget_usd,
-            budget_period=config.budget_period,
-            max_concurrency=config.max_concurrency,
-            admin=config.admin,
-        )
-
-    @property
-    def limited(self) -> bool:
-        return bool(self.rpm or self.tpm or self.budget_usd or self.max_concurrency)
-
-    def allows(self, model: str) -> bool:
-        """Globs over the model as sent: an alias is checked by its own name."""
-        return "*" in self.models or any(fnmatchcase(model, glob) for glob in self.models)
-
-    def period(self, now: float) -> tuple[str, str, float]:
-        """(spend key, period end as ISO text, seconds left) for the period holding `now`."""
-        if now >= self._period_end:
-            start, end = period_bounds(self.budget_period, datetime.fromtimestamp(now, UTC))
-            self._period_end = end.timestamp()
-            self._spend_key = f"spend:{self.name}:{start.isoformat()}"
-            self._period_ends_at = end.isoformat().replace("+00:00", "Z")
-        return self._spend_key, self._period_ends_at, self._period_end - now
-
-    def period_start(self, now: float) -> datetime:
-        return period_bounds(self.budget_period, datetime.fromtimestamp(now, UTC))[0]
 
 
 class Callers:
-    """The configured callers: authentication, admission, and settling after the call."""
+    """Every caller this process knows: authentication, admission, and settling after."""
 
     def __init__(self, callers: list[tuple[Caller, list[str]]], store: Any = None) -> None:
-        self.callers = {caller.name: caller for caller, _ in callers}
-        self._tokens = [(token.encode(), caller) for caller, tokens in callers for token in tokens]
+        self.callers: dict[str, Caller] = {}  # usable callers by name, both sources
+        self._by_hash: dict[bytes, Caller] = {}  # token hash -> caller, both sources
+        self._config: dict[str, tuple[Caller, list[bytes]]] = {}
+        self._live: dict[str, tuple[Caller, list[bytes]]] = {}
+        # Once any live caller has existed, /v1 stays guarded: revoking the last one
+        # must not open the gateway (docs/live-callers.md).
+        self.live_seen = False
+        # False until the live callers were first read (state/callers_sync.py): till then
+        # /v1 fails closed, with a 503, rather than open.
+        self.loaded = True
         self.store = store if store is not None else MemoryStore()
+        self.replace_config(callers)
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, environ: Mapping[str, str] | None = None
+        cls, settings: Settings, environ: Mapping[str, str] | None = None, always: bool = False
     ) -> Callers | None:
-        """None when no `[chatd.callers]` table is configured."""
-        configured = settings.chatd.callers
-        if not configured:
+        """None when no `[chatd.callers]` table is configured, unless `always` (live
+        callers may come from the database: then `auth_tokens_env`'s tokens join too)."""
+        entries = config_callers(settings, environ, always)
+        if not entries and not always:
             return None
-        environ = os.environ if environ is None else environ
-        entries: list[tuple[Caller, list[str]]] = []
-        for name, config in configured.items():
-            tokens = [t.strip() for t in environ.get(config.token_env, "").split(",")]
-            entries.append((Caller.from_config(name, config), [t for t in tokens if t]))
-        default = auth_tokens(settings, environ)
-        if default:
-            if DEFAULT_CALLER in configured:
-                raise ConfigError(
-                    f"chatd.callers.{DEFAULT_CALLER}: the name is taken by auth_tokens_env's "
-                    "tokens; name this caller otherwise"
-                )
-            entries.append((Caller(DEFAULT_CALLER), default))
         return cls(entries)
+
+    def replace_config(self, callers: list[tuple[Caller, list[str]]]) -> None:
+        """Swap the config file's callers (at start, and on a reload); live ones stay.
+        A caller that keeps its name stays the object its requests in flight hold, its
+        limits changed in place (as a live caller's are), so its counts stay whole."""
+        before = {name: caller for name, (caller, _) in self._config.items()}
+        for name, (_, hashes) in self._config.items():
+            self._forget(name, hashes)
+        self._config = {}
+        for caller, tokens in callers:
+            old = before.get(caller.name)
+            if old is not None:
+                old.change(**{f: getattr(caller, f) for f in LIMIT_FIELDS})
+                caller = old
+            self._config[caller.name] = (caller, [token_hash(t.encode()) for t in tokens])
+        for name, (caller, hashes) in self._config.items():
+            live = self._live.pop(name, None)  # the config file wins a name
+            if live is not None:
+                self._forget(name, live[1])
+            self._remember(caller, hashes)
+
+    def put_live(self, caller: Caller | None, name: str, hashes: Iterable[bytes] = ()) -> bool:
+        """Take a live caller as the database has it now (None: revoked or disabled).
+        True when it newly needs its period's spend read back (a budget just set)."""
+        self.live_seen = True
+        if name in self._config:
+            return False  # the config file's caller of that name wins
+        old = self._live.pop(name, None)
+        if old is not None:
+            self._forget(name, old[1])
+        if caller is None:
+            return False
+        needs_spend = bool(caller.budget_usd)
+        if old is not None:  # change the object requests hold, so limits apply at once
+            current = old[0]
+            needs_spend = needs_spend and (
+                not current.budget_usd or current.budget_period != caller.budget_period
+            )
+            current.change(**{f: getattr(caller, f) for f in LIMIT_FIELDS})
+            current.expires_at = caller.expires_at
+            caller = current
+        listed = list(hashes)
+        self._live[name] = (caller, listed)
+        self._remember(caller, listed)
+        return needs_spend
+
+    def _remember(self, caller: Caller, hashes: list[bytes]) -> None:
+        self.callers[caller.name] = caller
+        for digest in hashes:
+            self._by_hash[digest] = caller
+
+    def _forget(self, name: str, hashes: list[bytes]) -> None:
+        self.callers.pop(name, None)
+        for digest in hashes:
+            self._by_hash.pop(digest, None)
+
+    def source_of(self, name: str) -> str | None:
+        return "config" if name in self._config else "live" if name in self._live else None
+
+    @property
+    def active(self) -> bool:
+        """Is /v1 guarded? With any caller configured or ever made live."""
+        return bool(self._config) or self.live_seen
+
+    @property
+    def named(self) -> bool:
+        """Any caller beyond `auth_tokens_env`'s `default`: what spend lists are about."""
+        return self.live_seen or any(name != DEFAULT_CALLER for name in self._config)
 
     def check(self) -> None:
         """Start-up check: a caller without a token could never call; say so."""
-        named = {caller.name for _, caller in self._tokens}
-        for name in self.callers:
-            if name not in named:
+        for name, (_, hashes) in self._config.items():
+            if not hashes:
                 raise ConfigError(f"chatd.callers.{name}.token_env: unset or empty")
 
     # -- authentication (in the middleware, before any route) ------------------------
@@ -252,6 +159,8 @@ class Callers:
         path: str = scope["path"]
         if not (path == PROTECTED or path.startswith(PROTECTED + "/")):
             return None
+        if not self.active:
+            return None if self.loaded else not_loaded()
         token = presented_token(scope["headers"])
         if token is None:
             return Unauthorized(
@@ -260,6 +169,8 @@ class Callers:
             )
         caller = self.identify(token)
         if caller is None:
+            if not self.loaded:  # perhaps a live caller's, not yet read
+                return not_loaded()
             return Unauthorized("invalid token", headers=dict(CHALLENGE))
         state = scope.setdefault("state", {})
         state["caller"] = caller
@@ -267,12 +178,14 @@ class Callers:
         return None
 
     def identify(self, token: bytes) -> Caller | None:
-        # Compare with every token, so the time taken says nothing about which one matched.
-        found: Caller | None = None
-        for known, caller in self._tokens:
-            if hmac.compare_digest(known, token):
-                found = caller
-        return found
+        """The caller holding `token`, None if none does or its keys have expired.
+
+        A dictionary keyed by the token's SHA-256: what the look-up's timing could tell is
+        about the digest, which says nothing usable about the token."""
+        caller = self._by_hash.get(hashlib.sha256(token).digest())
+        if caller is not None and caller.expires_at and time.time() >= caller.expires_at:
+            return None
+        return caller
 
     def is_admin(self, token: bytes) -> bool:
         """May this token read everyone's usage (and the dashboard)?"""
@@ -297,27 +210,43 @@ class Callers:
         if not store.local:  # shared (Redis): every limit in one round trip
             await self._admit_shared(state, caller)
             return
-        error: ChatdError | None = None
+        error: ChatdError | None = None  # in process: the sync primitives, no coroutine
         if caller.budget_usd:
             key, ends_at, left = caller.period(time.time())
             spent = store.value(key)
             if spent >= caller.budget_usd:
-                error = over_budget(caller, spent, ends_at, left)
+                error = BudgetExceeded(
+                    f"caller {caller.name} has spent ${spent:.4f} of its "
+                    f"${caller.budget_usd:g} {caller.budget_period} budget; "
+                    f"the period ends {ends_at}",
+                    headers={"Retry-After": str(max(1, math.ceil(left)))},
+                )
         if error is None and caller.max_concurrency and caller.in_flight >= caller.max_concurrency:
-            error = over_concurrency(caller)
+            error = RateLimited(
+                f"caller {caller.name} has {caller.in_flight} requests in flight "
+                f"(max_concurrency {caller.max_concurrency})",
+                headers={"Retry-After": "1"},
+            )
         token_headers: list[tuple[bytes, bytes]] = []
         if caller.tpm:  # looked at before rpm counts, so a refused request is not counted
-            allowed, remaining, reset = store.hit(caller.tpm_key, 0, caller.tpm, WINDOW_SECS)
+            key, tpm = caller.tpm_key, caller.tpm
+            allowed, remaining, reset = store.hit(key, 0, tpm, WINDOW_SECS)
             token_headers = rate_headers(TOKENS, caller.tpm_limit, remaining, reset)
             if not allowed and error is None:
-                error = over_rate(caller, "tokens", caller.tpm, reset)
+                error = RateLimited(
+                    f"caller {caller.name} is over its {tpm} tokens per minute",
+                    headers={"Retry-After": str(max(1, math.ceil(reset)))},
+                )
         headers: list[tuple[bytes, bytes]] = []
         if caller.rpm:
-            count = 0 if error else 1
-            allowed, remaining, reset = store.hit(caller.rpm_key, count, caller.rpm, WINDOW_SECS)
+            key, rpm, count = caller.rpm_key, caller.rpm, 0 if error else 1
+            allowed, remaining, reset = store.hit(key, count, rpm, WINDOW_SECS)
             headers = rate_headers(REQUESTS, caller.rpm_limit, remaining, reset)
             if not allowed and error is None:
-                error = over_rate(caller, "requests", caller.rpm, reset)
+                error = RateLimited(
+                    f"caller {caller.name} is over its {rpm} requests per minute",
+                    headers={"Retry-After": str(max(1, math.ceil(reset)))},
+                )
         headers += token_headers
         if headers:
             state["headers"] = headers
@@ -328,7 +257,8 @@ class Callers:
             state["caller_slot"] = True
 
     async def _admit_shared(self, state: dict[str, Any], caller: Caller) -> None:
-        """`admit` on a shared store: budget, tpm and rpm read and counted in one call."""
+        """`admit` on a shared store: budget, tpm and rpm read and counted in one call
+        (docs/shared-state.md)."""
         budget: tuple[str, float] | None = None
         ends_at = ""
         left = 0.0
@@ -398,8 +328,8 @@ class Callers:
                     store.flush_soon()  # this call crossed the budget: tell the fleet now
 
     async def load_spend(self, spent: Mapping[str, float], now: float | None = None) -> None:
-        """At start (and when Redis comes back): each caller's spend in its current period,
-        read from the ledger."""
+        """At start (and when Redis comes back): each caller's spend in its current
+        period, read from the ledger."""
         now = time.time() if now is None else now
         for name, amount in spent.items():
             caller = self.callers.get(name)
@@ -415,15 +345,35 @@ class Callers:
         return {c.name: c.period_start(now) for c in self.callers.values() if c.budget_usd}
 
 
-def presented_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    """`Authorization: Bearer <token>`, else `x-api-key: <token>`."""
-    api_key = None
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, token = value.strip().partition(b" ")
-            token = token.strip()
-            if scheme.lower() == b"bearer" and token:
-                return token
-        elif name == b"x-api-key":
-            api_key = value.strip() or None
-    return api_key
+def not_loaded() -> DatabaseUnavailable:
+    return DatabaseUnavailable(
+        "live callers have not been read from the database yet; try again shortly",
+        headers={"Retry-After": "5"},
+    )
+
+
+def config_callers(
+    settings: Settings, environ: Mapping[str, str] | None = None, with_default: bool = False
+) -> list[tuple[Caller, list[str]]]:
+    """`[chatd.callers]` with each one's tokens, and `auth_tokens_env`'s as `default`
+    (alone too when `with_default`)."""
+    configured = settings.chatd.callers
+    if not configured and not with_default:
+        return []
+    environ = os.environ if environ is None else environ
+    entries: list[tuple[Caller, list[str]]] = []
+    for name, config in configured.items():
+        tokens = [t.strip() for t in environ.get(config.token_env, "").split(",")]
+        entries.append((Caller.from_config(name, config), [t for t in tokens if t]))
+    default = auth_tokens(settings, environ)
+    if default:
+        if DEFAULT_CALLER in configured:
+            raise ConfigError(
+                f"chatd.callers.{DEFAULT_CALLER}: the name is taken by auth_tokens_env's "
+                "tokens; name this caller otherwise"
+            )
+        # Alone, they read all usage and the dashboard, as any inbound token did before
+        # callers existed; beside named callers they are one more caller. Never /admin
+        # (state/admin_auth.py).
+        entries.append((Caller(DEFAULT_CALLER, admin=not configured), default))
+    return entries

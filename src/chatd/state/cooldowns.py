@@ -48,6 +48,15 @@ class SharedCooldowns:
         for key, breaker in self.breakers.items():
             breaker.on_trip = self._chain(breaker.on_trip, key, breaker)
 
+    def watch(self, breakers: dict[str, Breaker]) -> None:
+        """A reload (docs/reload.md): share the trips of breakers not watched yet."""
+        for key, breaker in breakers.items():
+            if breaker.enabled and self.breakers.get(key) is not breaker:
+                breaker.on_trip = self._chain(breaker.on_trip, key, breaker)
+                self.breakers[key] = breaker
+        if self._task is None and self.breakers:
+            self._task = asyncio.create_task(self._loop(), name="chatd-cooldown-sync")
+
     def _chain(
         self, told: Callable[[], None] | None, key: str, breaker: Breaker
     ) -> Callable[[], None]:

@@ -1,10 +1,11 @@
-"""The Anthropic Messages surface (SPEC §14): `POST /v1/messages`.
+"""The Anthropic Messages surface: `POST /v1/messages` (docs/http-api.md).
 
-The request is checked and translated into an OpenAI-shaped Chat Completions body
-(`anthropic_compat.py`), so every provider kind serves it the way it serves SPEC §7, under
-the dispatcher's routing, retries, fallbacks, limits and deadline. The answer (or its
-chunks) is translated back into an Anthropic message (or Anthropic stream events).
-Errors on this path take Anthropic's shape, with §3's statuses.
+The request is checked (`wire/anthropic_checks.py`) and translated into an OpenAI-shaped
+Chat Completions body (`wire/anthropic_request.py`), so every provider kind serves it the
+way it serves `/v1/chat/completions`, under the dispatcher's routing, retries, fallbacks,
+limits and deadline. The answer (or its chunks) is translated back into an Anthropic
+message or Anthropic stream events (`wire/anthropic_reply.py`). Errors on this path take
+Anthropic's shape (`wire/anthropic_errors.py`) with chatd's own statuses.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from starlette.responses import Response, StreamingResponse
 
 from chatd.config import Settings
 from chatd.errors import ChatdError, InternalError, UpstreamError
-from chatd.routing.dispatch import Dispatcher, OpenStream
+from chatd.routing.dispatch import OpenStream
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
+from chatd.state.snapshot import snapshot_of
 from chatd.surfaces.contract.anthropic import (
     MESSAGES_PARAMETERS,
     anthropic_error_responses,
@@ -30,31 +32,27 @@ from chatd.surfaces.contract.anthropic import (
 from chatd.surfaces.contract.common import MODEL_CALL, json_body
 from chatd.surfaces.openai import loads_body, served_headers
 from chatd.web import SSE_HEADERS, json_response, note, note_served, read_body, until_disconnect
-from chatd.wire.anthropic_compat import (
-    StreamTranslator,
-    check_body,
-    error_body,
-    sse_event,
-    to_message,
-)
-from chatd.wire.anthropic_compat import to_openai as to_openai_body
+from chatd.wire.anthropic_checks import check_body
+from chatd.wire.anthropic_errors import error_answer, error_body
+from chatd.wire.anthropic_reply import StreamTranslator, sse_event, to_message
+from chatd.wire.anthropic_request import to_openai as to_openai_body
 
 log = logging.getLogger("chatd")
 
 PATH = "/v1/messages"
 DESCRIPTION = (
-    "The Anthropic Messages API (SPEC §14), for Anthropic SDKs and the tools built on them, "
+    "The Anthropic Messages API, for Anthropic SDKs and the tools built on them, "
     "served by any provider. A caller token (when inbound auth is on) may come as "
     "`x-api-key: <token>` as well as `Authorization: Bearer <token>`. Errors take "
-    "Anthropic's shape (`AnthropicError`) with §3's statuses."
+    "Anthropic's shape (`AnthropicError`) with chatd's statuses."
 )
 
 
-def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Settings) -> None:
+def install_anthropic_routes(app: FastAPI, settings: Settings) -> None:
     """Add `POST /v1/messages`; errors under its path answer in Anthropic's shape."""
     max_body = settings.chatd.max_body_bytes
     shapes = getattr(app.state, "error_shapes", None) or {}
-    app.state.error_shapes = {**shapes, PATH: error_body}
+    app.state.error_shapes = {**shapes, PATH: error_answer}
 
     @app.post(
         PATH,
@@ -62,20 +60,26 @@ def install_anthropic_routes(app: FastAPI, dispatcher: Dispatcher, settings: Set
         summary="Anthropic Messages",
         description=DESCRIPTION,
         openapi_extra={**json_body("MessagesRequest"), "parameters": MESSAGES_PARAMETERS},
-        responses={**anthropic_ok(), **anthropic_error_responses(*MODEL_CALL)},
+        responses={**anthropic_ok(), **anthropic_error_responses(*MODEL_CALL, 529)},
     )
     async def messages(request: Request) -> Response:
         started = time.perf_counter()
         body = check_body(loads_body(await read_body(request, max_body)))
         model: str = body["model"]
-        note(request, model=model)
+        note(
+            request,
+            model=model,
+            max_tokens=body.get("max_tokens"),
+            temperature=body.get("temperature"),
+        )
         stream = bool(body.get("stream"))
         upstream = to_openai_body(body, stream=stream)  # every block checked before admission
-        admit = request.app.state.admit  # callers (SPEC §12), when configured
+        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
         if admit is not None:
             await admit(request, model)
         stops = body.get("stop_sequences")
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        dispatcher = snapshot_of(request).dispatcher  # the configuration it runs on
         if stream:
             opened = await until_disconnect(
                 request,

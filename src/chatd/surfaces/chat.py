@@ -1,7 +1,7 @@
-"""`POST /v1/chat` (SPEC §3, §6): chatd's own request and answer shape, JSON or SSE.
+"""`POST /v1/chat` (docs/http-api.md): chatd's own request and answer shape, JSON or SSE.
 
 Routing, retries, fallbacks and limits are the dispatcher's; a cacheable request asks the
-response cache first (SPEC §13: `cached_chat`).
+response cache first (`cached_chat`, docs/replicas-and-cache.md).
 """
 
 from __future__ import annotations
@@ -19,17 +19,14 @@ from chatd.config import Settings
 from chatd.errors import ChatdError, InternalError, UpstreamError
 from chatd.routing.dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
-from chatd.state.cache import (
-    CACHE_HEADER,
-    HIT,
-    Plan,
+from chatd.state.cache import CACHE_HEADER, HIT, Plan, ResponseCache, note_hit
+from chatd.state.cache_entries import (
     RecordedChatStream,
-    ResponseCache,
     chat_params,
-    note_hit,
     replay_chat,
     served_chat_entry,
 )
+from chatd.state.snapshot import snapshot_of
 from chatd.surfaces.contract.chat import ChatResponse
 from chatd.surfaces.contract.common import MODEL_CALL, error_responses, model_call, ok
 from chatd.types import ChatRequest, StreamEvent
@@ -47,12 +44,7 @@ from chatd.web import (
 log = logging.getLogger("chatd")
 
 
-def install_chat_routes(
-    app: FastAPI,
-    dispatcher: Dispatcher,
-    settings: Settings,
-    cache: ResponseCache | None,
-) -> None:
+def install_chat_routes(app: FastAPI, settings: Settings) -> None:
     max_body = settings.chatd.max_body_bytes
 
     @app.post(
@@ -72,11 +64,13 @@ def install_chat_routes(
     async def chat(request: Request) -> Response:
         started = time.perf_counter()
         body = parse_body(ChatRequest, await read_body(request, max_body))
-        note(request, model=body.model)
-        admit = request.app.state.admit  # callers (SPEC §12), when configured
+        note(request, model=body.model, max_tokens=body.max_tokens, temperature=body.temperature)
+        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
         if admit is not None:
             await admit(request, body.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        config = snapshot_of(request)  # the configuration this request runs on
+        dispatcher, cache = config.dispatcher, config.cache
         if cache is not None and body.temperature == 0:
             plan = cache.plan(request, "chat", body.model, chat_params(body))
             if plan is not None:
@@ -187,7 +181,7 @@ async def cached_chat(
 async def sse_events(
     opened: OpenStream, started: float, request: Request | None = None
 ) -> AsyncIterator[bytes]:
-    """SPEC §6 events: deltas and thinking as they come, then `done` (or one `error`).
+    """`/v1/chat` stream events: deltas and thinking as they come, then `done` (or one `error`).
     Given the request, its log line learns the stream's ttft, tokens and any error."""
     ttft_ms: int | None = None
     event: StreamEvent | None = opened.first

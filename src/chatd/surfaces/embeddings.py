@@ -1,4 +1,4 @@
-"""Embeddings (SPEC §11): `POST /v1/embeddings`, in the OpenAI shape.
+"""Embeddings (docs/http-api.md): `POST /v1/embeddings`, in the OpenAI shape.
 
 Routing, retries, fallbacks, limits and the deadline are the dispatcher's: each batch of
 at most the provider's `embed_batch` inputs is one `dispatcher.call`, so a provider's
@@ -24,6 +24,7 @@ from starlette.responses import Response
 from chatd.config import ProviderConfig, Settings
 from chatd.errors import (
     ChatdError,
+    ContextOverflow,
     InvalidRequest,
     ProviderDisabled,
     ProviderNotFound,
@@ -33,11 +34,13 @@ from chatd.routing.dispatch import Dispatcher, Served
 from chatd.routing.registry import Registry, Route
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
 from chatd.state.cache import CACHE_HEADER, HIT, Plan, ResponseCache, note_hit
+from chatd.state.snapshot import snapshot_of
 from chatd.surfaces.contract.common import MODEL_CALL, error_responses, model_call, ok
 from chatd.surfaces.contract.embeddings import MAX_DIMENSIONS, MAX_INPUTS, EmbeddingList
 from chatd.surfaces.openai import header_safe, loads_body, served_headers
 from chatd.types import EmbedResult, integral
 from chatd.web import json_response, note, note_served, read_body, until_disconnect
+from chatd.wire.openai_compat import error_answer
 
 ENCODINGS = ("float", "base64")
 DEFAULT_BATCH = ProviderConfig.model_fields["embed_batch"].default
@@ -211,8 +214,10 @@ def answer(job: EmbeddingsRequest, served: list[Served[EmbedResult]]) -> dict[st
     }
 
 
-def install_embeddings_routes(app: FastAPI, dispatcher: Dispatcher, settings: Settings) -> None:
+def install_embeddings_routes(app: FastAPI, settings: Settings) -> None:
     max_body = settings.chatd.max_body_bytes
+    shapes = getattr(app.state, "error_shapes", None) or {}
+    app.state.error_shapes = {**shapes, "/v1/embeddings": embeddings_error}
 
     @app.post(
         "/v1/embeddings",
@@ -226,11 +231,12 @@ def install_embeddings_routes(app: FastAPI, dispatcher: Dispatcher, settings: Se
     async def embeddings(request: Request) -> Response:
         job = check_request(loads_body(await read_body(request, max_body)))
         note(request, model=job.model)
-        admit = request.app.state.admit  # callers (SPEC §12), when configured
+        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
         if admit is not None:
             await admit(request, job.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
-        cache: ResponseCache | None = request.app.state.cache
+        config = snapshot_of(request)  # the configuration this request runs on
+        dispatcher, cache = config.dispatcher, config.cache
         plan = cache.plan(request, "embed", job.model, job.dimensions) if cache else None
         if cache is not None and plan is not None:
             return await cached_embeddings(request, dispatcher, job, budget, cache, plan)
@@ -264,7 +270,7 @@ async def cached_embeddings(
     cache: ResponseCache,
     plan: Plan,
 ) -> Response:
-    """SPEC §13: embeddings are cached per input. Stored vectors are reused; only the
+    """Embeddings are cached per input. Stored vectors are reused; only the
     inputs not stored go upstream (one request, batched as usual), and are stored."""
     keys = [f"{plan.key}:{hashlib.sha256(text.encode()).hexdigest()}" for text in job.inputs]
     stored: list[bytes | None] = [None] * len(keys)
@@ -322,3 +328,11 @@ def hit_answer(job: EmbeddingsRequest, vectors: list[list[float]], model: str) -
         "model": model,
         "usage": {"prompt_tokens": 0, "total_tokens": 0},
     }
+
+
+def embeddings_error(error: ChatdError) -> tuple[int, dict[str, Any], str]:
+    """The OpenAI dialect; an input longer than the model's context names `input`."""
+    status, body, kind = error_answer(error)
+    if isinstance(error, ContextOverflow):
+        body["error"]["param"] = "input"
+    return status, body, kind

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible surface (SPEC §7): `POST /v1/chat/completions`, `GET /v1/models`.
+"""The OpenAI-compatible surface (docs/http-api.md): `POST /v1/chat/completions`, `GET /v1/models`.
 
 Routing, retries, fallbacks and limits are the dispatcher's, exactly as for /v1/chat.
 What differs is the shape: openai-kind providers get the caller's body with only `model`
@@ -25,17 +25,14 @@ from chatd.providers.openai import upstream_cost
 from chatd.routing.dispatch import ATTEMPTS_HEADER, Dispatcher, OpenStream, Served
 from chatd.routing.registry import Registry
 from chatd.routing.resilience import TIMEOUT_HEADER, parse_timeout_header
-from chatd.state.cache import (
-    CACHE_HEADER,
-    HIT,
-    Plan,
+from chatd.state.cache import CACHE_HEADER, HIT, Plan, ResponseCache, note_hit
+from chatd.state.cache_entries import (
     RecordedCompletionStream,
-    ResponseCache,
     completion_entry,
     completion_params,
-    note_hit,
     replay_completion,
 )
+from chatd.state.snapshot import snapshot_of
 from chatd.surfaces.contract.common import MODEL_CALL, error_responses, model_call, ok
 from chatd.surfaces.contract.openai import ChatCompletion, ModelList
 from chatd.web import (
@@ -47,7 +44,7 @@ from chatd.web import (
     sse,
     until_disconnect,
 )
-from chatd.wire.openai_compat import check_body, wants_usage
+from chatd.wire.openai_compat import check_body, error_answer, wants_usage
 
 log = logging.getLogger("chatd")
 
@@ -56,15 +53,15 @@ MODELS_TTL_SECS = 30.0
 MODELS_WAIT_SECS = 3.0
 
 
-def install_openai_routes(
-    app: FastAPI,
-    dispatcher: Dispatcher,
-    registry: Registry,
-    settings: Settings,
-    cache: ResponseCache | None = None,
-) -> None:
+def install_openai_routes(app: FastAPI, settings: Settings) -> None:
     max_body = settings.chatd.max_body_bytes
-    catalog = ModelCatalog(registry, list(settings.models))
+    catalogs: dict[int, ModelCatalog] = {}  # by snapshot generation: the newest only
+    shapes = getattr(app.state, "error_shapes", None) or {}
+    app.state.error_shapes = {
+        **shapes,
+        "/v1/chat/completions": error_answer,
+        "/v1/models": error_answer,
+    }
 
     @app.post(
         "/v1/chat/completions",
@@ -84,11 +81,14 @@ def install_openai_routes(
         started = time.perf_counter()
         body = check_body(loads_body(await read_body(request, max_body)))
         model: str = body["model"]
-        note(request, model=model)
-        admit = request.app.state.admit  # callers (SPEC §12), when configured
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        note(request, model=model, max_tokens=limit, temperature=body.get("temperature"))
+        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
         if admit is not None:
             await admit(request, model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        config = snapshot_of(request)  # the configuration this request runs on
+        dispatcher, cache = config.dispatcher, config.cache
         if cache is not None and (params := completion_params(body)) is not None:
             plan = cache.plan(request, "completions", model, params)
             if plan is not None:
@@ -134,7 +134,14 @@ def install_openai_routes(
             **error_responses(401),
         },
     )
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
+        config = snapshot_of(request)
+        catalog = catalogs.get(config.generation)
+        if catalog is None:  # the first listing since a reload: a catalog of its own
+            catalogs.clear()
+            catalog = catalogs[config.generation] = ModelCatalog(
+                config.registry, list(config.settings.models)
+            )
         return json_response(await catalog.listing())
 
 
@@ -287,7 +294,7 @@ async def chunk_stream(
         raise
     except ChatdError as exc:
         note(request, error=exc.type)
-        yield sse(exc.envelope())
+        yield sse(exc.api_answer()[1])
     except Exception:
         log.exception("stream from %s failed", opened.route.provider.name)
         note(request, error="internal_error")

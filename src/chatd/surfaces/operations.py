@@ -1,4 +1,4 @@
-"""Operations (SPEC §9): `GET /metrics`, `GET /ready`, and what each finished request
+"""Operations (docs/operations.md): `GET /metrics`, `GET /ready`, and what each finished request
 leaves behind — its log line, its metrics, its provider's counters.
 
 `create_app` builds one `Operations` and hands `finished` and `authorize` to the request
@@ -21,10 +21,14 @@ from starlette.types import Scope
 
 from chatd.config import Settings
 from chatd.errors import NotReady
-from chatd.providers.base import describe_failure, is_timeout
+from chatd.providers.failures import describe_failure, is_timeout
 from chatd.routing.registry import Registry
-from chatd.state.auth import BearerAuth, auth_tokens
+from chatd.state.admin_auth import AdminAuth, admin_token
+from chatd.state.auth import BearerAuth, auth_tokens, serves_open
 from chatd.state.callers import Callers
+from chatd.state.callers_store import open_store
+from chatd.state.callers_sync import LiveCallers
+from chatd.state.snapshot import SCOPE_KEY, Current, Snapshot
 from chatd.state.usage.ledger import Ledger
 from chatd.state.usage.prices import Prices
 from chatd.surfaces.contract.common import error_responses, ok
@@ -44,15 +48,26 @@ class Operations:
     """Metrics, the request log, per-provider counters, readiness and inbound auth."""
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
-        self.registry = registry
+        self._registry = registry
+        # The configuration in force (set by create_app); a reload replaces its snapshot.
+        self.current: Current | None = None
         self.metrics = Metrics(registry.providers)
         self.stats = ProviderStats()
         self.request_log = logging.getLogger(REQUEST_LOGGER)
         tokens = auth_tokens(settings)
-        # SPEC §12: named callers (with auth_tokens_env's tokens as "default"), else §9's
+        # named callers (with auth_tokens_env's tokens as "default"), else the inbound-auth
         # bearer tokens. Auth on with no token (start-up refuses that; see
         # auth.check_auth_config) still fails closed here: nobody gets in.
-        self.callers = Callers.from_settings(settings)
+        usage_db = settings.chatd.usage_db
+        self.callers = Callers.from_settings(settings, always=bool(usage_db))
+        # Live callers (docs/live-callers.md): kept in memory, refreshed from the database.
+        self.live = (
+            LiveCallers(open_store(usage_db), self.callers, self._load_spend,
+                        settings.chatd.redis_url)
+            if usage_db and self.callers is not None
+            else None
+        )  # fmt: skip
+        self.admin_auth = AdminAuth(self.callers, admin_token(settings))
         self.authorize: Any = None
         if self.callers is not None:
             self.authorize = self.callers.authorize
@@ -66,17 +81,31 @@ class Operations:
             else None
         )  # fmt: skip
         self.billing = self.ledger is not None or self.callers is not None
-        self.cost_facts = self.callers is not None or bool(settings.chatd.prices)
         self.shutdown_grace = settings.chatd.shutdown_grace_secs
+        self.open_gateway = serves_open(settings)  # /ready says "auth": "off"
         self._app: FastAPI | None = None
         self._routes: frozenset[str] = frozenset()
         self._probing: asyncio.Task[dict[str, Any]] | None = None
         # Told of every finished request (scope, provider, status, seconds): the
         # dashboard's ring buffer (ui/series.py) when it is installed, else nothing.
         self.on_finished: Callable[[Scope, str, int, float], None] | None = None
-        # The dispatcher's balancers (SPEC §10): their endpoints join the listing.
-        self.balancers: Mapping[str, Any] = {}
-        self.shared: Any = None  # SPEC §13: the Redis store, probed by /ready?probe=1
+        self.shared: Any = None  # the Redis store, probed by /ready?probe=1
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self.current.snapshot if self.current is not None else None
+
+    @property
+    def registry(self) -> Registry:
+        """The registry in force (the snapshot's, once there is one)."""
+        snapshot = self.snapshot
+        return snapshot.registry if snapshot is not None else self._registry
+
+    @property
+    def balancers(self) -> Mapping[str, Any]:
+        """The dispatcher's balancers (docs/routing.md): their endpoints join the listing."""
+        snapshot = self.snapshot
+        return snapshot.dispatcher.balancers if snapshot is not None else {}
 
     def install(self, app: FastAPI) -> None:
         """Add `/metrics` and `/ready`; learn the app's routes (for the route label)."""
@@ -128,10 +157,15 @@ class Operations:
             log_request(self.request_log, request_line(scope, status, seconds))
 
     def _bill(self, scope: Scope, status: int, seconds: float) -> None:
-        """SPEC §12: the call's cost, the caller's tokens and spend, the ledger row."""
-        facts = scope.setdefault("state", {}).setdefault("log", {})
-        cost, source = self.prices.cost(facts)
-        if self.cost_facts or source != "none":
+        """The call's cost, the caller's tokens and spend, the ledger row."""
+        state = scope.setdefault("state", {})
+        facts = state.setdefault("log", {})
+        # The prices of the configuration the request started on (docs/reload.md).
+        snapshot = state.get(SCOPE_KEY)
+        prices = snapshot.prices if snapshot is not None else self.prices
+        cost, source = prices.cost(facts)
+        callers = self.callers
+        if prices.entries or source != "none" or (callers is not None and callers.active):
             # Into the log line only when callers or prices make it mean something (a
             # default config keeps today's log line exactly).
             facts["cost_usd"] = cost
@@ -146,9 +180,28 @@ class Operations:
             self.ledger.record(scope, facts, status, seconds, cost, source)
 
     async def start(self) -> None:
-        """At start: the ledger's schema and writer, and callers' spend read back."""
+        """At start: live callers, then the ledger's schema and writer, and every
+        caller's spend read back."""
+        if self.live is not None:
+            await self.live.start()
         if self.ledger is not None:
             await self.ledger.start(self.callers)
+
+    async def _load_spend(self, names: list[str]) -> None:
+        """A live caller just given a budget: its spend this period, from the ledger."""
+        callers, ledger = self.callers, self.ledger
+        if callers is None or ledger is None:
+            return
+        now = time.time()
+        periods = {
+            name: caller.period_start(now).timestamp()
+            for name in names
+            if (caller := callers.callers.get(name)) is not None
+        }
+        try:
+            await callers.load_spend(await ledger.backend.spend_since(periods))
+        except Exception as exc:
+            log.warning("live callers: spend not read back (%s)", type(exc).__name__)
 
     def _route_label(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -166,12 +219,17 @@ class Operations:
 
     def listing(self) -> dict[str, Any]:
         """The registry's listing with each provider's requests, errors and p50 latency."""
-        listing = self.registry.listing()
+        snapshot = self.snapshot
+        registry = self.registry
+        balancers = self.balancers
+        listing = registry.listing()
         for entry in listing["providers"]:  # type: ignore[attr-defined]
             entry.update(self.stats.describe(entry["name"]))
-            balancer = self.balancers.get(entry["name"])
-            if balancer is not None and entry["name"] in self.registry.endpoints:
+            balancer = balancers.get(entry["name"])
+            if balancer is not None and entry["name"] in registry.endpoints:
                 entry["endpoints"] = balancer.describe()
+        if snapshot is not None:
+            listing["config"] = snapshot.describe()
         return listing
 
     # -- /ready ---------------------------------------------------------------------
@@ -179,11 +237,16 @@ class Operations:
     async def readiness(self, request: Request, probe: bool) -> Response:
         """200 when the default provider is registered, else 503 `not_ready`; with
         `probe`, also each registered provider's reachability."""
-        default = self.registry.default
-        if default not in self.registry.providers:
+        registry = self.registry
+        default = registry.default
+        if default not in registry.providers:
             error = NotReady(f"the default provider {default} is not registered")
             return error_response(error, request)
         body: dict[str, Any] = {"status": "ready", "default": default}
+        if self.open_gateway:
+            body["auth"] = "off"
+        if self.snapshot is not None:
+            body["config"] = self.snapshot.describe()
         if probe:
             body["providers"] = await self.probe_all()
             if self.shared is not None:
@@ -197,13 +260,13 @@ class Operations:
         return await asyncio.shield(self._probing)
 
     async def _probe_round(self) -> dict[str, Any]:
-        names = list(self.registry.providers)
-        results = await asyncio.gather(*(self.probe(name) for name in names))
+        registry = self.registry
+        names = list(registry.providers)
+        results = await asyncio.gather(*(self.probe(registry.providers[n]) for n in names))
         return dict(zip(names, results, strict=True))
 
-    async def probe(self, name: str) -> dict[str, Any]:
+    async def probe(self, provider: Any) -> dict[str, Any]:
         """One provider: reachable if its upstream answered at all, within the timeout."""
-        provider = self.registry.providers[name]
         path = provider.models_path  # what a probe asks: the cheapest listing it has
         if path is None:  # mock: nothing to reach
             return {"reachable": True, "available": provider.available}
@@ -227,6 +290,8 @@ class Operations:
     async def aclose(self) -> None:
         if self._probing is not None and not self._probing.done():
             self._probing.cancel()
+        if self.live is not None:
+            await self.live.aclose()
         if self.ledger is not None:  # SIGTERM: buffered rows are written before exit
             await self.ledger.aclose(max(1.0, self.shutdown_grace))
         self.metrics.close()

@@ -1,4 +1,4 @@
-"""`GET /v1/usage` (SPEC §12): the ledger grouped by caller, model, provider and day.
+"""`GET /v1/usage`: the ledger grouped by caller, model, provider and day.
 
 A caller sees its own rows; an `admin` caller sees everyone's (and may filter by
 `caller`). With no callers configured, whoever may reach `/v1` sees all.

@@ -1,4 +1,4 @@
-"""Prometheus metrics for `GET /metrics` (SPEC §9), and the per-provider counters that
+"""Prometheus metrics for `GET /metrics` (docs/operations.md), and the per-provider counters that
 `/v1/chat/providers` shows.
 
 Under `chatd --workers N` the CLI points `PROMETHEUS_MULTIPROC_DIR` at a fresh directory
@@ -108,7 +108,7 @@ class Metrics(Observer):
             ("provider",),
             registry=registry,
         )
-        # SPEC §12: requests by caller (only when callers are configured), ledger drops.
+        # requests by caller (only when callers are configured), ledger drops.
         self.caller_requests = Counter(
             "chatd_caller_requests",
             "Requests answered to named callers, by caller and HTTP status.",
@@ -120,7 +120,7 @@ class Metrics(Observer):
             "Usage ledger rows dropped because the in-memory buffer was full.",
             registry=registry,
         )
-        # SPEC §10, for providers with several endpoints: separate families, so the
+        # For providers with several endpoints: separate families, so the
         # provider-labelled series above keep their labels (and their dashboards).
         self.endpoint_upstream_seconds = Histogram(
             "chatd_endpoint_upstream_duration_seconds",
@@ -143,7 +143,7 @@ class Metrics(Observer):
             ("provider", "outcome"),
             registry=registry,
         )
-        # SPEC §13 (set only when the cache / redis_url is configured)
+        # The cache and shared state (set only when the cache / redis_url is configured)
         self.cache_results = Counter(
             "chatd_cache",
             "Answers to cacheable requests, by result: hit, miss, bypass.",
@@ -157,6 +157,22 @@ class Metrics(Observer):
             registry=registry,
         )
         self.shared_state_up: Gauge | None = None  # made by shared_up: only with redis_url
+        # docs/reload.md: a generation per worker (pid-labelled under --workers N).
+        self.config_reloads = Counter(
+            "chatd_config_reloads",
+            "Configuration reloads, by outcome (ok, or rejected: the old one kept serving).",
+            ("outcome",),
+            registry=registry,
+        )
+        self.config_generation = Gauge(
+            "chatd_config_generation",
+            "The generation of the configuration in force (1 at start, +1 per reload).",
+            multiprocess_mode="liveall",
+            registry=registry,
+        )
+        self.config_generation.set(1)
+        for outcome in ("ok", "rejected"):
+            self.config_reloads.labels(outcome)
         self._children: dict[tuple[Any, ...], Any] = {}
         for name in providers:  # zero-valued series from the start, so rate() works
             for metric in (self.in_flight, self.retries, self.cooldowns):
@@ -229,6 +245,10 @@ class Metrics(Observer):
     def cache_result(self, result: str) -> None:
         self._child(self.cache_results, result).inc()
 
+    def reloaded(self, outcome: str, generation: int) -> None:
+        self.config_reloads.labels(outcome).inc()
+        self.config_generation.set(generation)
+
     def shared_up(self, up: bool) -> None:
         if self.shared_state_up is None:
             self.shared_state_up = Gauge(
@@ -251,6 +271,33 @@ class Metrics(Observer):
         """This worker is going away: its in-flight gauge must stop counting."""
         if self.multiprocess:
             prometheus_multiprocess.mark_process_dead(os.getpid())
+
+
+class ConnectionMetrics:
+    """What the server's doorway counts (docs/exposing.md): one per worker process, made by
+    it; `registry` is the app's (None in multiprocess mode, where files carry them)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.open = Gauge(
+            "chatd_connections_open",
+            "Client connections held open (each worker holds at most max_connections).",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.slow = Counter(
+            "chatd_connections_closed_slow",
+            "Connections closed for slowness: request headers not in within "
+            "header_timeout_secs, or a body not within timeout_secs.",
+            ("phase",),
+            registry=registry,
+        )
+        self.refused = Counter(
+            "chatd_connections_refused",
+            "Connections refused at max_connections, answered 503 with Retry-After: 1.",
+            registry=registry,
+        )
+        for phase in ("headers", "body"):  # zero-valued series from the start
+            self.slow.labels(phase)
 
 
 def collect_all_workers() -> bytes:

@@ -22,7 +22,7 @@ class Observer:
         """`provider`'s breaker tripped: a cooldown began."""
 
     def endpoint_call(self, provider: str, endpoint: str, seconds: float) -> None:
-        """One upstream call to one endpoint of a balanced provider ended (SPEC §10)."""
+        """One upstream call to one endpoint of a balanced provider ended (docs/routing.md)."""
 
     def endpoint_busy(self, provider: str, endpoint: str, calls: int) -> None:
         """The endpoint now has `calls` upstream calls (or open streams) in flight."""

@@ -1,4 +1,4 @@
-"""The one log line per request (SPEC §9), and the formats chatd's log lines take.
+"""The one log line per request (docs/operations.md), and the formats chatd's log lines take.
 
 A request's line holds facts about it only — id, route, status, model names, timings,
 token counts, attempts, error type — never message content and never a header's value
@@ -18,7 +18,7 @@ from starlette.types import Scope
 REQUEST_LOGGER = "chatd.requests"
 CLIP = 200  # model names and paths are the caller's: keep a line short whatever it sent
 LOG_FORMATS = ("json", "text")
-OPTIONAL_FACTS = ("endpoint", "caller", "cost_usd", "cost_source", "cache")  # §10, §12, §13
+OPTIONAL_FACTS = ("endpoint", "caller", "cost_usd", "cost_source", "cache", "trace_id")
 
 
 def request_line(scope: Scope, status: int, seconds: float) -> dict[str, Any]:

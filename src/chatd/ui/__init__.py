@@ -1,7 +1,7 @@
-"""The read-only dashboard at `/ui` (issue 15): a static page (no build step, no CDN)
+"""The read-only dashboard at `/ui`: a static page (no build step, no CDN)
 that polls `/ui/api/overview` every few seconds and draws it with hand-made SVG.
 
-`install_ui(app, ops, dispatcher)` is called once from `create_app`. With `[chatd] ui =
+`install_ui(app, ops, settings)` is called once from `create_app`. With `[chatd] ui =
 false` it adds nothing: no routes, nothing per request. Otherwise the only per-request
 cost is `Activity.record` (series.py), hooked into `Operations.finished`.
 
@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from chatd.config import Settings
 from chatd.errors import NotFound, Unauthorized
-from chatd.routing.dispatch import Dispatcher
+from chatd.state.snapshot import snapshot_of
 from chatd.surfaces.contract.common import error_responses, ok
 from chatd.surfaces.contract.dashboard import DashboardAccess, DashboardOverview
 from chatd.surfaces.operations import Operations
@@ -47,7 +47,7 @@ DATA_HEADERS = {"Cache-Control": "no-store"}
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def install_ui(app: FastAPI, ops: Operations, dispatcher: Dispatcher, settings: Settings) -> None:
+def install_ui(app: FastAPI, ops: Operations, settings: Settings) -> None:
     """Serve the dashboard at `/ui` and feed its series from every finished request."""
     if not settings.chatd.ui:
         return
@@ -107,13 +107,16 @@ def install_ui(app: FastAPI, ops: Operations, dispatcher: Dispatcher, settings: 
         refusal = refuse(request, admin_check(app, ops))
         if refusal is not None:
             return error_response(refusal, request)
-        body = await overview(app, ops, dispatcher, activity)
+        body = await overview(app, ops, snapshot_of(request).dispatcher, activity)
         return json_response(body, headers=DATA_HEADERS)
 
 
 def admin_check(app: FastAPI, ops: Operations) -> Callable[[bytes], bool] | None:
     """Who counts as an admin: `app.state.ui_admin` if set (callers with the admin role),
     else any inbound-auth token; None when inbound auth is off (the dashboard is open)."""
+    callers = ops.callers
+    if callers is not None and not callers.active and callers.loaded:
+        return None  # no caller exists (yet): open, as /v1 is
     custom = getattr(app.state, "ui_admin", None)
     if custom is not None:
         return custom  # type: ignore[no-any-return]

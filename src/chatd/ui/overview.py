@@ -26,6 +26,7 @@ async def overview(
 ) -> dict[str, Any]:
     listing = ops.listing()
     providers = [provider_view(entry, ops, dispatcher, activity) for entry in listing["providers"]]
+    spend = await spend_report(app)
     return {
         "time": time.time(),
         "refresh_ms": REFRESH_MS,
@@ -35,7 +36,8 @@ async def overview(
         "providers": providers,
         "series": activity.series([p["name"] for p in providers]),
         "errors": activity.errors(),
-        "spend": await spend_report(app),
+        "spend": spend,
+        "callers": callers_view(ops, spend),
     }
 
 
@@ -98,3 +100,32 @@ async def spend_report(app: FastAPI) -> list[dict[str, Any]] | None:
     if inspect.isawaitable(rows):
         rows = await rows
     return None if rows is None else [dict(row) for row in rows]
+
+
+def callers_view(
+    ops: Operations, spend: list[dict[str, Any]] | None
+) -> list[dict[str, Any]] | None:
+    """Every caller (docs/live-callers.md): source, state, limits and this period's
+    spend; None when no caller exists. Never a token."""
+    callers = ops.callers
+    if callers is None or not callers.named:
+        return None
+    spent = {row["caller"]: row["spend_usd"] for row in spend or ()}
+    rows: list[dict[str, Any]] = []
+    for caller in callers.callers.values():
+        if caller.source == "config":
+            rows.append({"name": caller.name, "source": "config", "state": "active",
+                         "models": list(caller.models), "rpm": caller.rpm, "tpm": caller.tpm,
+                         "max_concurrency": caller.max_concurrency, "admin": caller.admin,
+                         "budget_usd": caller.budget_usd, "expires_at": None})  # fmt: skip
+    records = ops.live.records.values() if ops.live is not None else ()
+    for record in records:
+        view = record.describe()
+        rows.append({key: view[key] for key in LISTED})
+    for row in rows:
+        row["spend_usd"] = spent.get(row["name"])
+    return sorted(rows, key=lambda row: (row["state"] == "revoked", row["name"]))
+
+
+LISTED = ("name", "source", "state", "models", "rpm", "tpm", "max_concurrency", "admin",
+          "budget_usd", "expires_at")  # fmt: skip

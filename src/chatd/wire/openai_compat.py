@@ -1,4 +1,4 @@
-"""OpenAI Chat Completions shapes for the OpenAI-compatible surface (SPEC §7).
+"""OpenAI Chat Completions shapes for the OpenAI-compatible surface (docs/http-api.md).
 
 Pure functions: check a caller's body, translate it for Ollama kinds, and turn chatd's
 own results and stream events back into `chat.completion` / `chat.completion.chunk`.
@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from chatd.errors import InvalidRequest
+from chatd.errors import ChatdError, InvalidRequest
 from chatd.types import ChatRequest, ChatResult, Message, StreamEvent
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -91,6 +91,14 @@ def check_body(body: Any) -> dict[str, Any]:
         if value is not None and not isinstance(value, dict):
             raise InvalidRequest(f"{key}: must be an object", param=key)
     return body
+
+
+def error_answer(error: ChatdError) -> tuple[int, dict[str, Any], str]:
+    """The OpenAI surface's dialect (`chatd.web.Dialect`): an upstream's verdict on the
+    caller's request keeps its 4xx, so an SDK raises `BadRequestError` and does not retry
+    (docs/errors.md)."""
+    status, body = error.api_answer()
+    return status, body, error.api_type or error.type
 
 
 def check_parts(parts: list[Any], where: str) -> None:
@@ -234,7 +242,7 @@ def ollama_format(body: dict[str, Any]) -> Any:
 
 
 def ollama_think(body: dict[str, Any]) -> bool:
-    """Reasoning stays off (SPEC §4) unless asked for by `think` or `reasoning_effort`."""
+    """Reasoning stays off unless asked for by `think` or `reasoning_effort`."""
     think = body.get("think")
     if isinstance(think, bool):
         return think

@@ -1,4 +1,4 @@
-"""The usage ledger (SPEC §12): one row per request, written off the request path.
+"""The usage ledger (docs/callers-and-usage.md): one row per request, written off the request path.
 
 `ledger.Ledger` builds rows from a finished request's facts and hands them to
 `writer.UsageWriter`, which batches them into a `Backend` (`sqlite.py` or

@@ -1,4 +1,4 @@
-"""What a call cost (SPEC §12): the upstream's own figure, else tokens × `[chatd.prices]`
+"""What a call cost: the upstream's own figure, else tokens × `[chatd.prices]`
 (the most specific glob over "provider/upstream_model" wins), else 0."""
 
 from __future__ import annotations

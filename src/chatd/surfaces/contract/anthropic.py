@@ -14,7 +14,7 @@ from chatd.surfaces.contract.common import (
     ok,
 )
 
-# -- the Anthropic Messages surface (SPEC §14) -------------------------------------------
+# -- the Anthropic Messages surface -------------------------------------------
 
 
 class AnthropicErrorDetail(BaseModel):
@@ -32,7 +32,7 @@ class AnthropicErrorDetail(BaseModel):
 
 
 class AnthropicError(BaseModel):
-    """Every error on `/v1/messages`: Anthropic's shape, with §3's statuses (SPEC §14)."""
+    """Every error on `/v1/messages`: Anthropic's shape, with chatd's statuses."""
 
     type: Literal["error"]
     error: AnthropicErrorDetail
@@ -41,18 +41,20 @@ class AnthropicError(BaseModel):
 ANTHROPIC_ERROR_STATUSES: dict[int, str] = {
     400: "invalid_request_error: bad JSON, a missing or wrong field (named in `message`), "
     "an unsupported block (image, document), a `tool_result` answering no earlier "
-    "`tool_use`",
+    "`tool_use`, a request the upstream refused (a prompt longer than the model's context)",
     401: "authentication_error: inbound auth is on and the token (`Authorization: Bearer` "
     "or `x-api-key`) is missing or wrong",
     403: "permission_error: the caller may not use this model",
-    404: "not_found_error: the model resolves to a provider that is not registered",
+    404: "not_found_error: the model resolves to a provider that is not registered, or the "
+    "upstream does not know it",
     405: "invalid_request_error: a wrong method on this route",
     413: "request_too_large: the body is over `max_body_bytes`",
-    429: "rate_limit_error: the caller is over its limits",
+    429: "rate_limit_error: the caller is over its limits, or the upstream said 429",
     500: "api_error: a bug (logged with its traceback, answered without one)",
     502: "api_error: the provider answered non-2xx or nonsense, or could not be reached",
     503: "overloaded_error: the provider is disabled, overloaded or cooling down",
     504: "api_error: no answer within the request's deadline",
+    529: "overloaded_error: the upstream said it is overloaded (529)",
 }
 
 
@@ -88,7 +90,7 @@ ContentBlock = Annotated[TextBlock | ToolUseBlock | ThinkingBlock, Field(discrim
 
 
 class AnthropicMessage(BaseModel):
-    """`POST /v1/messages`'s answer: an Anthropic message (SPEC §14). (`Message` is
+    """`POST /v1/messages`'s answer: an Anthropic message. (`Message` is
     `/v1/chat`'s conversation turn in this document.)"""
 
     id: str
@@ -135,7 +137,7 @@ def anthropic_ok() -> dict[int | str, dict[str, Any]]:
     return entry
 
 
-# The Messages request as chatd checks it (anthropic_compat.check_body and to_openai).
+# The Messages request as chatd checks it (wire/anthropic_checks.py, anthropic_request.py).
 # Everything it checks is here; a rule JSON Schema cannot say (a `tool_result` answers
 # an earlier `tool_use`) is in the descriptions, and in schemathesis.toml.
 INT32_MAX = 2**31 - 1
@@ -200,7 +202,7 @@ MESSAGES_SCHEMAS: dict[str, Any] = {
     "MessagesRequest": {
         "type": "object",
         "title": "MessagesRequest",
-        "description": "The Anthropic Messages request (SPEC §14), translated into Chat "
+        "description": "The Anthropic Messages request, translated into Chat "
         'Completions for any provider kind. `null` is "not set" for optional fields.',
         "required": ["model", "max_tokens", "messages"],
         "properties": {

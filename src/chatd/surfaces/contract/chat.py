@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field
 
 
 class ChatResponse(BaseModel):
-    """`POST /v1/chat`'s answer (SPEC §3)."""
+    """`POST /v1/chat`'s answer."""
 
     model: str = Field(description="The model sent upstream (prefix stripped).")
     content: str

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
-    """SPEC §3: what went wrong; `code` repeats `type`, `param` names the bad field."""
+    """What went wrong; `code` repeats `type`, `param` names the bad field."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -24,24 +24,33 @@ class ErrorDetail(BaseModel):
     code: str
     param: str | None
     upstream_status: int | None = Field(
-        default=None, description="The upstream's HTTP status, when it answered one (502)."
+        default=None, description="The upstream's HTTP status, when it answered one."
+    )
+    upstream_code: str | None = Field(
+        default=None,
+        description="The upstream's own error code, beside `upstream_status`: "
+        "`context_length_exceeded` for a prompt longer than the model's context.",
     )
 
 
 class ErrorResponse(BaseModel):
-    """Every error, on every route (SPEC §3)."""
+    """Every error, on every route."""
 
     error: ErrorDetail
 
 
 ERROR_STATUSES: dict[int, str] = {
-    400: "invalid_request: bad JSON, a missing or wrong field (`param` names it)",
+    400: "invalid_request: bad JSON, a missing or wrong field (`param` names it); on the "
+    "OpenAI surface also a request the upstream refused (`code` `context_length_exceeded` "
+    "for a prompt longer than the model's context)",
     401: "unauthorized: inbound auth is on and the bearer token is missing or wrong",
     403: "forbidden: the caller may not use this model",
-    404: "provider_not_found: the model resolves to a provider that is not registered",
+    404: "provider_not_found: the model resolves to a provider that is not registered; on "
+    "the OpenAI surface also model_not_found, a model the upstream does not know",
     405: "method_not_allowed: a wrong method on this route",
     413: "payload_too_large: the body is over `max_body_bytes`",
-    429: "rate_limited or budget_exceeded: the caller is over its limits",
+    429: "rate_limited or budget_exceeded: the caller is over its limits; on the OpenAI "
+    "surface also rate_limited by the upstream",
     500: "internal_error: a bug (logged with its traceback, answered without one)",
     502: "upstream_error: the provider answered non-2xx or nonsense, or could not be reached",
     503: "provider_disabled, provider_overloaded or provider_cooling_down",
@@ -61,6 +70,11 @@ HEADERS: dict[str, dict[str, Any]] = {
         "description": "Seconds to wait before asking again.",
         "schema": {"type": "string"},
     },
+    "x-should-retry": {
+        "description": "`true` when the same request may succeed later, `false` when it "
+        "cannot (both official OpenAI and Anthropic SDKs obey it).",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    },
     "WWW-Authenticate": {"description": "`Bearer`.", "schema": {"type": "string"}},
     "Allow": {"description": "The methods this route takes.", "schema": {"type": "string"}},
 }
@@ -71,6 +85,7 @@ STATUS_HEADERS: dict[int, tuple[str, ...]] = {
     502: ("Retry-After", "X-Chatd-Attempts"),
     503: ("Retry-After", "X-Chatd-Attempts"),
     504: ("X-Chatd-Attempts",),
+    529: ("Retry-After", "X-Chatd-Attempts"),
 }
 
 # What every route can answer whatever it does: a bug, a wrong method, an unknown path
@@ -91,13 +106,13 @@ def error_responses(
     model: type[BaseModel] = ErrorResponse,
     descriptions: dict[int, str] = ERROR_STATUSES,
 ) -> dict[int | str, dict[str, Any]]:
-    """FastAPI `responses=` entries for these error statuses, each the §3 envelope (or,
+    """FastAPI `responses=` entries for these error statuses, each the error envelope (or,
     on the Anthropic surface, `AnthropicError`)."""
     return {
         status: {
             "model": model,
             "description": descriptions[status],
-            "headers": headers("X-Request-ID", *STATUS_HEADERS.get(status, ())),
+            "headers": headers("X-Request-ID", "x-should-retry", *STATUS_HEADERS.get(status, ())),
         }
         for status in sorted(set(statuses) | set(ALWAYS))
     }

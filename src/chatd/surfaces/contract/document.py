@@ -8,12 +8,15 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from chatd.state.caller_fields import CallerChange, NewCaller
 from chatd.surfaces.contract.anthropic import MESSAGES_SCHEMAS
 from chatd.surfaces.contract.embeddings import EMBEDDINGS_REQUEST
 from chatd.surfaces.contract.openai import CHAT_COMPLETION_REQUEST, CONTENT_PART
 from chatd.types import ChatRequest
 
 REQUEST_SCHEMAS: dict[str, Any] = {
+    "NewCaller": NewCaller.model_json_schema(),
+    "CallerChange": CallerChange.model_json_schema(),
     "ChatCompletionRequest": CHAT_COMPLETION_REQUEST,
     "ContentPart": CONTENT_PART,
     "EmbeddingsRequest": EMBEDDINGS_REQUEST,
@@ -60,5 +63,5 @@ def install_openapi(app: FastAPI, extra_schemas: dict[str, Any] | None = None) -
 
 DESCRIPTION = (
     "One address for every LLM a platform calls. Errors on every route are the "
-    "`ErrorResponse` envelope (SPEC §3); an unknown path is `404 not_found`."
+    "`ErrorResponse` envelope; an unknown path is `404 not_found`."
 )

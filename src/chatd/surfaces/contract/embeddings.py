@@ -11,7 +11,7 @@ from chatd.surfaces.contract.common import (
     nullable,
 )
 
-MAX_INPUTS = 2048  # SPEC §11
+MAX_INPUTS = 2048  # inputs per request
 MAX_DIMENSIONS = 65_536  # well past any model's; bounds the mock's work
 EMBEDDINGS_REQUEST: dict[str, Any] = {
     "type": "object",
@@ -50,7 +50,7 @@ class EmbeddingUsage(BaseModel):
 
 
 class EmbeddingList(BaseModel):
-    """`POST /v1/embeddings`'s answer (SPEC §11), `data` in input order."""
+    """`POST /v1/embeddings`'s answer, `data` in input order."""
 
     object: str
     data: list[Embedding]

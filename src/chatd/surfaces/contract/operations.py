@@ -11,11 +11,30 @@ class Health(BaseModel):
     status: str
 
 
+class ConfigGeneration(BaseModel):
+    generation: int = Field(description="1 at start, one more per reload that took.")
+    loaded_at: str = Field(description="When it was loaded (RFC 3339, UTC).")
+    sha256: str = Field(description='The config file\'s SHA-256 ("" with no file).')
+
+
+class Reloaded(BaseModel):
+    status: str
+    config: ConfigGeneration
+
+
 class Readiness(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     status: str
     default: str
+    auth: str | None = Field(
+        default=None,
+        description='"off" when allow_unauthenticated = true and no caller or token is '
+        "configured: anyone who reaches chatd may call it.",
+    )
+    config: ConfigGeneration | None = Field(
+        default=None, description="The configuration in force (docs/reload.md)."
+    )
     providers: dict[str, dict[str, Any]] | None = Field(
         default=None, description="With ?probe=1: each registered provider's reachability."
     )
@@ -36,3 +55,4 @@ class ProviderEntry(BaseModel):
 class ProviderListing(BaseModel):
     default: str
     providers: list[ProviderEntry]
+    config: ConfigGeneration | None = None

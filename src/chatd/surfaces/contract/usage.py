@@ -41,7 +41,7 @@ USAGE_PARAMETERS: list[dict[str, Any]] = [
 
 
 class UsageReport(BaseModel):
-    """`GET /v1/usage` (SPEC §12): rows with their group keys and sums, and the totals."""
+    """`GET /v1/usage`: rows with their group keys and sums, and the totals."""
 
     since: str
     until: str

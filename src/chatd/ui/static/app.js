@@ -117,6 +117,7 @@ function render(data) {
   renderProviders(data);
   renderCharts(data.series, colors);
   renderSpend(data.spend);
+  renderCallers(data.callers);
   renderErrors(data.errors);
   $("series-note").textContent = data.worker.multiprocess
     ? "· worker pid " + data.worker.pid + " only (one of several workers; /metrics has the totals)"
@@ -275,6 +276,28 @@ function renderSpend(spend) {
       el("span", { class: "figures", text: figures }),
       el("span", { class: "tokens", text: fmt(row.input_tokens) + " tokens in · " + fmt(row.output_tokens) + " out" }));
   }));
+}
+
+// -- callers -----------------------------------------------------------------------------
+
+function limit(value) {
+  return value ? fmt(value) : "–";
+}
+
+function renderCallers(callers) {
+  const rows = (callers || []).map((c) => el("tr", { class: "caller-" + c.state, "data-caller": c.name },
+    el("td", { text: c.name + (c.admin ? " (admin)" : "") }),
+    el("td", { text: c.source }),
+    el("td", { text: c.state }),
+    el("td", { text: c.models.join(", ") }),
+    el("td", { class: "num", text: limit(c.rpm) }),
+    el("td", { class: "num", text: limit(c.tpm) }),
+    el("td", { class: "num", text: limit(c.max_concurrency) }),
+    el("td", { text: c.budget_usd ? money(c.budget_usd) : "–" }),
+    el("td", { text: money(c.spend_usd) }),
+    el("td", { text: c.expires_at || "–" })));
+  document.querySelector("#callers tbody").replaceChildren(...rows);
+  $("callers-empty").hidden = rows.length > 0;
 }
 
 // -- errors ------------------------------------------------------------------------------
