@@ -41,6 +41,11 @@ class MemoryStore:
     async def get(self, key: str) -> float:
         return self.value(key)
 
+    async def raise_to(self, key: str, value: float, ttl_secs: float) -> None:
+        missing = value - self.value(key)
+        if missing > 0:
+            self.incr(key, missing, ttl_secs)
+
     async def set_flag(self, key: str, ttl_secs: float) -> None:
         self._flags[key] = time.monotonic() + ttl_secs
 
