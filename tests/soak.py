@@ -367,7 +367,9 @@ def judge_error(response: httpx.Response, raw: bytes, sc: Scenario, problems: li
         return f"{status} ?"
     if not response.headers.get("content-type", "").startswith("application/json"):
         problems.append(f"{status} error with content-type {response.headers.get('content-type')}")
-    extra = set(error) - ENVELOPE_KEYS - ({"upstream_status"} if status == 502 else set())
+    # An upstream's fault carries what it said: its status and its own error code.
+    upstream = {"upstream_status", "upstream_code"} if status == 502 else set()
+    extra = set(error) - ENVELOPE_KEYS - upstream
     if not ENVELOPE_KEYS <= set(error) or extra:
         problems.append(f"envelope keys {sorted(error)}")
     if error.get("code") != kind or not isinstance(error.get("message"), str):
