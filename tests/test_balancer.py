@@ -1,4 +1,4 @@
-"""Unit tests for endpoints: the balancer's choice, its queue, hedging, and the config."""
+"""Unit tests: the balancer's estimates and choice, its queue, hedging, and the config."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from chatd.config import ConfigError, ProviderConfig, build_settings
 from chatd.errors import ProviderCoolingDown, ProviderOverloaded, UpstreamError
-from chatd.routing.balancer import Balancer, Endpoint
+from chatd.routing.balancer import IDLE_SECS, Balancer, Endpoint
 from chatd.routing.dispatch import Dispatcher
 from chatd.routing.hedging import race
 from chatd.routing.registry import Registry
@@ -31,15 +31,32 @@ def endpoints(*names: str, weights: tuple[float, ...] = (), **config: Any) -> li
     return made
 
 
-def balancer(*names: str, rand: Any = None, **config: Any) -> Balancer:
+def balancer(*names: str, rand: Any = None, clock: Any = None, **config: Any) -> Balancer:
     weights = config.pop("weights", ())
     providers = endpoints(*names, weights=weights, **config)
     cfg = ProviderConfig(kind="mock", **config)
-    return Balancer("p", cfg, providers, **({"rand": rand} if rand else {}))
+    given = {"rand": rand, "clock": clock}
+    return Balancer("p", cfg, providers, **{k: v for k, v in given.items() if v})
 
 
 def by_name(b: Balancer) -> dict[str, Endpoint]:
     return {e.name: e for e in b.endpoints}
+
+
+def seed(endpoint: Endpoint, seconds: float, now: float | None = None) -> None:
+    """Set both estimates to `seconds` per call, as if sampled at `now` (default: now)."""
+    endpoint.forget()
+    endpoint.observe(seconds, time.monotonic() if now is None else now)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 # -- choosing --------------------------------------------------------------------
@@ -48,7 +65,8 @@ def by_name(b: Balancer) -> dict[str, Endpoint]:
 def test_p2c_sends_to_the_lower_load_of_two() -> None:
     b = balancer("a", "b")
     e = by_name(b)
-    e["a"].ewma, e["b"].ewma = 0.5, 0.05
+    seed(e["a"], 0.5)
+    seed(e["b"], 0.05)
     assert {b.choose().name for _ in range(50)} == {"b"}
     e["b"].guard.limiter.busy = 20  # 0.05 × 21 > 0.5 × 1
     assert {b.choose().name for _ in range(50)} == {"a"}
@@ -57,7 +75,7 @@ def test_p2c_sends_to_the_lower_load_of_two() -> None:
 def test_an_endpoint_with_no_sample_counts_as_fastest_once() -> None:
     b = balancer("a", "b")
     e = by_name(b)
-    e["a"].ewma = 0.001
+    seed(e["a"], 0.001)
     assert {b.choose().name for _ in range(20)} == {"b"}
     e["b"].guard.limiter.busy = 1  # its first call has not answered yet: try the others
     assert {b.choose().name for _ in range(20)} == {"a"}
@@ -72,7 +90,8 @@ def test_p2c_weights_bias_the_draw() -> None:
 def test_load_divides_by_weight() -> None:
     b = balancer("a", "b", weights=(1, 4))
     e = by_name(b)
-    e["a"].ewma = e["b"].ewma = 0.1
+    seed(e["a"], 0.1)
+    seed(e["b"], 0.1)
     e["b"].guard.limiter.busy = 2  # 0.1 × 3 ÷ 4 < 0.1 × 1 ÷ 1
     assert {b.choose().name for _ in range(20)} == {"b"}
 
@@ -106,9 +125,9 @@ def test_cooling_endpoints_are_skipped_and_all_cooling_is_503() -> None:
 def test_a_cooldown_forgets_the_latency_estimate() -> None:
     b = balancer("a", cooldown_failures=1, cooldown_secs=30)
     a = b.endpoints[0]
-    a.ewma = 3.0
+    seed(a, 3.0)
     b.finished(a, 0.001, unreachable())
-    assert a.ewma is None  # once the cooldown ends it counts as new
+    assert a.latency.value is None and a.service.value is None  # counts as new once back
 
 
 def test_peak_ewma_takes_a_slow_sample_at_once_and_forgets_it_with_time() -> None:
@@ -120,6 +139,105 @@ def test_peak_ewma_takes_a_slow_sample_at_once_and_forgets_it_with_time() -> Non
     assert a.ewma > 0.45  # one fast sample soon after barely moves it
     a.observe(0.05, now=10.0)
     assert a.ewma < 0.06  # much later, it does
+
+
+# -- the service estimate, on the balancer's own clock ------------------------------------
+
+
+def test_a_host_that_queues_is_not_counted_twice() -> None:
+    clock = Clock()
+    b = balancer("queues", "slow", clock=clock)
+    e = by_name(b)
+    # 50 ms a call, one at a time: the 8th call sent waits for 7, answers after 400 ms
+    for sent_with in range(1, 9):
+        clock.now += 0.05
+        b.finished(e["queues"], 0.05 * sent_with, None, sent_with)
+    b.finished(e["slow"], 0.5, None, 1)  # 10x slower, idle
+    e["queues"].guard.limiter.busy = 8
+    assert e["queues"].service.read(clock.now) == pytest.approx(0.05)
+    assert e["queues"].load(clock.now) == pytest.approx(0.45)  # 9 calls × 50 ms
+    assert e["queues"].ewma == pytest.approx(0.4)  # the latency estimate is kept as seen
+    assert {b.choose().name for _ in range(20)} == {"queues"}  # 0.45 s < 0.5 s
+
+
+def test_a_host_whose_latency_does_not_grow_is_loaded_by_its_latency() -> None:
+    clock = Clock()
+    b = balancer("wide", "queues", clock=clock)
+    e = by_name(b)
+    for _ in range(8):  # both with 8 calls in flight: 100 ms each, against 400 ms queued
+        clock.now += 0.01
+        b.finished(e["wide"], 0.1, None, 8)
+        b.finished(e["queues"], 0.4, None, 8)
+    e["wide"].guard.limiter.busy = e["queues"].guard.limiter.busy = 8
+    assert e["wide"].load(clock.now) == pytest.approx(0.1 * 9 / 8)  # ≈ its 100 ms
+    assert e["queues"].load(clock.now) == pytest.approx(0.45)  # 9 calls × 50 ms
+    assert {b.choose().name for _ in range(20)} == {"wide"}
+
+
+def test_service_fades_while_the_endpoint_answers_nothing() -> None:
+    clock = Clock()
+    b = balancer("fast", "slow", clock=clock)
+    e = by_name(b)
+    seed(e["slow"], 0.5, now=0.0)
+    seed(e["fast"], 0.05, now=0.0)
+    e["fast"].guard.limiter.busy = 8  # fast: 0.05 × 9 = 0.45 s
+    assert {b.choose().name for _ in range(20)} == {"fast"}
+    clock.now = IDLE_SECS
+    assert e["slow"].service.read(clock.now) == pytest.approx(0.5 / 2.718281828, rel=1e-6)
+    seed(e["fast"], 0.05, now=clock.now)  # fast keeps answering
+    assert {b.choose().name for _ in range(20)} == {"slow"}  # 0.18 s: tried again
+    assert e["slow"].latency.value == 0.5  # the latency estimate does not fade
+    assert b.describe()[1]["service_ms"] == pytest.approx(183.9, abs=0.1)
+
+
+def test_a_first_sample_is_taken_as_it_is_and_replaced_by_the_next() -> None:
+    clock = Clock()
+    b = balancer("new", "old", clock=clock)
+    e = by_name(b)
+    seed(e["old"], 0.001, now=0.0)
+    assert e["new"].load(0.0) == 0.0  # never sampled: fastest
+    e["new"].guard.limiter.busy = 1
+    assert e["new"].load(0.0) > 1000  # once: its first call has not answered yet
+    clock.now = 1.0
+    b.finished(e["new"], 0.3, None, 3)
+    assert e["new"].service.value == pytest.approx(0.1)
+    assert e["new"].ewma == pytest.approx(0.3)
+    assert b.describe()[0]["service_ms"] == 100.0
+    # a lone first answer is a probe (it may have opened the connection): the next replaces it
+    clock.now = 1.01
+    b.finished(e["new"], 0.04, None, 2)
+    assert (e["new"].service.value, e["new"].ewma) == (0.02, 0.04)
+    b.finished(e["new"], 0.002, None, 1)  # from the second on, a dip pulls slowly
+    assert e["new"].service.value == pytest.approx(0.02, rel=0.01)
+
+
+def test_a_peak_is_taken_at_once_and_a_dip_pulls_slowly() -> None:
+    clock = Clock()
+    b = balancer("a", clock=clock)
+    a = b.endpoints[0]
+    b.finished(a, 0.05, None, 1)
+    clock.now = 0.1
+    b.finished(a, 1.0, None, 2)  # 500 ms a call, at once
+    assert a.service.value == 0.5
+    clock.now = 0.2
+    b.finished(a, 0.05, None, 1)
+    assert 0.45 < a.service.value < 0.5  # one fast sample soon after barely moves it
+    clock.now = 10.0
+    b.finished(a, 0.05, None, 1)
+    assert a.service.value < 0.06  # much later, it does
+
+
+def test_a_failure_is_a_peak_but_never_a_dip() -> None:
+    clock = Clock()
+    b = balancer("a", clock=clock)
+    a = b.endpoints[0]
+    b.finished(a, 0.2, None, 1)
+    clock.now = 5.0
+    faded = a.service.read(clock.now)
+    b.finished(a, 0.001, unreachable(), 1)  # a quick refusal: ignored
+    assert a.service.read(clock.now) == faded and a.ewma == 0.2
+    b.finished(a, 2.0, status(500), 2)  # a slow failure: a peak
+    assert (a.service.value, a.ewma) == (1.0, 2.0)
 
 
 # -- queueing ----------------------------------------------------------------------
@@ -243,10 +361,10 @@ async def test_a_balanced_alias_tries_the_lightest_provider_first() -> None:
         alias_options={"t": AliasOptions(mode="balance")},
     )
     d = Dispatcher(registry)
-    d.balancers["x"].endpoints[0].ewma = 1.0
-    d.balancers["y"].endpoints[0].ewma = 0.1
+    seed(d.balancers["x"].endpoints[0], 1.0)
+    seed(d.balancers["y"].endpoints[0], 0.1)
     assert (await d.chat(ask("t"))).result.content == "from y"
-    d.balancers["y"].endpoints[0].ewma = 0.1  # (its fast answer lowered it)
+    seed(d.balancers["y"].endpoints[0], 0.1)  # (its fast answer lowered it)
     d.balancers["y"].endpoints[0].guard.limiter.busy = 30  # 0.1 × 31 > 1.0
     assert (await d.chat(ask("t"))).result.content == "from x"
     d.balancers["y"].endpoints[0].guard.limiter.busy = 0

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,24 @@ def load(url: str, count: int, concurrency: int = 12, **body: Any) -> list[httpx
         return list(pool.map(lambda _: chat(url, client=client, **body), range(count)))
 
 
+def until(url: str, done: Callable[[], bool], secs: float, concurrency: int = 24) -> list[int]:
+    """Closed-loop callers until `done()` or `secs` pass; the statuses they got."""
+    deadline = time.monotonic() + secs
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def caller(client: httpx.Client) -> None:
+        while not stop.is_set() and time.monotonic() < deadline:
+            statuses.append(chat(url, client=client).status_code)
+            if done():
+                stop.set()
+
+    limits = httpx.Limits(max_connections=concurrency)
+    with httpx.Client(limits=limits) as client, ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda _: caller(client), range(concurrency)))
+    return statuses
+
+
 def shares(hosts: list[Host]) -> list[float]:
     total = sum(h.served for h in hosts)
     return [h.served / total for h in hosts]
@@ -120,6 +139,7 @@ def test_equal_hosts_share_the_load(farm: Farm, tmp_path: Path) -> None:
         assert (entry["state"], entry["available"], entry["in_flight"]) == ("ok", True, 0)
         assert entry["requests"] == host.served and entry["errors"] == 0
         assert entry["ewma_ms"] >= 25
+        assert 0 < entry["service_ms"] <= entry["ewma_ms"]  # latency ÷ calls in flight
         labels = (("endpoint", host.endpoint), ("provider", "farm"))
         calls = scraped[("chatd_endpoint_upstream_duration_seconds_count", labels)]
         assert calls == host.served
@@ -188,6 +208,31 @@ def test_a_host_made_ten_times_slower_gets_a_shrinking_share_under_p2c(
         after = shares(farm.hosts)[2]
     assert before >= 0.2
     assert after < before / 2 and after < 0.12, (before, after)
+
+
+def test_a_ten_times_slower_host_is_left_alone_then_used_again_once_it_recovers(
+    farm: Farm, tmp_path: Path
+) -> None:
+    slow = farm.hosts[2]
+    for host in farm.hosts:
+        host.latency = 0.1  # long beside chatd's own time per call, even on a busy machine
+    slow.latency = 1.0  # its 4 slots hold 10x longer; the others take the queue
+    with ChatdProcess(farm_config(farm.hosts), tmp_path) as chatd:
+        with httpx.Client() as client:  # each host answers once first: no blind burst
+            assert all(chat(chatd.url, client=client).status_code == 200 for _ in range(6))
+        farm.reset()
+        assert all(r.status_code == 200 for r in load(chatd.url, 300, concurrency=24))
+        slow_share = shares(farm.hosts)[2]
+        listed = endpoints_listed(chatd.url)
+        slow.latency = 0.1
+        before, recovered = slow.requests, time.monotonic()
+        statuses = until(chatd.url, lambda: slow.requests >= before + 20, secs=30)
+        back_after = time.monotonic() - recovered
+    assert slow_share < 0.03, shares(farm.hosts)
+    estimates = {name: entry["service_ms"] for name, entry in listed.items()}
+    assert estimates.pop(slow.endpoint) > 3 * max(estimates.values()), listed
+    assert set(statuses) == {200}
+    assert slow.requests >= before + 20, f"{slow.requests - before} calls in {back_after:.0f}s"
 
 
 @pytest.mark.parametrize("stream", [False, True])

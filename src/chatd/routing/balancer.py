@@ -1,12 +1,14 @@
-"""Which host gets this call: a provider's endpoints and the choice among them (docs/routing.md).
+"""Which host gets this call: a provider's endpoints and the choice among them.
 
 A provider configured with `endpoints` has one Provider instance per endpoint (its own
 base_url, key and pooled client). The Balancer keeps each endpoint's state — in-flight
-calls (its limiter's count), a peak-EWMA latency estimate, request and error counts, its
-own limiter and cooldown breaker — and picks one per attempt:
+calls (its limiter's count), two peak-EWMA estimates (latency, and service: latency ÷ the
+calls in flight when the call was sent), request and error counts, its own limiter and
+cooldown breaker — and picks one per attempt (docs/balancing.md):
 
 - p2c: two distinct endpoints drawn at random (weighted), the one with the lower
-  load = latency × (in-flight + 1) ÷ weight wins. No sample yet = fastest (once).
+  load = service × (in-flight + 1) ÷ weight wins: the time one more call would take.
+  Service fades toward zero while no answer comes. No sample yet = fastest (once).
 - round_robin: smooth weighted round robin (nginx's).
 
 Eligible: not cooling down and under its `max_concurrency`. When every endpoint that is
@@ -29,24 +31,64 @@ from chatd.errors import ProviderCoolingDown, ProviderOverloaded
 from chatd.providers import Provider
 from chatd.routing.resilience import Guard, is_upstream_failure, retry_after_header
 
-# How fast the latency estimate forgets: a sample's weight halves in ~1.4 s.
+# How fast an estimate forgets a peak: a sample's weight halves in ~1.4 s.
 DECAY_SECS = 2.0
+# While an endpoint answers nothing, its service estimate fades toward zero with this time
+# constant, so a host left alone is tried again.
+IDLE_SECS = 10.0
 # An endpoint with no sample and a call already in flight: try the others first (Finagle's
 # rule), so a new host is not flooded before its first answer says how fast it is.
 UNSAMPLED_BUSY = 1e6
 
 
+class PeakEwma:
+    """A peak-EWMA: a sample above the estimate is taken at once, one below pulls it down
+    with a weight that grows with the time since the last sample. A lone first sample is
+    a probe: the next one replaces it (docs/balancing.md, "The first answers")."""
+
+    __slots__ = ("idle_secs", "samples", "stamp", "value")
+
+    def __init__(self, idle_secs: float = 0.0) -> None:
+        self.value: float | None = None  # None = no sample yet
+        self.samples = 0  # taken since the estimate began (or was forgotten)
+        self.stamp = 0.0  # when the last sample came
+        self.idle_secs = idle_secs  # > 0: fades toward zero while no sample comes
+
+    def read(self, now: float) -> float | None:
+        """The estimate at `now`: faded by the time since the last sample, if it fades."""
+        if self.value is None or not self.idle_secs:
+            return self.value
+        return self.value * math.exp(-max(now - self.stamp, 0.0) / self.idle_secs)
+
+    def observe(self, sample: float, now: float, *, peak_only: bool = False) -> None:
+        """One sample; with `peak_only`, a sample below the estimate is ignored."""
+        current = self.read(now)
+        if current is not None and sample < current and peak_only:
+            return
+        if current is None or sample >= current or self.samples == 1:
+            self.value = sample
+        else:
+            keep = math.exp(-max(now - self.stamp, 0.0) / DECAY_SECS)
+            self.value = current * keep + sample * (1 - keep)
+        self.samples += 1
+        self.stamp = now
+
+    def forget(self) -> None:
+        self.value = None
+        self.samples = 0
+
+
 class Endpoint:
     """One endpoint's live state."""
 
-    __slots__ = ("current", "errors", "ewma", "guard", "name", "provider", "requests", "stamp")
+    __slots__ = ("current", "errors", "guard", "latency", "name", "provider", "requests", "service")
 
     def __init__(self, provider: Provider, guard: Guard) -> None:
         self.provider = provider
         self.name = provider.endpoint
         self.guard = guard
-        self.ewma: float | None = None  # seconds; None = no sample yet
-        self.stamp = 0.0
+        self.latency = PeakEwma()  # seconds per call, as callers see it
+        self.service = PeakEwma(IDLE_SECS)  # seconds per call ÷ calls in flight at send
         self.requests = 0
         self.errors = 0
         self.current = 0.0  # smooth weighted round robin's running score
@@ -59,6 +101,11 @@ class Endpoint:
     def in_flight(self) -> int:
         return self.guard.limiter.busy
 
+    @property
+    def ewma(self) -> float | None:
+        """The latency estimate in seconds (None: no sample yet)."""
+        return self.latency.value
+
     def cooling(self) -> float:
         """Seconds left in this endpoint's cooldown (0 = may be called)."""
         return self.guard.breaker.remaining()
@@ -66,28 +113,29 @@ class Endpoint:
     def has_room(self) -> bool:
         return self.guard.limiter.has_room()
 
-    def load(self) -> float:
-        """Peak-EWMA latency × (in-flight + 1) ÷ weight; 0 for an idle endpoint never sampled."""
+    def load(self, now: float) -> float:
+        """The time one more call would take, ÷ weight: service × (in-flight + 1) ÷ weight;
+        0 for an idle endpoint never sampled."""
         busy = self.guard.limiter.busy
-        if self.ewma is None:
+        service = self.service.read(now)
+        if service is None:
             return UNSAMPLED_BUSY + busy if busy else 0.0
-        return self.ewma * (busy + 1) / self.provider.weight
+        return service * (busy + 1) / self.provider.weight
 
-    def observe(self, seconds: float, now: float) -> None:
-        """One latency sample: a slower one is taken at once (the peak), a faster one
-        pulls the estimate down with a weight that grows with the time since the last."""
-        if self.ewma is None or seconds >= self.ewma:
-            self.ewma = seconds
-        else:
-            keep = math.exp(-(now - self.stamp) / DECAY_SECS)
-            self.ewma = self.ewma * keep + seconds * (1 - keep)
-        self.stamp = now
+    def observe(
+        self, seconds: float, now: float, sent_with: int = 1, *, peak_only: bool = False
+    ) -> None:
+        """One call took `seconds`, sent when `sent_with` calls (itself included) were in
+        flight here: feeds the latency and the service estimates."""
+        self.latency.observe(seconds, now, peak_only=peak_only)
+        self.service.observe(seconds / max(sent_with, 1), now, peak_only=peak_only)
 
     def forget(self) -> None:
         """A cooldown began: once it ends the endpoint counts as new (fastest, once)."""
-        self.ewma = None
+        self.latency.forget()
+        self.service.forget()
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, now: float) -> dict[str, Any]:
         """The `/v1/chat/providers` entry: never a key."""
         return {
             "name": self.name,
@@ -95,10 +143,15 @@ class Endpoint:
             "available": self.provider.available,
             "state": "cooling_down" if self.cooling() > 0 else "ok",
             "in_flight": self.in_flight,
-            "ewma_ms": None if self.ewma is None else round(self.ewma * 1000, 1),
+            "ewma_ms": milliseconds(self.latency.value),
+            "service_ms": milliseconds(self.service.read(now)),
             "requests": self.requests,
             "errors": self.errors,
         }
+
+
+def milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 class Balancer:
@@ -195,7 +248,8 @@ class Balancer:
     def _p2c(self, eligible: list[Endpoint]) -> Endpoint:
         first = self._pick(eligible, None)
         second = self._pick(eligible, first)
-        return first if first.load() <= second.load() else second
+        now = self.clock()
+        return first if first.load(now) <= second.load(now) else second
 
     def _pick(self, endpoints: list[Endpoint], skip: Endpoint | None) -> Endpoint:
         """One endpoint at random, weighted, other than `skip`."""
@@ -229,7 +283,8 @@ class Balancer:
 
     def load(self) -> float:
         """The provider's load for ordering balanced aliases: its lightest usable endpoint."""
-        loads = [e.load() for e in self.endpoints if e.cooling() == 0]
+        now = self.clock()
+        loads = [e.load(now) for e in self.endpoints if e.cooling() == 0]
         return min(loads) if loads else math.inf
 
     # -- slots --------------------------------------------------------------------
@@ -283,25 +338,29 @@ class Balancer:
 
     # -- outcomes -----------------------------------------------------------------
 
-    def finished(self, endpoint: Endpoint, seconds: float, error: BaseException | None) -> None:
-        """One call on `endpoint` ended: feed its estimate, counters and breaker."""
+    def finished(
+        self, endpoint: Endpoint, seconds: float, error: BaseException | None, sent_with: int = 1
+    ) -> None:
+        """One call on `endpoint` ended, sent when `sent_with` calls (itself included) were
+        in flight there: feed its estimates, counters and breaker."""
         now = self.clock()
         endpoint.requests += 1
         if error is None:
-            endpoint.observe(seconds, now)
+            endpoint.observe(seconds, now, sent_with)
             endpoint.guard.record(None)
             return
         endpoint.errors += 1
         # A failure never makes an endpoint look faster (a refusal is quick), but a slow
         # one is a peak. A failing host keeps its share until its breaker trips, so a
         # dead host is found and cooled down within `cooldown_failures` calls.
-        if is_upstream_failure(error) and (endpoint.ewma is None or seconds > endpoint.ewma):
-            endpoint.observe(seconds, now)
+        if is_upstream_failure(error):
+            endpoint.observe(seconds, now, sent_with, peak_only=True)
         endpoint.guard.record(error)
 
-    def abandoned(self, endpoint: Endpoint, seconds: float) -> None:
+    def abandoned(self, endpoint: Endpoint, seconds: float, sent_with: int = 1) -> None:
         """A call lost a hedge race and was cancelled: it took at least `seconds`."""
-        endpoint.observe(seconds, self.clock())
+        endpoint.observe(seconds, self.clock(), sent_with)
 
     def describe(self) -> list[dict[str, Any]]:
-        return [e.describe() for e in self.endpoints]
+        now = self.clock()
+        return [e.describe(now) for e in self.endpoints]

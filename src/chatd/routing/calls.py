@@ -190,6 +190,7 @@ class TargetCalls:
         route = Route(endpoint.provider, model)
         called = loop.time()
         remaining = deadline - called
+        sent_with = endpoint.in_flight  # this call's slot included (docs/balancing.md)
         error: BaseException | None = None
         outcome = "other"  # "ok" | "failed" | "cut" (cancelled, or a deadline not its own)
         try:
@@ -216,9 +217,9 @@ class TargetCalls:
         finally:
             seconds = loop.time() - called
             if outcome in ("ok", "failed"):
-                balancer.finished(endpoint, seconds, error)  # error is None when ok
+                balancer.finished(endpoint, seconds, error, sent_with)  # error: None when ok
             elif outcome == "cut":
-                balancer.abandoned(endpoint, seconds)
+                balancer.abandoned(endpoint, seconds, sent_with)
             self.observer.upstream_call(balancer.name, seconds)
             self.observer.endpoint_call(balancer.name, endpoint.name, seconds)
 
