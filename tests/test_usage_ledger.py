@@ -23,7 +23,7 @@ DAY = 86_400.0
 async def empty_postgres(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("DROP TABLE IF EXISTS chatd_usage")
+        await conn.execute("DROP TABLE IF EXISTS chatd_usage, chatd_usage_daily, chatd_usage_meta")
     finally:
         await conn.close()
 

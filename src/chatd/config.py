@@ -166,6 +166,9 @@ class ChatdConfig(BaseModel):
     prices: dict[str, Price] = Field(default_factory=dict)
     usage_db: str = DEFAULT_USAGE_DB
     usage_buffer_rows: int = Field(default=100_000, ge=1)
+    # Per-request rows older than this many days are pruned (0: kept forever); the daily
+    # sums in chatd_usage_daily are kept forever.
+    usage_retention_days: int = Field(default=90, ge=0)
 
     @field_validator("usage_db")
     @classmethod
@@ -173,6 +176,13 @@ class ChatdConfig(BaseModel):
         value = value.strip()
         if value and not value.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise ValueError("must be sqlite:///PATH, postgresql://... or empty (no ledger)")
+        return value
+
+    @field_validator("usage_retention_days", mode="before")
+    @classmethod
+    def _retention_is_a_number(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # `true` is not a number of days
+            raise ValueError("must be an integer >= 0 (0: keep rows forever)")
         return value
 
     @field_validator("callers")

@@ -289,6 +289,7 @@ class UsageReport(BaseModel):
     until: str
     rows: list[dict[str, Any]]
     totals: dict[str, Any]
+    rounded_to_days: bool = False  # an edge's rows were pruned: widened to its whole day
 
 
 class ChatCompletion(BaseModel):
