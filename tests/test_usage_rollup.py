@@ -154,12 +154,16 @@ async def test_an_old_ledger_is_upgraded_backfilled_and_pruned_without_losing_a_
 
         assert await upkeep.once()  # the rest of the backfill, then pruning
         assert pending[-1] == 0 and max(pending) > 60
+        assert "backfill_to" not in await backend.ledger_state()  # done, and said so
         cutoff = floor_day(now - DAY)
         kept = sum(1 for r in rows if r[0] >= cutoff)
         assert sum(pruned) == ROWS - kept and await backend.count() == kept
         answer = await backend.report(since, until, None, ["caller", "day"])
         assert_same(answer.rows, expected)
         assert not answer.rounded
+        first = floor_day(now) - (SPAN_DAYS + 1) * DAY  # every day, the oldest included
+        every = await backend.report(first, until, None, ["caller", "day"])
+        assert_same(every.rows, raw_sums(rows, first, until))
 
         # An edge inside a pruned day is widened to the whole day, and says so.
         day = floor_day(now) - 50 * DAY

@@ -221,20 +221,33 @@ class Maintainer:
             return 0
         start = floor_day(high.timestamp())
         sums = await conn.fetch(LEGACY_SUMS, moment(start), moment(mark))
+        left = max(0.0, (start - floor_day(low.timestamp())) / DAY)
         async with conn.transaction():
-            moved = await conn.execute(
-                "UPDATE chatd_usage_meta SET value = $1 WHERE key = $2 AND value = $3",
-                repr(start),
-                BACKFILL_TO,
-                value,
-            )
+            if left:
+                moved = await conn.execute(
+                    "UPDATE chatd_usage_meta SET value = $1 WHERE key = $2 AND value = $3",
+                    repr(start),
+                    BACKFILL_TO,
+                    value,
+                )
+            else:  # the oldest day summed: the backfill is done, in the same transaction
+                moved = await conn.execute(
+                    "DELETE FROM chatd_usage_meta WHERE key = $1 AND value = $2",
+                    BACKFILL_TO,
+                    value,
+                )
             if moved.endswith(" 1"):
                 await conn.executemany(UPSERT, [tuple(r) for r in sums])
-        return max(0.0, (start - floor_day(low.timestamp())) / DAY)
+        return left
 
     async def mark_pruned(self, cutoff: float) -> bool:
         """Before deleting: reports learn that rows before `cutoff` may be gone. False
         when there is nothing before it to delete."""
+        backfilling = await self.conn.fetchval(
+            "SELECT count(*) FROM chatd_usage_meta WHERE key = $1", BACKFILL_TO
+        )
+        if backfilling:  # rows not yet summed stay
+            return False
         low = await self.conn.fetchval("SELECT MIN(time) FROM chatd_usage")
         if low is None or low.timestamp() >= cutoff:
             return False

@@ -123,8 +123,11 @@ def daily_query(group_by: list[str], caller: str | None, ph: str, day: str) -> s
     if caller is not None:
         where += f" AND caller = {arg(3)}"
     sql = f"SELECT {select} FROM chatd_usage_daily WHERE {where}"
-    if group_by:
-        sql += " GROUP BY " + ", ".join(str(i) for i in range(1, len(group_by) + 1))
+    if group_by:  # in the primary key's order: day first, so no sort is needed for it
+        order = sorted(range(len(group_by)), key=lambda i: KEYS.index(group_by[i]))
+        sql += " GROUP BY " + ", ".join(f"chatd_usage_daily.{group_by[i]}" for i in order)
+        nulls = "" if ph == "?" else " NULLS FIRST"  # SQLite's own order puts NULL first
+        sql += " ORDER BY " + ", ".join(key + nulls for key in group_by)
     return sql
 
 
@@ -138,6 +141,9 @@ def _add(ranges: list[tuple[float, float]], start: float, end: float) -> None:
 
 def merge(parts: list[list[dict[str, Any]]], group_by: list[str]) -> list[dict[str, Any]]:
     """Rows of several queries with the same groups summed, ordered by group (NULL first)."""
+    found = [rows for rows in parts if rows]
+    if len(found) == 1:  # one query (its SQL ordered it): the usual whole-days answer
+        return found[0]
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     for rows in parts:
         for row in rows:

@@ -252,8 +252,10 @@ class SQLiteBackend(Reads):
             return 0
         start = floor_day(_epoch(high))
         sums = await self._read_raw(LEGACY_SUMS, (iso(start), iso(mark)))
-        await self._run(self._advance, mark, start, sums)
-        return max(0.0, (start - floor_day(_epoch(low))) / DAY)
+        left = max(0.0, (start - floor_day(_epoch(low))) / DAY)
+        # The oldest day summed: the backfill is done, in the same transaction.
+        await self._run(self._advance, mark, start if left else None, sums)
+        return left
 
     async def _read_raw(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         def query() -> list[tuple[Any, ...]]:
@@ -286,6 +288,8 @@ class SQLiteBackend(Reads):
     async def mark_pruned(self, cutoff: float) -> bool:
         """Before deleting: reports learn that rows before `cutoff` may be gone. False
         when there is nothing before it to delete."""
+        if BACKFILL_TO in await self.ledger_state():  # rows not yet summed stay
+            return False
         oldest = await self._read("SELECT MIN(time) AS low FROM chatd_usage", ())
         if oldest[0]["low"] is None or oldest[0]["low"] >= iso(cutoff):
             return False
