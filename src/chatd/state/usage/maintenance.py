@@ -21,7 +21,7 @@ from chatd.tasks import stop
 
 log = logging.getLogger("chatd")
 
-PRUNE_ROWS = 2000  # rows a prune transaction deletes (SPEC: at most 5,000)
+PRUNE_ROWS = 500  # rows a prune transaction deletes (SPEC: at most 5,000)
 EVERY_SECS = 3600.0  # pruning: at start, then hourly
 RETRY_SECS = 30.0  # while another replica has the turn, or the database is away
 

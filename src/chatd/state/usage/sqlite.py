@@ -310,7 +310,11 @@ class SQLiteBackend(Reads):
         def delete() -> int:
             return self._connect().execute(PRUNE, (iso(cutoff), limit)).rowcount
 
-        return int(await self._run(delete))
+        deleted = int(await self._run(delete))
+        # The pages it changed go from the WAL into the file here, off the writer's
+        # thread (a passive checkpoint lets writes go on), not in a batch's commit.
+        await self._read_raw("PRAGMA wal_checkpoint(PASSIVE)", ())
+        return deleted
 
     async def aclose(self) -> None:
         def close() -> None:
