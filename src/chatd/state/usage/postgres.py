@@ -65,7 +65,7 @@ LEGACY_SUMS = (
     "COALESCE(model, ''), COALESCE(provider, ''), COUNT(*), "
     "SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END), COALESCE(SUM(input_tokens), 0), "
     "COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost_usd), 0) FROM chatd_usage "
-    "WHERE time >= $1 AND time < $2 AND NOT rolled GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"
+    "WHERE time >= $1 AND time < $2 AND NOT rolled GROUP BY 1, 2, 3, 4, 5"
 )
 PRUNE = (
     "DELETE FROM chatd_usage WHERE ctid = ANY(ARRAY("
@@ -237,7 +237,8 @@ class Maintainer:
                     value,
                 )
             if moved.endswith(" 1"):
-                await conn.executemany(UPSERT, [tuple(r) for r in sums])
+                # In the writers' order (Python's, not the collation's): no deadlock.
+                await conn.executemany(UPSERT, sorted(tuple(r) for r in sums))
         return left
 
     async def mark_pruned(self, cutoff: float) -> bool:
