@@ -24,6 +24,7 @@ log = logging.getLogger("chatd")
 PRUNE_ROWS = 500  # rows a prune transaction deletes (SPEC: at most 5,000)
 EVERY_SECS = 3600.0  # pruning: at start, then hourly
 RETRY_SECS = 30.0  # while another replica has the turn, or the database is away
+LOG_EVERY_SECS = 600.0
 
 
 class Maintenance:
@@ -42,6 +43,7 @@ class Maintenance:
         self.pending: float | None = None  # days left to backfill; None: not known yet
         self.pruning = False
         self._task: asyncio.Task[None] | None = None
+        self._logged = -LOG_EVERY_SECS
 
     def start(self) -> None:
         if self._task is None:
@@ -52,7 +54,10 @@ class Maintenance:
             try:
                 done = await self.once()
             except Exception as exc:
-                log.warning("usage ledger: upkeep failed (%s); trying again", describe(exc))
+                now = time.monotonic()
+                if now - self._logged >= LOG_EVERY_SECS:  # the writer says the rest
+                    self._logged = now
+                    log.warning("usage ledger: upkeep failed (%s); trying again", describe(exc))
                 done = False
             await asyncio.sleep(EVERY_SECS if done else RETRY_SECS)
 

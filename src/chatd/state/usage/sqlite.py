@@ -9,6 +9,7 @@ import asyncio
 import functools
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -74,6 +75,7 @@ PRUNE = (
 # takes it back: once a row with executemany, which at c=32 made ~4 context switches per
 # request between it and the event loop's thread.
 CHUNK_ROWS = 500
+CHECKPOINT_SECS = 1.0
 ROW = f"({', '.join('?' * len(COLUMNS))}, 1)"
 
 
@@ -142,6 +144,8 @@ class SQLiteBackend(Reads):
         self._local = threading.local()
         self._opened: list[sqlite3.Connection] = []
         self._db: sqlite3.Connection | None = None
+        self._checkpointed = 0.0
+        self._closing = False
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -155,6 +159,9 @@ class SQLiteBackend(Reads):
             )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints (the WAL's pages copied into the file) run on a reader's
+            # connection, passive, so writes go on meanwhile: never in a batch's commit.
+            db.execute("PRAGMA wal_autocheckpoint=0")
             create_schema(db)
             self._db = db
         return self._db
@@ -203,6 +210,21 @@ class SQLiteBackend(Reads):
         # The parameters are made here, on the event loop (a few µs a row, once a flush),
         # so the database thread runs no Python loop while it holds the GIL.
         await self._run(self._write, *parameters(rows))
+        self._checkpoint_soon()
+
+    def _checkpoint_soon(self) -> None:
+        """At most one passive checkpoint a second, on a reader's thread, not waited for."""
+        now = time.monotonic()
+        if now - self._checkpointed < CHECKPOINT_SECS or self._closing:
+            return
+        self._checkpointed = now
+        asyncio.get_running_loop().run_in_executor(self._readers, self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        try:
+            self._reader().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:  # busy, or closing: the next one does it
+            pass
 
     # -- reads ------------------------------------------------------------------------
 
@@ -311,23 +333,22 @@ class SQLiteBackend(Reads):
             return self._connect().execute(PRUNE, (iso(cutoff), limit)).rowcount
 
         deleted = int(await self._run(delete))
-        # The pages it changed go from the WAL into the file here, off the writer's
-        # thread (a passive checkpoint lets writes go on), not in a batch's commit.
-        await self._read_raw("PRAGMA wal_checkpoint(PASSIVE)", ())
+        # The pages it changed go from the WAL into the file now, before the next chunk.
+        await asyncio.get_running_loop().run_in_executor(self._readers, self._checkpoint)
         return deleted
 
     async def aclose(self) -> None:
+        self._closing = True
+
         def close() -> None:
             if self._db is not None:
                 self._db.close()
                 self._db = None
 
-        def close_readers() -> None:
-            for db in self._opened:
-                db.close()
-            self._opened.clear()
-
-        await asyncio.get_running_loop().run_in_executor(self._readers, close_readers)
+        # The readers' threads finish what they were given (a checkpoint, say) first.
+        await asyncio.to_thread(self._readers.shutdown, True)
+        for db in self._opened:
+            db.close()
+        self._opened.clear()
         await self._run(close)
-        self._readers.shutdown(wait=True)
         self._thread.shutdown(wait=True)
