@@ -241,15 +241,28 @@ def compare(report: list[dict[str, Any]], raw: dict[tuple[str, str], list[Any]])
     return f"yes ({len(raw)} caller × day groups)"
 
 
-async def write_waits(path: Path, prune: bool) -> tuple[float, float, int, float]:
+async def write_waits(path: Path, prune: bool) -> tuple[float, float, int, float, float, float]:
     """Write 200-row batches every 20 ms while pruning runs (or for 3 s without):
-    (worst wait, p99, batches, pruning seconds)."""
+    (worst write, p99, batches, pruning seconds, worst and p99 time a batch waited
+    before its own transaction began: behind a prune chunk)."""
     backend = open_backend(f"sqlite:///{path}")
     await backend.open()
+    executing: list[float] = []
+    write_in_thread = backend._write  # type: ignore[attr-defined]
+
+    def timed_write(*args: Any) -> None:
+        began = time.perf_counter()
+        try:
+            write_in_thread(*args)
+        finally:
+            executing.append(time.perf_counter() - began)
+
+    backend._write = timed_write  # type: ignore[attr-defined]
     async with backend.maintenance() as turn:
         while await turn.backfill_step():
             pass
     waits: list[float] = []
+    queued: list[float] = []
     done = asyncio.Event()
     seconds = 0.0
 
@@ -278,6 +291,7 @@ async def write_waits(path: Path, prune: bool) -> tuple[float, float, int, float
             began = time.perf_counter()
             await backend.write(rows)
             waits.append(time.perf_counter() - began)
+            queued.append(waits[-1] - executing[-1])
             n += 1
             await asyncio.sleep(0.02)
 
@@ -294,7 +308,9 @@ async def write_waits(path: Path, prune: bool) -> tuple[float, float, int, float
     await task
     await backend.aclose()
     waits.sort()
-    return waits[-1], waits[int(len(waits) * 0.99) - 1], len(waits), seconds
+    queued.sort()
+    p99 = int(len(waits) * 0.99) - 1
+    return waits[-1], waits[p99], len(waits), seconds, queued[-1], queued[p99]
 
 
 def one_size(rows: int, days: int, starts: int, port: int) -> list[str]:
@@ -356,6 +372,10 @@ def one_size(rows: int, days: int, starts: int, port: int) -> list[str]:
         f"- batch writes (200 rows) while pruning {expected:,} rows ({busy[3]:.1f} s): worst "
         f"{busy[0] * 1000:.1f} ms, p99 {busy[1] * 1000:.1f} ms over {busy[2]} batches; "
         f"without pruning: worst {quiet[0] * 1000:.1f} ms, p99 {quiet[1] * 1000:.1f} ms"
+    )
+    say(
+        f"  of which waiting behind a prune chunk (queued before its own transaction): "
+        f"worst {busy[4] * 1000:.1f} ms, p99 {busy[5] * 1000:.1f} ms"
     )
     return lines
 

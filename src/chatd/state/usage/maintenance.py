@@ -21,7 +21,8 @@ from chatd.tasks import stop
 
 log = logging.getLogger("chatd")
 
-PRUNE_ROWS = 500  # rows a prune transaction deletes (SPEC: at most 5,000)
+PRUNE_ROWS = 200  # rows a prune transaction deletes (SPEC: at most 5,000)
+REST = 1.0  # after each prune chunk, rest this many times as long as it took
 EVERY_SECS = 3600.0  # pruning: at start, then hourly
 RETRY_SECS = 30.0  # while another replica has the turn, or the database is away
 LOG_EVERY_SECS = 600.0
@@ -94,7 +95,7 @@ class Maintenance:
                     self.on_pruned(deleted)
                 if deleted < PRUNE_ROWS:
                     break
-                await asyncio.sleep(min(0.5, time.monotonic() - began))
+                await asyncio.sleep(min(0.5, REST * (time.monotonic() - began)))
         finally:
             self.pruning = False
         if total:

@@ -9,6 +9,7 @@ of its range (`plan`); `Reads` turns a plan into one answer on either back end.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,8 +194,6 @@ class Reads:
         group_by: list[str],
         now: float | None = None,
     ) -> Answer:
-        import time
-
         state = await self.ledger_state()
         todo = plan(
             since,
@@ -214,8 +213,6 @@ class Reads:
 
     async def spend_since(self, starts: dict[str, float]) -> dict[str, float]:
         """Each caller's spend since its period's start (whole days: the daily table)."""
-        import time
-
         now = time.time()
         by_start: dict[float, list[str]] = {}
         for name, start in starts.items():
