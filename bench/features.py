@@ -48,6 +48,11 @@ from run import (
     wait_first_served,
 )
 
+# Started anew just before its turn each round, on a copy of a ledger of 1M rows past
+# the retention (bench/ledger_scale.py's rows, backfilled), so its pruning runs while
+# wrk measures it.
+PRUNING = "pruning in progress (1M rows past retention)"
+PRUNING_ROWS = 1_000_000
 MOCK = '[chatd.providers.mock]\nkind = "mock"\n\n'
 CACHE_ON = "[chatd.cache]\nenabled = true\n\n"
 # Every limit, the ledger, Redis and the cache, each request a new question (a miss).
@@ -76,6 +81,10 @@ def variants(
             {},
         ),
     }
+    found[PRUNING] = (
+        chatd_toml(up, chatd_extra="ui = false\n" + ledger("p") + "usage_retention_days = 1\n"),
+        {},
+    )
     if redis_port is not None:
         url = f'redis_url = "redis://127.0.0.1:{redis_port}/0"\n'
         found["redis_url set (no cache, no callers)"] = (chatd_toml(up, chatd_extra=OFF + url), {})
@@ -179,6 +188,8 @@ def start_variants(
         if ledger:  # each start begins with an empty ledger
             for stale in OUT.glob(ledger[1] + "*"):
                 stale.unlink()
+            if name == PRUNING:
+                shutil.copy(pruning_ledger(), OUT / ledger[1])
         gw = Gateway(f"features-{i}", port=ports[name] if ports else free_port())
         path = OUT / f"features-{i}.toml"
         path.write_text(toml)
@@ -194,6 +205,40 @@ def start_variants(
             requests[name] = req
             procs[name] = gw.proc
     return requests, procs
+
+
+def pruning_ledger() -> Path:
+    """A ledger (made once, kept in bench/out) of PRUNING_ROWS rows, all older than two
+    days, already backfilled: chatd with a 1-day retention begins pruning at start."""
+    import asyncio
+
+    from ledger_scale import DAY, build, open_backend
+
+    path = OUT / f"pruning-template-{PRUNING_ROWS}.sqlite3"
+    if path.exists():
+        return path
+
+    async def backfill() -> None:
+        backend = open_backend(f"sqlite:///{path}")
+        await backend.open()
+        async with backend.maintenance() as turn:
+            while await turn.backfill_step():
+                pass
+        await backend.aclose()
+
+    build(path, PRUNING_ROWS, 30, time.time() - 3 * DAY)
+    asyncio.run(backfill())
+    return path
+
+
+def pruned_so_far(port: int) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("chatd_usage_rows_pruned_total "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def stop_all(procs: Iterable[subprocess.Popen]) -> None:
@@ -272,10 +317,20 @@ def main() -> int:
                 run_wrk(requests[name], scripts[name], 32, 1)
         # A new order each round: no variant always runs first, or right after another.
         for name in shuffle.sample(list(requests), len(requests)):
+            if name == PRUNING:
+                # Its pruning must be under way while wrk measures: a new process on a
+                # new copy of the ledger now, warmed for 1 s.
+                stop_all([procs[name]])
+                started = start_variants({name: found[name]}, baseline, {name: requests[name].port})
+                procs[name] = started[1][name]
+                run_wrk(requests[name], scripts[name], 32, 1)
             pid = procs[name].pid
             before = cpu_seconds(pid)
             result = run_wrk(requests[name], scripts[name], 32, args.secs)
             used = cpu_seconds(pid) - before
+            if name == PRUNING:
+                pruned = pruned_so_far(requests[name].port)
+                print(f"  ({pruned:,.0f} of {PRUNING_ROWS:,} rows pruned by the end)", flush=True)
             rates[name].append(result.rps)
             per_cpu[name].append(result.rps * args.secs / used if used else 0.0)
             print(

@@ -96,8 +96,7 @@ MEANINGS: dict[str, str] = {
     "chatd.keep_alive_secs": "An idle keep-alive connection is closed after this.",
     "chatd.max_connections": "Connections one worker holds open; the next is answered "
     "`503 overloaded` with `Retry-After: 1` and closed.",
-    "chatd.max_header_bytes": "Request headers larger than this are "
-    "`431 headers_too_large`.",
+    "chatd.max_header_bytes": "Request headers larger than this are `431 headers_too_large`.",
     "chatd.ui": "The read-only dashboard at `/ui`; `false`: no `/ui` routes and nothing done "
     "per request.",
     "chatd.upstream_transport": "The HTTP transport under each provider's httpx client: "
@@ -114,6 +113,9 @@ MEANINGS: dict[str, str] = {
     "specific glob wins.",
     "chatd.usage_db": "The usage ledger: `sqlite:///PATH` (WAL mode), `postgresql://...` "
     '(asyncpg), or `""` for no ledger. `check-config` masks its password.',
+    "chatd.usage_retention_days": "Ledger rows older than this many days are pruned in the "
+    "background (0: kept forever); the daily sums in `chatd_usage_daily` are kept forever "
+    "(docs/usage-ledger.md).",
     "chatd.usage_buffer_rows": "Ledger rows held in memory while the database is down; "
     "beyond that they are dropped and counted.",
     # [chatd.cache]

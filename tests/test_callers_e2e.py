@@ -240,7 +240,7 @@ def test_the_ledger_holds_one_row_per_request_with_every_field(
     ]
     rows = ledger_rows(gw.ledger, before + 4)  # type: ignore[attr-defined]
     assert len(rows) == before + 4
-    assert set(rows[0]) == set(COLUMNS)
+    assert set(rows[0]) == {*COLUMNS, "rolled"}  # rolled: its sums are in the daily table
     by_id = {r["request_id"]: r for r in rows}
     ok, forbidden, unauthorized, failed = (by_id[a.headers["x-request-id"]] for a in answers)
     assert ok["caller"] == "alice" and ok["route"] == "/v1/chat" and ok["model"] == "hot"

@@ -95,6 +95,10 @@ def test_missing_default_file_means_builtin_defaults(
         ('[chatd]\ntimeout_secs = "soon"\n', "chatd.timeout_secs"),
         ('[chatd.providers.Bad]\nkind = "mock"\n', "chatd.providers"),
         ("[models]\nhot = 3\n", "models.hot"),
+        ("[chatd]\nusage_retention_days = -1\n", "chatd.usage_retention_days"),
+        ("[chatd]\nusage_retention_days = 1.5\n", "chatd.usage_retention_days"),
+        ('[chatd]\nusage_retention_days = "week"\n', "chatd.usage_retention_days"),
+        ("[chatd]\nusage_retention_days = true\n", "chatd.usage_retention_days"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, names: str) -> None:

@@ -19,7 +19,7 @@ FLOORS = [
     {"providers"},
     {"wire"},
     {"telemetry"},
-    {"config", "errors", "types", "tasks", "web", "__init__"},
+    {"config", "builtin_providers", "errors", "types", "tasks", "web", "__init__"},
 ]
 LONGEST = 400
 

@@ -152,24 +152,29 @@ def print_usage(settings: Settings, args: argparse.Namespace) -> int:
         now = time.time()
         since = parse_time(args.since) if args.since else month_start(now)
         until = parse_time(args.until) if args.until else now + 0.001
+        if since > until:
+            raise ValueError("--since: must not be after --until")
     except ValueError as exc:
         print(f"chatd: usage: {exc}", file=sys.stderr)
         return 2
 
-    async def query() -> list[dict[str, Any]]:
+    async def query() -> Any:
         backend = open_backend(settings.chatd.usage_db)
         try:
-            return shape(await backend.summary(since, until, args.caller, group_by))
+            return await backend.report(since, until, args.caller, group_by, now)
         finally:
             await backend.aclose()
 
     try:
-        rows = asyncio.run(query())
+        report = asyncio.run(query())
     except Exception as exc:
         print(f"chatd: usage: cannot read the ledger ({describe(exc)})", file=sys.stderr)
         return 1
+    rows = shape(report.rows)
     answer = {"since": iso(since), "until": iso(until), "rows": rows, "totals": totals(rows)}
     print(table(answer, group_by))
+    if report.rounded:
+        print("(rounded to whole UTC days: the rows at an edge are past usage_retention_days)")
     return 0
 
 

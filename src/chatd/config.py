@@ -18,36 +18,10 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from chatd.builtin_providers import BUILTIN_PROVIDERS
+
 DEFAULT_CONFIG_FILE = "lakehouse.toml"
 PROVIDER_NAME = re.compile(r"^[a-z0-9_-]+$")
-
-BUILTIN_PROVIDERS: dict[str, dict[str, Any]] = {
-    "ollama": {"kind": "ollama", "base_url": "http://localhost:11434"},
-    "ollama_cloud": {
-        "kind": "ollama_cloud",
-        "base_url": "https://ollama.com",
-        "key_env": "OLLAMA_API_KEY",
-        "key_file": "/etc/lakehouse/ollama_cloud.env",
-    },
-    "openrouter": {
-        "kind": "openai",
-        "base_url": "https://openrouter.ai/api/v1",
-        "key_env": "OPENROUTER_API_KEY",
-        "key_file": "/etc/lakehouse/openrouter.env",
-    },
-    "opencode": {
-        "kind": "openai",
-        "base_url": "https://opencode.ai/zen/v1",
-        "key_env": "OPENCODE_API_KEY",
-        "key_file": "/etc/lakehouse/opencode.env",
-    },
-    "kimi": {
-        "kind": "openai",
-        "base_url": "https://api.kimi.com/coding/v1",
-        "key_env": "KIMI_API_KEY",
-        "key_file": "/etc/lakehouse/kimi.env",
-    },
-}
 
 
 class ConfigError(Exception):
@@ -195,6 +169,7 @@ class ChatdConfig(BaseModel):
     usage_db: str = DEFAULT_USAGE_DB
     usage_buffer_rows: int = Field(default=100_000, ge=1)
     watch_config: bool = Field(False, description="Reload when the config file changes")
+    usage_retention_days: int = Field(default=90, ge=0)
 
     @field_validator("usage_db")
     @classmethod
@@ -202,6 +177,13 @@ class ChatdConfig(BaseModel):
         value = value.strip()
         if value and not value.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise ValueError("must be sqlite:///PATH, postgresql://... or empty (no ledger)")
+        return value
+
+    @field_validator("usage_retention_days", mode="before")
+    @classmethod
+    def _retention_is_a_number(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # `true` is not a number of days
+            raise ValueError("must be an integer >= 0 (0: keep rows forever)")
         return value
 
     @field_validator("callers")

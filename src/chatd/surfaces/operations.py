@@ -76,7 +76,8 @@ class Operations:
         self.prices = Prices(settings.chatd.prices)
         self.ledger = (
             Ledger(settings.chatd.usage_db, settings.chatd.usage_buffer_rows,
-                   self.metrics.usage_row_dropped)
+                   self.metrics.usage_row_dropped, settings.chatd.usage_retention_days,
+                   self.metrics.usage_rows_pruned, self.metrics.usage_backfill_pending)
             if settings.chatd.usage_db
             else None
         )  # fmt: skip

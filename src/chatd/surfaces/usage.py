@@ -48,6 +48,8 @@ def install_usage_routes(app: FastAPI, ops: Any) -> None:
         now = time.time()
         since = _time(params.get("since"), "since", month_start(now))
         until = _time(params.get("until"), "until", now + 0.001)
+        if since > until:
+            raise InvalidRequest("since: must not be after until", param="since")
         caller = params.get("caller")
         me = request.scope.get("state", {}).get("caller")
         if me is not None and not me.admin:
@@ -60,13 +62,15 @@ def install_usage_routes(app: FastAPI, ops: Any) -> None:
         except TimeoutError:
             pass
         try:
-            rows = shape(await ledger.backend.summary(since, until, caller, group_by))
+            # Whole days from the daily table, partial edge days from the rows.
+            answer = await ledger.backend.report(since, until, caller, group_by, now)
         except Exception as exc:
             log.warning("/v1/usage: ledger query failed (%s)", describe(exc))
             raise UsageUnavailable("the usage ledger cannot be read right now") from None
-        return json_response(
-            {"since": iso(since), "until": iso(until), "rows": rows, "totals": totals(rows)}
-        )
+        rows = shape(answer.rows)
+        body = {"since": iso(since), "until": iso(until), "rows": rows, "totals": totals(rows)}
+        body["rounded_to_days"] = answer.rounded  # an edge's rows were pruned: whole days
+        return json_response(body)
 
 
 def _time(value: str | None, param: str, default: float) -> float:

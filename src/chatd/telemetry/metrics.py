@@ -120,6 +120,17 @@ class Metrics(Observer):
             "Usage ledger rows dropped because the in-memory buffer was full.",
             registry=registry,
         )
+        self.usage_pruned = Counter(
+            "chatd_usage_rows_pruned",
+            "Usage ledger rows deleted past usage_retention_days (their daily sums stay).",
+            registry=registry,
+        )
+        self.usage_backfill = Gauge(
+            "chatd_usage_backfill_pending",
+            "Days of an older ledger left to sum into chatd_usage_daily (0 when done).",
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
         # For providers with several endpoints: separate families, so the
         # provider-labelled series above keep their labels (and their dashboards).
         self.endpoint_upstream_seconds = Histogram(
@@ -215,6 +226,12 @@ class Metrics(Observer):
 
     def usage_row_dropped(self) -> None:
         self.usage_dropped.inc()
+
+    def usage_rows_pruned(self, rows: int) -> None:
+        self.usage_pruned.inc(rows)
+
+    def usage_backfill_pending(self, days: float) -> None:
+        self.usage_backfill.set(days)
 
     # -- the dispatcher's observer -----------------------------------------------
 

@@ -2,7 +2,9 @@
 
 `ledger.Ledger` builds rows from a finished request's facts and hands them to
 `writer.UsageWriter`, which batches them into a `Backend` (`sqlite.py` or
-`postgres.py`); `report.py` answers `GET /v1/usage` and `chatd usage` from either.
+`postgres.py`), each batch with its sums per day in `chatd_usage_daily` (`rollup.py`);
+`report.py` and `rollup.py` answer `GET /v1/usage` and `chatd usage` from either, and
+`maintenance.py` backfills an older ledger's daily table and prunes old rows.
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ class Backend(Protocol):
     async def summary(
         self, since: float, until: float, caller: str | None, group_by: list[str]
     ) -> list[dict[str, Any]]: ...
+
+    async def report(
+        self,
+        since: float,
+        until: float,
+        caller: str | None,
+        group_by: list[str],
+        now: float | None = None,
+    ) -> Any: ...
+
+    def maintenance(self) -> Any: ...
 
     async def spend_since(self, starts: dict[str, float]) -> dict[str, float]: ...
 

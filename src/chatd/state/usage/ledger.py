@@ -10,6 +10,7 @@ from typing import Any
 from starlette.types import Scope
 
 from chatd.state.usage import open_backend
+from chatd.state.usage.maintenance import Maintenance
 from chatd.state.usage.writer import UsageWriter, describe
 from chatd.telemetry.requestlog import clip
 
@@ -19,12 +20,22 @@ LEDGER_STATUSES = frozenset({401, 403, 429})  # refusals get a row even without 
 
 
 class Ledger:
-    def __init__(self, url: str, buffer_rows: int, on_drop: Any = lambda: None) -> None:
+    def __init__(
+        self,
+        url: str,
+        buffer_rows: int,
+        on_drop: Any = lambda: None,
+        retention_days: int = 90,
+        on_pruned: Any = lambda n: None,
+        on_pending: Any = lambda days: None,
+    ) -> None:
         self.backend = open_backend(url)
         self.writer = UsageWriter(self.backend, buffer_rows, on_drop)
+        self.upkeep = Maintenance(self.backend, retention_days, on_pruned, on_pending)
 
     async def start(self, callers: Any = None) -> None:
-        """Create the schema, start the writer, and give callers back their spend."""
+        """Create (or upgrade) the schema, give callers back their spend (whole days from
+        the daily table), start the writer, then the backfill and pruning."""
         try:
             await self.backend.open()
             if callers is not None:
@@ -36,6 +47,7 @@ class Ledger:
                 describe(exc),
             )
         self.writer.start()
+        self.upkeep.start()
 
     async def load_spend(self, callers: Any) -> None:
         """Give callers with a budget their spend this period, as the ledger has it."""
@@ -80,4 +92,5 @@ class Ledger:
         )
 
     async def aclose(self, grace_secs: float) -> None:
+        await self.upkeep.aclose()
         await self.writer.aclose(grace_secs)

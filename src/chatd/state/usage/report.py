@@ -47,7 +47,8 @@ def summary_query(dialect: Dialect, group_by: list[str], caller: str | None) -> 
     sql = f"SELECT {select} FROM chatd_usage WHERE {where}"
     if group_by:
         names = ", ".join(group_by)
-        sql += f" GROUP BY {names} ORDER BY {names}"
+        nulls = "" if dialect.placeholder == "?" else " NULLS FIRST"  # SQLite's order
+        sql += f" GROUP BY {names} ORDER BY {', '.join(key + nulls for key in group_by)}"
     return sql, 3 if caller is not None else 2
 
 

@@ -1,49 +1,102 @@
-"""The SQLite ledger (the default): stdlib sqlite3 on a thread of its own, WAL mode."""
+"""The SQLite ledger (the default): stdlib sqlite3, WAL mode. Every write (batches, the
+backfill's upserts, pruning's deletes) goes through one connection on one thread, in
+turn, so a batch waits at most one small prune transaction and never on a lock; reads
+(reports, the backfill's sums) use connections of their own on two other threads."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import sqlite3
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from chatd.state.usage import COLUMNS, Row
 from chatd.state.usage.report import SQLITE, iso, summary_query
+from chatd.state.usage.rollup import (
+    BACKFILL_TO,
+    DAY,
+    PRUNED_BEFORE,
+    Reads,
+    daily,
+    daily_query,
+    floor_day,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chatd_usage (
   time TEXT NOT NULL, request_id TEXT, caller TEXT, route TEXT, model TEXT,
   provider TEXT, endpoint TEXT, upstream_model TEXT, status INTEGER, error TEXT,
   input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, cost_source TEXT,
-  latency_ms REAL, ttft_ms REAL, attempts INTEGER, cache TEXT
+  latency_ms REAL, ttft_ms REAL, attempts INTEGER, cache TEXT,
+  rolled INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS chatd_usage_time ON chatd_usage (time);
 CREATE INDEX IF NOT EXISTS chatd_usage_caller_time ON chatd_usage (caller, time);
 """
+# `rolled` = 1: the row's figures went into chatd_usage_daily with it. Rows of a ledger
+# written before the daily table (0) are summed into it by the backfill.
+DAILY = """
+CREATE TABLE IF NOT EXISTS chatd_usage_daily (
+  day TEXT NOT NULL, caller TEXT NOT NULL, route TEXT NOT NULL, model TEXT NOT NULL,
+  provider TEXT NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL,
+  input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL,
+  PRIMARY KEY (day, caller, route, model, provider)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chatd_usage_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+UPSERT = (
+    "INSERT INTO chatd_usage_daily VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (day, caller, route, model, provider) DO UPDATE SET "
+    "requests = requests + excluded.requests, errors = errors + excluded.errors, "
+    "input_tokens = input_tokens + excluded.input_tokens, "
+    "output_tokens = output_tokens + excluded.output_tokens, "
+    "cost_usd = cost_usd + excluded.cost_usd"
+)
+# The backfill's sums of one span of rows written before the daily table existed.
+LEGACY_SUMS = (
+    "SELECT substr(time, 1, 10), COALESCE(caller, ''), COALESCE(route, ''), "
+    "COALESCE(model, ''), COALESCE(provider, ''), COUNT(*), "
+    "SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END), COALESCE(SUM(input_tokens), 0), "
+    "COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost_usd), 0) FROM chatd_usage "
+    "WHERE time >= ? AND time < ? AND rolled = 0 GROUP BY 1, 2, 3, 4, 5"
+)
+PRUNE = (
+    "DELETE FROM chatd_usage WHERE rowid IN "
+    "(SELECT rowid FROM chatd_usage WHERE time < ? ORDER BY time LIMIT ?)"
+)
 # A batch goes in as few statements as SQLite's parameter limit allows (32,766 since
 # 3.32; 500 rows of 18 columns is 9,000), each `INSERT … VALUES (…), (…), …`. One
 # statement is one step, and the database thread gives up the GIL for each step and
 # takes it back: once a row with executemany, which at c=32 made ~4 context switches per
 # request between it and the event loop's thread.
 CHUNK_ROWS = 500
-ROW = f"({', '.join('?' * len(COLUMNS))})"
+CHECKPOINT_SECS = 1.0
+ROW = f"({', '.join('?' * len(COLUMNS))}, 1)"
 
 
 @functools.lru_cache(maxsize=8)
 def insert(rows: int) -> str:
     """`INSERT` of `rows` rows. A batch is full chunks of CHUNK_ROWS (always cached) and
     one shorter remainder, whose size changes from flush to flush."""
-    return f"INSERT INTO chatd_usage ({', '.join(COLUMNS)}) VALUES {', '.join([ROW] * rows)}"
+    names = ", ".join(COLUMNS)
+    return f"INSERT INTO chatd_usage ({names}, rolled) VALUES {', '.join([ROW] * rows)}"
 
 
-def parameters(rows: list[Row]) -> list[list[Any]]:
-    """A batch as the statements take it: each chunk's rows, flattened, time as ISO text."""
-    return [
-        [value for row in rows[i : i + CHUNK_ROWS] for value in (iso(row[0]), *row[1:])]
+def parameters(rows: list[Row]) -> tuple[list[list[Any]], list[tuple[Any, ...]]]:
+    """A batch as the statements take it: each chunk's rows, flattened, time as ISO
+    text; and the batch's sums per daily key."""
+    times = [iso(row[0]) for row in rows]
+    chunks = [
+        [value for row, at in zip(rows[i : i + CHUNK_ROWS], times[i : i + CHUNK_ROWS],
+                                  strict=True) for value in (at, *row[1:])]
         for i in range(0, len(rows), CHUNK_ROWS)
-    ]
+    ]  # fmt: skip
+    return chunks, daily(rows, [at[:10] for at in times])
 
 
 def sqlite_path(url: str) -> str:
@@ -52,13 +105,47 @@ def sqlite_path(url: str) -> str:
     return path[1:] if path.startswith("/") else path
 
 
-class SQLiteBackend:
-    """All database work happens on one thread, so the event loop never blocks on it."""
+def create_schema(db: sqlite3.Connection) -> None:
+    """A new ledger, or one written before the daily table: upgraded in place (a column
+    and two tables; nothing is read or rewritten here: the backfill does that later)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        names = {row[1] for row in db.execute("PRAGMA table_info(chatd_usage)")}
+        if names and "rolled" not in names:
+            db.execute("ALTER TABLE chatd_usage ADD COLUMN rolled INTEGER NOT NULL DEFAULT 0")
+            db.execute(DAILY.split(";")[0])
+            db.execute(DAILY.split(";")[1])
+            (last,) = db.execute("SELECT MAX(time) FROM chatd_usage").fetchone()
+            if last is not None:  # the backfill goes back from the last row's day's end
+                end = floor_day(_epoch(last)) + DAY
+                db.execute("INSERT INTO chatd_usage_meta VALUES (?, ?)", (BACKFILL_TO, repr(end)))
+        for statement in (SCHEMA + DAILY).split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _epoch(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+class SQLiteBackend(Reads):
+    """Writes on one thread (one connection), reads on two others (one connection each)."""
 
     def __init__(self, url: str) -> None:
         self.path = sqlite_path(url)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="chatd-usage-sqlite")
+        self._readers = ThreadPoolExecutor(2, thread_name_prefix="chatd-usage-read")
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
         self._db: sqlite3.Connection | None = None
+        self._checkpointed = 0.0
+        self._closing = False
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -67,63 +154,201 @@ class SQLiteBackend:
         if self._db is None:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+            db = sqlite3.connect(
+                self.path, timeout=10, check_same_thread=False, isolation_level=None
+            )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
+            # Checkpoints (the WAL's pages copied into the file) run on a reader's
+            # connection, passive, so writes go on meanwhile: never in a batch's commit.
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            create_schema(db)
             self._db = db
         return self._db
+
+    def _reader(self) -> sqlite3.Connection:
+        if self.path == ":memory:":  # one database only while this connection lives
+            return self._connect()
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self._connect_once()
+            db = self._local.db = sqlite3.connect(
+                self.path, timeout=10, check_same_thread=False, isolation_level=None
+            )
+            self._opened.append(db)
+        return db
+
+    def _connect_once(self) -> None:
+        if self._db is None:  # the schema is made by the writer's connection first
+            self._thread.submit(self._connect).result()
+
+    async def _read(self, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        def query() -> list[dict[str, Any]]:
+            cursor = self._reader().execute(sql, args)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, query)
 
     async def open(self) -> None:
         await self._run(self._connect)
 
-    def _write(self, chunks: list[list[Any]]) -> None:
+    def _write(self, chunks: list[list[Any]], sums: list[tuple[Any, ...]]) -> None:
         db = self._connect()
         width = len(COLUMNS)
-        with db:
+        db.execute("BEGIN")
+        try:
             for values in chunks:
                 db.execute(insert(len(values) // width), values)
+            db.executemany(UPSERT, sums)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     async def write(self, rows: list[Row]) -> None:
         # The parameters are made here, on the event loop (a few µs a row, once a flush),
         # so the database thread runs no Python loop while it holds the GIL.
-        await self._run(self._write, parameters(rows))
+        await self._run(self._write, *parameters(rows))
+        self._checkpoint_soon()
 
-    def _query(self, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
-        cursor = self._connect().execute(sql, args)
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    def _checkpoint_soon(self) -> None:
+        """At most one passive checkpoint a second, on a reader's thread, not waited for."""
+        now = time.monotonic()
+        if now - self._checkpointed < CHECKPOINT_SECS or self._closing:
+            return
+        self._checkpointed = now
+        asyncio.get_running_loop().run_in_executor(self._readers, self._checkpoint)
 
-    async def summary(
-        self, since: float, until: float, caller: str | None, group_by: list[str]
+    def _checkpoint(self) -> None:
+        try:
+            self._reader().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:  # busy, or closing: the next one does it
+            pass
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def ledger_state(self) -> dict[str, float]:
+        rows = await self._read("SELECT key, value FROM chatd_usage_meta", ())
+        return {row["key"]: float(row["value"]) for row in rows}
+
+    async def rows_summary(
+        self, span: tuple[float, float], caller: str | None, group_by: list[str]
     ) -> list[dict[str, Any]]:
         sql, _ = summary_query(SQLITE, group_by, caller)
-        args: tuple[Any, ...] = (iso(since), iso(until))
-        if caller is not None:
-            args += (caller,)
-        return await self._run(self._query, sql, args)
+        args: tuple[Any, ...] = (iso(span[0]), iso(span[1]))
+        return await self._read(sql, args + ((caller,) if caller is not None else ()))
 
-    async def spend_since(self, starts: dict[str, float]) -> dict[str, float]:
-        spent: dict[str, float] = {}
-        for caller, start in starts.items():
-            rows = await self._run(
-                self._query,
-                "SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM chatd_usage "
-                "WHERE caller = ? AND time >= ?",
-                (caller, iso(start)),
-            )
-            spent[caller] = float(rows[0]["spent"])
-        return spent
+    async def daily_summary(
+        self, days: tuple[float, float], caller: str | None, group_by: list[str]
+    ) -> list[dict[str, Any]]:
+        sql = daily_query(group_by, caller, "?", "day")
+        args: tuple[Any, ...] = (iso(days[0])[:10], iso(days[1] - DAY)[:10])
+        return await self._read(sql, args + ((caller,) if caller is not None else ()))
 
     async def count(self) -> int:
-        rows = await self._run(self._query, "SELECT COUNT(*) AS n FROM chatd_usage", ())
+        rows = await self._read("SELECT COUNT(*) AS n FROM chatd_usage", ())
         return int(rows[0]["n"])
 
+    # -- maintenance: the backfill and pruning (maintenance.py runs them) ----------------
+
+    @asynccontextmanager
+    async def maintenance(self) -> Any:
+        yield self  # one process per file, as a rule: nothing to take turns with
+
+    async def backfill_step(self) -> float:
+        """Sum the last not yet backfilled day(s) of old rows into the daily table; the
+        days left to backfill after it (0: done)."""
+        state = await self.ledger_state()
+        mark = state.get(BACKFILL_TO)
+        if mark is None:
+            return 0
+        span = await self._read(
+            "SELECT MIN(time) AS low, (SELECT MAX(time) FROM chatd_usage WHERE time < ?) "
+            "AS high FROM chatd_usage",
+            (iso(mark),),
+        )
+        low, high = span[0]["low"], span[0]["high"]
+        if high is None:
+            await self._run(self._advance, mark, None, [])
+            return 0
+        start = floor_day(_epoch(high))
+        sums = await self._read_raw(LEGACY_SUMS, (iso(start), iso(mark)))
+        left = max(0.0, (start - floor_day(_epoch(low))) / DAY)
+        # The oldest day summed: the backfill is done, in the same transaction.
+        await self._run(self._advance, mark, start if left else None, sums)
+        return left
+
+    async def _read_raw(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        def query() -> list[tuple[Any, ...]]:
+            return self._reader().execute(sql, args).fetchall()
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, query)
+
+    def _advance(self, mark: float, start: float | None, sums: list[tuple[Any, ...]]) -> None:
+        """Add the sums and move the mark in one transaction, if no one moved it first."""
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (value,) = db.execute(
+                "SELECT value FROM chatd_usage_meta WHERE key = ?", (BACKFILL_TO,)
+            ).fetchone() or (None,)
+            if value is not None and float(value) == mark:
+                db.executemany(UPSERT, sums)
+                if start is None:
+                    db.execute("DELETE FROM chatd_usage_meta WHERE key = ?", (BACKFILL_TO,))
+                else:
+                    db.execute(
+                        "UPDATE chatd_usage_meta SET value = ? WHERE key = ?",
+                        (repr(start), BACKFILL_TO),
+                    )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def mark_pruned(self, cutoff: float) -> bool:
+        """Before deleting: reports learn that rows before `cutoff` may be gone. False
+        when there is nothing before it to delete."""
+        if BACKFILL_TO in await self.ledger_state():  # rows not yet summed stay
+            return False
+        oldest = await self._read("SELECT MIN(time) AS low FROM chatd_usage", ())
+        if oldest[0]["low"] is None or oldest[0]["low"] >= iso(cutoff):
+            return False
+
+        def mark() -> None:
+            self._connect().execute(
+                "INSERT INTO chatd_usage_meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "value = MAX(CAST(value AS REAL), CAST(excluded.value AS REAL))",
+                (PRUNED_BEFORE, repr(cutoff)),
+            )
+
+        await self._run(mark)
+        return True
+
+    async def prune_chunk(self, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` of the oldest rows before `cutoff`, in one transaction."""
+
+        def delete() -> int:
+            return self._connect().execute(PRUNE, (iso(cutoff), limit)).rowcount
+
+        deleted = int(await self._run(delete))
+        # The pages it changed go from the WAL into the file now, before the next chunk.
+        await asyncio.get_running_loop().run_in_executor(self._readers, self._checkpoint)
+        return deleted
+
     async def aclose(self) -> None:
+        self._closing = True
+
         def close() -> None:
             if self._db is not None:
                 self._db.close()
                 self._db = None
 
+        # The readers' threads finish what they were given (a checkpoint, say) first.
+        await asyncio.to_thread(self._readers.shutdown, True)
+        for db in self._opened:
+            db.close()
+        self._opened.clear()
         await self._run(close)
         self._thread.shutdown(wait=True)

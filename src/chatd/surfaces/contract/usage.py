@@ -47,3 +47,4 @@ class UsageReport(BaseModel):
     until: str
     rows: list[dict[str, Any]]
     totals: dict[str, Any]
+    rounded_to_days: bool = False  # an edge's rows were pruned: widened to its whole day
