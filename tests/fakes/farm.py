@@ -1,5 +1,5 @@
 """A farm of fake Ollama hosts on 127.0.0.1 that, like Ollama, serve at most `slots`
-requests at once and queue the rest (the balancing tests and bench/farm.py).
+requests at once and queue the rest (the balancing tests and bench/farm.py; docs/balancing.md).
 
 Each `Host` is a real HTTP/1.1 server (asyncio, keep-alive) on its own free port:
 
