@@ -87,11 +87,8 @@ class TargetCalls:
             remaining = deadline - called
             try:
                 async with asyncio.timeout_at(deadline) as window:
-                    if self.tracing is None or TRACED_REQUEST.get() is None:
-                        result = await attempt(route, guard)
-                    else:
-                        number = tally.attempts
-                        result = await self._traced(attempt, route, guard, number, hedge, deadline)
+                    number = tally.attempts
+                    result = await self._call(attempt, route, guard, number, hedge, deadline)
             except TimeoutError:
                 if not window.expired():
                     raise
@@ -195,11 +192,8 @@ class TargetCalls:
         outcome = "other"  # "ok" | "failed" | "cut" (cancelled, or a deadline not its own)
         try:
             async with asyncio.timeout_at(deadline) as window:
-                if self.tracing is None or TRACED_REQUEST.get() is None:
-                    result = await attempt(route, endpoint.guard)
-                else:
-                    guard = endpoint.guard
-                    result = await self._traced(attempt, route, guard, number, hedge, deadline)
+                guard = endpoint.guard
+                result = await self._call(attempt, route, guard, number, hedge, deadline)
             outcome = "ok"
             return route, result
         except TimeoutError:
@@ -248,6 +242,22 @@ class TargetCalls:
         if won is not None:
             self.observer.hedged(balancer.name, "won" if won else "lost")
         return route, result
+
+    def _call(
+        self,
+        attempt: Attempt,
+        route: Route,
+        guard: Guard,
+        number: int,
+        hedge: bool,
+        deadline: float,
+    ) -> Awaitable[Any]:
+        """`attempt(route, guard)`, in a client span when this request is traced. Returns
+        the awaitable itself (no coroutine of its own) when it is not: nothing on the
+        untraced path (docs/tracing.md)."""
+        if self.tracing is None or TRACED_REQUEST.get() is None:
+            return attempt(route, guard)
+        return self._traced(attempt, route, guard, number, hedge, deadline)
 
     async def _traced(
         self,

@@ -14,7 +14,6 @@ behind `MemoryStore` (state/limits.py) or the shared state, whichever is set.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -26,11 +25,9 @@ from starlette.types import Scope
 
 from chatd.config import ConfigError, Settings
 from chatd.errors import (
-    BudgetExceeded,
     ChatdError,
     DatabaseUnavailable,
     Forbidden,
-    RateLimited,
     Unauthorized,
 )
 from chatd.state.auth import CHALLENGE, PROTECTED, auth_tokens, presented_token
@@ -215,46 +212,24 @@ class Callers:
             key, ends_at, left = caller.period(time.time())
             spent = store.value(key)
             if spent >= caller.budget_usd:
-                error = BudgetExceeded(
-                    f"caller {caller.name} has spent ${spent:.4f} of its "
-                    f"${caller.budget_usd:g} {caller.budget_period} budget; "
-                    f"the period ends {ends_at}",
-                    headers={"Retry-After": str(max(1, math.ceil(left)))},
-                )
+                error = over_budget(caller, spent, ends_at, left)
         if error is None and caller.max_concurrency and caller.in_flight >= caller.max_concurrency:
-            error = RateLimited(
-                f"caller {caller.name} has {caller.in_flight} requests in flight "
-                f"(max_concurrency {caller.max_concurrency})",
-                headers={"Retry-After": "1"},
-            )
+            error = over_concurrency(caller)
         token_headers: list[tuple[bytes, bytes]] = []
         if caller.tpm:  # looked at before rpm counts, so a refused request is not counted
             key, tpm = caller.tpm_key, caller.tpm
             allowed, remaining, reset = store.hit(key, 0, tpm, WINDOW_SECS)
             token_headers = rate_headers(TOKENS, caller.tpm_limit, remaining, reset)
             if not allowed and error is None:
-                error = RateLimited(
-                    f"caller {caller.name} is over its {tpm} tokens per minute",
-                    headers={"Retry-After": str(max(1, math.ceil(reset)))},
-                )
+                error = over_rate(caller, "tokens", tpm, reset)
         headers: list[tuple[bytes, bytes]] = []
         if caller.rpm:
             key, rpm, count = caller.rpm_key, caller.rpm, 0 if error else 1
             allowed, remaining, reset = store.hit(key, count, rpm, WINDOW_SECS)
             headers = rate_headers(REQUESTS, caller.rpm_limit, remaining, reset)
             if not allowed and error is None:
-                error = RateLimited(
-                    f"caller {caller.name} is over its {rpm} requests per minute",
-                    headers={"Retry-After": str(max(1, math.ceil(reset)))},
-                )
-        headers += token_headers
-        if headers:
-            state["headers"] = headers
-        if error is not None:
-            raise error
-        if caller.max_concurrency:
-            caller.in_flight += 1
-            state["caller_slot"] = True
+                error = over_rate(caller, "requests", rpm, reset)
+        self._admitted(state, caller, headers + token_headers, error)
 
     async def _admit_shared(self, state: dict[str, Any], caller: Caller) -> None:
         """`admit` on a shared store: budget, tpm and rpm read and counted in one call
@@ -292,6 +267,16 @@ class Callers:
                 error = over_rate(caller, "tokens", caller.tpm, reset)
         if requests is not None and not requests[0] and error is None:
             error = over_rate(caller, "requests", caller.rpm, requests[2])
+        self._admitted(state, caller, headers, error)
+
+    @staticmethod
+    def _admitted(
+        state: dict[str, Any],
+        caller: Caller,
+        headers: list[tuple[bytes, bytes]],
+        error: ChatdError | None,
+    ) -> None:
+        """Both stores' last step: the X-RateLimit-* headers, the refusal, or the slot."""
         if headers:
             state["headers"] = headers
         if error is not None:
