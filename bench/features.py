@@ -58,6 +58,12 @@ CACHE_ON = "[chatd.cache]\nenabled = true\n\n"
 # Every limit, the ledger, Redis and the cache, each request a new question (a miss).
 FULL = "full gateway (callers + limits + ledger + Redis + cache on, all misses)"
 OFF = 'ui = false\nusage_db = ""\n'
+# A config caller with a token and nothing else (no rpm, tpm, budget or prices), to part
+# the callers' own cost from their limits'; and the same config with LIVE_CALLERS live
+# callers in its database, each request bearing one live caller's token.
+CALLER_ONLY = "callers, no limits or prices (+ ledger + dashboard)"
+LIVE = "live callers on (10,000 in the store, a live caller's token, no limits)"
+LIVE_CALLERS = 10_000
 
 
 def variants(
@@ -81,6 +87,10 @@ def variants(
             {},
         ),
     }
+    callers = chatd_toml(up, callers=True, chatd_extra=ledger("c"))
+    found[CALLER_ONLY] = (caller_only(callers), auth)
+    live = caller_only(chatd_toml(up, callers=True, chatd_extra=ledger("l")))
+    found[LIVE] = (live, {"Authorization": f"Bearer {live_callers_db()[1]}"})
     found[PRUNING] = (
         chatd_toml(up, chatd_extra="ui = false\n" + ledger("p") + "usage_retention_days = 1\n"),
         {},
@@ -107,6 +117,56 @@ def variants(
         found["tracing on, collector down"] = (chatd_toml(up, chatd_extra=OFF, tables=down), {})
     found["bare, again (a second process, same config: the noise floor)"] = found["bare"]
     return found
+
+
+def caller_only(toml: str) -> str:
+    """The callers config with the caller's limits and the prices taken out."""
+    kept = []
+    for line in toml.splitlines():
+        if line.startswith(("rpm =", "tpm =", "budget_usd =", "[chatd.prices]", '"*" =')):
+            continue
+        kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def live_callers_db() -> tuple[Path, str]:
+    """A database (made once, kept in bench/out) holding LIVE_CALLERS live callers, made
+    through chatd's own store; returns it and the token of one of them (the middle one)."""
+    import asyncio
+
+    from chatd.state.callers_store import open_store
+
+    path = OUT / f"live-callers-{LIVE_CALLERS}.sqlite3"
+    saved = path.with_suffix(".token")
+    if path.exists() and saved.exists():
+        return path, saved.read_text().strip()
+
+    async def make() -> str:
+        for stale in OUT.glob(path.name + "*"):
+            stale.unlink()
+        store = open_store(f"sqlite:///{path}")
+        await store.open()
+        kept = ""
+        for i in range(LIVE_CALLERS):
+            _, token = await store.create(f"live-{i:05d}", {}, "bench")
+            kept = token if i == LIVE_CALLERS // 2 else kept
+        await store.aclose()
+        return kept
+
+    print(f"making {LIVE_CALLERS:,} live callers in {path} (once) ...", flush=True)
+    OUT.mkdir(exist_ok=True)
+    token = asyncio.run(make())
+    saved.write_text(token + "\n")
+    return path, token
+
+
+def prepared(name: str) -> Path | None:
+    """The database a variant starts from (a copy of it), when not an empty one."""
+    if name == PRUNING:
+        return pruning_ledger()
+    if name == LIVE:
+        return live_callers_db()[0]
+    return None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -188,8 +248,9 @@ def start_variants(
         if ledger:  # each start begins with an empty ledger
             for stale in OUT.glob(ledger[1] + "*"):
                 stale.unlink()
-            if name == PRUNING:
-                shutil.copy(pruning_ledger(), OUT / ledger[1])
+            template = prepared(name)
+            if template is not None:
+                shutil.copy(template, OUT / ledger[1])
         gw = Gateway(f"features-{i}", port=ports[name] if ports else free_port())
         path = OUT / f"features-{i}.toml"
         path.write_text(toml)

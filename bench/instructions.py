@@ -29,7 +29,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from features import chat_request, publish, select, start_redis, start_upstream, variants
+from features import (
+    LIVE,
+    chat_request,
+    live_callers_db,
+    publish,
+    select,
+    start_redis,
+    start_upstream,
+    variants,
+)
 from load import Request
 from otlp_sink import start_sink
 from run import (
@@ -113,6 +122,8 @@ def count(
     if ledger:
         for stale in OUT.glob(ledger[1] + "*"):
             stale.unlink()
+        if name == LIVE:  # its live callers are in its database
+            shutil.copy(live_callers_db()[0], OUT / ledger[1])
     port = free_port()
     dump = OUT / f"instructions-{index}.callgrind"
     argv = [
@@ -170,16 +181,6 @@ def totals(name: str, dump: Path, part: int) -> tuple[float, float]:
     return threads[0], threads[1]
 
 
-def caller_only(toml: str) -> str:
-    """features.py's callers config with the caller's limits and the prices taken out."""
-    kept = []
-    for line in toml.splitlines():
-        if line.startswith(("rpm =", "tpm =", "budget_usd =", "[chatd.prices]", '"*" =')):
-            continue
-        kept.append(line)
-    return "\n".join(kept) + "\n"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=600)
@@ -201,10 +202,6 @@ def main() -> int:
     up = start_upstream()
     found = variants(up, start_redis(), start_sink())
     found.pop("bare, again (a second process, same config: the noise floor)")
-    # One more row, to part the callers' own cost from their limits': a caller with a
-    # token and nothing else (no rpm, tpm, budget or prices).
-    toml, headers = found["callers + limits + prices"]
-    found["callers, no limits or prices (+ ledger + dashboard)"] = (caller_only(toml), headers)
     found = select(found, args.only)
     per_request: dict[str, Count] = {}
     for index, (name, (toml, headers)) in enumerate(found.items()):

@@ -342,6 +342,7 @@ def metric_rows() -> list[tuple[str, str, str, str]]:
 
     made = metrics_module.Metrics(multiprocess=False)
     made.shared_up(True)  # made only when redis_url is set
+    made.live_callers_pushed(True)  # made only when redis_url and usage_db are set
     connections = metrics_module.ConnectionMetrics(made.registry)  # the server's own
     rows = []
     for value in [*vars(made).values(), *vars(connections).values()]:

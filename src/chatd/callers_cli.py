@@ -1,6 +1,7 @@
 """`chatd callers …`: live callers on the database directly, so the first admin can be
 made with no server running (docs/live-callers.md). A running server sees each change
-within 2 s. Tokens are printed by `create` and `rotate` only, once."""
+within 2 s (told through Redis when `redis_url` is set). Tokens are printed by `create`
+and `rotate` only, once."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from chatd.config import ConfigError, Settings, load_settings
 from chatd.errors import ChatdError
 from chatd.state.caller_fields import CallerChange, NewCaller, rfc3339
 from chatd.state.callers_store import CallerStore, LiveRecord, open_store
+from chatd.state.callers_sync import SAFETY_POLL_SECS, announce
 from chatd.web import invalid_request
 
 COLUMNS = ("name", "source", "state", "models", "rpm", "tpm", "budget_usd", "budget_period",
@@ -107,7 +109,12 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
             print(f"chatd: callers: {args.name} {verb} the config file; change it there",
                   file=sys.stderr)  # fmt: skip
             return 1
-        return await act(store, args, who)
+        code = await act(store, args, who)
+        redis_url = settings.chatd.redis_url
+        if code == 0 and redis_url and not await announce(redis_url, args.name):
+            print(f"chatd: callers: Redis could not be told; running servers see the change "
+                  f"within {SAFETY_POLL_SECS:g} s", file=sys.stderr)  # fmt: skip
+        return code
     finally:
         await store.aclose()
 

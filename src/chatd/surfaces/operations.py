@@ -63,7 +63,8 @@ class Operations:
         # Live callers (docs/live-callers.md): kept in memory, refreshed from the database.
         self.live = (
             LiveCallers(open_store(usage_db), self.callers, self._load_spend,
-                        settings.chatd.redis_url)
+                        settings.chatd.redis_url, self.metrics.live_caller_changed,
+                        self.metrics.live_callers_pushed)
             if usage_db and self.callers is not None
             else None
         )  # fmt: skip

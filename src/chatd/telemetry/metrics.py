@@ -131,6 +131,14 @@ class Metrics(Observer):
             multiprocess_mode="livemax",
             registry=registry,
         )
+        self.live_changes = Counter(
+            "chatd_live_caller_changes",
+            "Live-caller changes made elsewhere, taken in by how they first arrived: "
+            "push (Redis) or poll (the database).",
+            ("via",),
+            registry=registry,
+        )
+        self.live_push_up: Gauge | None = None  # made when redis_url is set
         # For providers with several endpoints: separate families, so the
         # provider-labelled series above keep their labels (and their dashboards).
         self.endpoint_upstream_seconds = Histogram(
@@ -265,6 +273,20 @@ class Metrics(Observer):
     def reloaded(self, outcome: str, generation: int) -> None:
         self.config_reloads.labels(outcome).inc()
         self.config_generation.set(generation)
+
+    def live_caller_changed(self, via: str) -> None:
+        self._child(self.live_changes, via).inc()
+
+    def live_callers_pushed(self, up: bool) -> None:
+        if self.live_push_up is None:
+            self.live_push_up = Gauge(
+                "chatd_live_callers_push_up",
+                "1 while live-caller changes arrive through Redis (the database is polled "
+                "every 15 s), 0 while it is polled every 0.5 s.",
+                multiprocess_mode="livemin",
+                registry=self.registry,
+            )
+        self.live_push_up.set(1 if up else 0)
 
     def shared_up(self, up: bool) -> None:
         if self.shared_state_up is None:
