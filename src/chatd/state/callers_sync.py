@@ -72,6 +72,7 @@ class LiveCallers:
         self._polled_at = 0.0  # monotonic: when the last good poll began
         self._pushed = False
         self._push_logged = 0.0
+        self._missed = False  # a pushed change could not be read: poll till one succeeds
         callers.loaded = False  # /v1 fails closed until the first read
 
     async def start(self) -> None:
@@ -92,6 +93,7 @@ class LiveCallers:
 
     async def poll(self) -> None:
         began, since = time.time(), time.monotonic()
+        self._missed = False  # a push this read may not cover sets it again
         changed = await self.store.changed_since(self._cursor)
         self.apply(changed, spend=self._loaded, via="poll" if self._loaded else "")
         self._loaded = self.callers.loaded = True
@@ -142,7 +144,7 @@ class LiveCallers:
         while True:
             await asyncio.sleep(POLL_SECS)
             self._note_push(self.pushed())
-            if self._pushed and self._subscribed_at <= self._polled_at:
+            if self._pushed and not self._missed and self._subscribed_at <= self._polled_at:
                 if time.monotonic() - self._polled_at < SAFETY_POLL_SECS:
                     continue  # changes arrive by push; the safety net is not due
             try:
@@ -150,6 +152,7 @@ class LiveCallers:
                     await self.store.open()
                 await self.poll()
             except Exception as exc:
+                self._missed = True
                 self._down(exc)
 
     def _note_push(self, pushed: bool) -> None:
@@ -220,7 +223,8 @@ class LiveCallers:
         elif kind == "message" and isinstance(data, bytes):
             try:
                 record = await self.store.get(data.decode())
-            except Exception:  # the database away: the poll loop notices and logs it
+            except Exception:  # the database away: poll every POLL_SECS till it answers
+                self._missed = True
                 return
             if record is not None:
                 self.apply([record], via="push")
