@@ -6,7 +6,7 @@ Four chatd processes serve `/v1/chat` (ollama kind) from the static nginx upstre
 bench/run.py: tracing off, tracing on (sample_ratio 1.0) toward a collector that takes
 every export (bench/otlp_sink.py), toward a port nobody listens on (refused), and toward
 one that accepts the connection and never answers (each export waits out its timeout).
-One caller at a time (c=1, keep-alive) visits them in turn, round after round, so a busy
+One caller at a time (c=1, keep-alive) sends each of them one request in turn, so a busy
 neighbour lands on all of them alike. Printed: each one's p50 and p90 in ms, and its p50
 ÷ off's. Wall-clock on a shared machine: read the ratios, not the milliseconds.
 """
@@ -67,26 +67,25 @@ def main() -> int:
                 print(f"{name}: {gw.na}", file=sys.stderr)
                 return 1
             conns[name] = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
-        times: dict[str, list[list[float]]] = {name: [] for name in conns}
+        times: dict[str, list[float]] = {name: [] for name in conns}
         headers = {"content-type": "application/json"}
-        for _ in range(args.rounds + 1):  # the first round warms up, and is not kept
-            for name, conn in conns.items():
-                kept: list[float] = []
-                for _ in range(args.requests):
+        for round_ in range(args.rounds + 1):  # the first round warms up, and is not kept
+            for _ in range(args.requests):
+                for name, conn in conns.items():  # one request each, in turn
                     began = time.perf_counter()
                     conn.request("POST", "/v1/chat", body, headers)
                     response = conn.getresponse()
                     response.read()
-                    kept.append(time.perf_counter() - began)
+                    if round_:
+                        times[name].append(time.perf_counter() - began)
                     if response.status != 200:
                         print(f"{name}: status {response.status}", file=sys.stderr)
                         return 1
-                times[name].append(kept)
         off = None
         print(f"c=1, {args.rounds} rounds x {args.requests} requests each, interleaved")
         print(f"{'chatd':48} {'p50 ms':>8} {'p90 ms':>8} {'p50 / off':>10}")
-        for name, rounds in times.items():
-            flat = sorted(t for r in rounds[1:] for t in r)
+        for name, kept in times.items():
+            flat = sorted(kept)
             p50 = statistics.median(flat) * 1000
             p90 = flat[int(len(flat) * 0.9)] * 1000
             off = off or p50

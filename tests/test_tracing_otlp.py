@@ -15,6 +15,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from chatd.telemetry import otlp
 from chatd.telemetry.otlp import CLIENT, ERROR, SERVER, Collector, Encoder, Exporter, Span
+from chatd.telemetry.propagation import TRACED_REQUEST, UPSTREAM_TRACEPARENT
 from chatd.telemetry.tracing import Tracing, parse_traceparent
 from tests.otlp_receiver import OtlpReceiver
 from tests.support import free_port
@@ -45,7 +46,7 @@ def server_and_client() -> tuple[Span, Span]:
             "chatd.attempt": 2,
             "chatd.hedge": True,
             "gen_ai.request.temperature": 0.25,
-            "gen_ai.request.max_tokens": 1,  # an int, even after a float 1.0 was cached
+            "gen_ai.request.max_tokens": 1,
             "chatd.offset": -3,
             "chatd.name": "naïve ✓",
         }
@@ -58,8 +59,6 @@ def server_and_client() -> tuple[Span, Span]:
 
 def test_the_encoded_batch_decodes_field_by_field() -> None:
     encoder = Encoder(RESOURCE, "chatd", "1.2.3")
-    warm = Span(1, 2, 0, False, "", "x", CLIENT, {"gen_ai.request.max_tokens": 1.0})
-    encoder.request([warm])  # caches the float pair first
     server, client = server_and_client()
     for _ in range(2):  # the second batch from the cache
         request = ExportTraceServiceRequest.FromString(encoder.request([server, client]))
@@ -222,3 +221,47 @@ def test_exports_keep_one_connection_and_survive_the_collector_closing_it() -> N
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_client_span_carries_the_request_settings_each_as_its_one_type() -> None:
+    """Temperature is a double and max_tokens an int whatever JSON number the caller sent
+    (the encoder caches a pair by value, where 1 == 1.0)."""
+
+    class Provider:
+        name, kind, base_url, endpoint = "ollama", "ollama", "http://10.0.0.7:11434", None
+
+    class Route:
+        provider, model = Provider(), "qwen3"
+
+    tracing = Tracing("http://127.0.0.1:9/v1/traces", "test", 1.0)
+    spans: list[Span] = []
+    tracing.exporter.add = spans.append  # type: ignore[method-assign]
+    for max_tokens, temperature in ((64, 1), (64.0, 1.0)):
+        facts = {"max_tokens": max_tokens, "temperature": temperature}
+        token = TRACED_REQUEST.set((facts, "chat", None))
+        try:
+            span, upstream = tracing.call_started(Route(), 1, False)
+            UPSTREAM_TRACEPARENT.reset(upstream)
+            answer = {"model": "qwen3:8b", "usage": {"prompt_tokens": 3}}
+            tracing.call_answered(span, Route(), answer)
+        finally:
+            TRACED_REQUEST.reset(token)
+    tracing.shutdown()
+    decoded = ExportTraceServiceRequest.FromString(tracing.exporter.encoder.request(spans))
+    for span in decoded.resource_spans[0].scope_spans[0].spans:
+        assert values(span.attributes) == {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "ollama",
+            "gen_ai.request.model": "qwen3",
+            "gen_ai.response.model": "qwen3:8b",
+            "gen_ai.request.max_tokens": 64,
+            "gen_ai.request.temperature": 1.0,
+            "gen_ai.usage.input_tokens": 3,
+            "server.address": "10.0.0.7",
+            "chatd.provider": "ollama",
+            "chatd.endpoint": "ollama",
+            "chatd.attempt": 1,
+        }
+        kinds = {kv.key: kv.value.WhichOneof("value") for kv in span.attributes}
+        assert kinds["gen_ai.request.max_tokens"] == "int_value"
+        assert kinds["gen_ai.request.temperature"] == "double_value"

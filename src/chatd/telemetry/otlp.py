@@ -124,63 +124,72 @@ def attributes_of(pairs: dict[str, Any], tag: int) -> bytes:
 
 
 FIXED64 = struct.Struct("<Q")
-TIMES = struct.Struct("<BQBQ")  # start_time_unix_nano 7 and end_time_unix_nano 8, fixed64
+KIND_AND_TIMES = struct.Struct("<BBBQBQ")  # kind 6 (a one-byte varint), two fixed64 times
 
 
 class Encoder:
     """`ExportTraceServiceRequest` bytes for a batch of spans, from one resource and one
-    instrumentation scope, whose encodings (and the repeating attributes') are cached."""
+    instrumentation scope, whose encodings are made once, as are span names' and each
+    repeating attribute's: a span costs its ids, its times and a join. An attribute is
+    looked up by its (key, value) pair, so chatd gives each key values of one type
+    (`gen_ai.request.temperature` is always a float): 1 and 1.0 are one pair to a dict."""
 
     def __init__(self, resource: dict[str, Any], scope: str, version: str) -> None:
         # ResourceSpans.resource 1 (Resource.attributes 1), then ScopeSpans.scope 1.
         self.resource = field(0x0A, attributes_of(resource, 0x0A))
         self.scope = field(0x0A, field(0x0A, scope.encode()) + field(0x12, version.encode()))
-        self.cache: dict[tuple[str, type, Any], bytes] = {}
+        self.cache: dict[tuple[str, Any], bytes] = {}
         self.names: dict[str, bytes] = {}
 
     def request(self, spans: list[Span]) -> bytes:
         """ExportTraceServiceRequest.resource_spans 1 → ResourceSpans.scope_spans 2 →
-        ScopeSpans.spans 2."""
-        encoded = b"".join([field(0x12, self.span(s)) for s in spans])
-        scope_spans = self.scope + encoded
+        ScopeSpans.spans 2, each a Span (field numbers in the comments)."""
+        names, cache, attribute = self.names, self.cache, self._attribute
+        encoded = []
+        for span in spans:
+            parts = [
+                b"\x0a\x10"  # trace_id 1, span_id 2
+                + span.trace_id.to_bytes(16, "big")
+                + b"\x12\x08"
+                + span.span_id.to_bytes(8, "big")
+            ]
+            if span.state:
+                parts.append(field(0x1A, span.state.encode()))  # trace_state 3
+            if span.parent_id:
+                parts.append(b"\x22\x08" + span.parent_id.to_bytes(8, "big"))  # parent 4
+            parts.append(names.get(span.name) or self._name(span.name))  # name 5
+            # kind 6, start_time_unix_nano 7, end_time_unix_nano 8
+            parts.append(KIND_AND_TIMES.pack(0x30, span.kind, 0x39, span.start, 0x41, span.end))
+            parts += [cache.get(kv) or attribute(kv) for kv in span.attributes.items()]  # 9
+            if span.events:  # events 11: time_unix_nano 1, name 2
+                for at, event in span.events:
+                    event_field = b"\x09" + FIXED64.pack(at) + field(0x12, event.encode())
+                    parts.append(field(0x5A, event_field))
+            if span.status:  # status 15: message 2, code 3
+                message = field(0x12, span.message.encode()) if span.message else b""
+                parts.append(field(0x7A, message + b"\x18" + bytes((span.status,))))
+            parts.append(REMOTE_PARENT if span.remote else LOCAL_PARENT)  # flags 16
+            body = b"".join(parts)
+            encoded.append(b"\x12" + size(len(body)) + body)
+        scope_spans = self.scope + b"".join(encoded)
         resource_spans = self.resource + b"\x12" + size(len(scope_spans)) + scope_spans
         return b"\x0a" + size(len(resource_spans)) + resource_spans
 
-    def span(self, span: Span) -> bytes:
-        parts = [
-            b"\x0a\x10" + span.trace_id.to_bytes(16, "big"),  # trace_id 1
-            b"\x12\x08" + span.span_id.to_bytes(8, "big"),  # span_id 2
-        ]
-        if span.state:
-            parts.append(field(0x1A, span.state.encode()))  # trace_state 3
-        if span.parent_id:
-            parts.append(b"\x22\x08" + span.parent_id.to_bytes(8, "big"))  # parent_span_id 4
-        name = self.names.get(span.name)
-        if name is None:
-            name = field(0x2A, span.name.encode())  # name 5
-            if len(self.names) < CACHED_ATTRIBUTES:
-                self.names[span.name] = name
-        parts.append(name)
-        parts.append(b"\x30\x02" if span.kind == SERVER else b"\x30\x03")  # kind 6
-        parts.append(TIMES.pack(0x39, span.start, 0x41, span.end or span.start))
-        cache = self.cache
-        for key, value in span.attributes.items():  # attributes 9
-            pair = (key, value.__class__, value)
-            encoded = cache.get(pair)
-            if encoded is None:
-                encoded = field(0x4A, key_value(key, value))
-                if len(cache) >= CACHED_ATTRIBUTES:
-                    cache.clear()  # a value that never repeats (a request id) is not kept
-                if key != "chatd.request_id":
-                    cache[pair] = encoded
-            parts.append(encoded)
-        for at, event in span.events or ():  # events 11: time 1, name 2
-            parts.append(field(0x5A, b"\x09" + FIXED64.pack(at) + field(0x12, event.encode())))
-        if span.status:  # status 15: message 2, code 3
-            message = field(0x12, span.message.encode()) if span.message else b""
-            parts.append(field(0x7A, message + b"\x18" + bytes((span.status,))))
-        parts.append(REMOTE_PARENT if span.remote else LOCAL_PARENT)
-        return b"".join(parts)
+    def _name(self, name: str) -> bytes:
+        encoded = field(0x2A, name.encode())
+        if len(self.names) < CACHED_ATTRIBUTES:
+            self.names[name] = encoded
+        return encoded
+
+    def _attribute(self, pair: tuple[str, Any]) -> bytes:
+        """Span.attributes 9: a KeyValue, kept for the next span unless it is a request's
+        own (its id); the cache is emptied when it fills (values that rarely repeat)."""
+        encoded = field(0x4A, key_value(*pair))
+        if pair[0] != "chatd.request_id":
+            if len(self.cache) >= CACHED_ATTRIBUTES:
+                self.cache.clear()
+            self.cache[pair] = encoded
+        return encoded
 
 
 # -- export ----------------------------------------------------------------------------------

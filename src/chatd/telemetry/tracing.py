@@ -86,18 +86,14 @@ class Tracing:
         """Open the request's span, continuing the caller's `traceparent` if it sent one.
         Parent-based sampling: a caller's decision is kept; chatd's own traces are kept
         at `sample_ratio`, and a request left out gets no span and costs nothing more."""
-        traceparent = tracestate = b""
-        for name, value in scope["headers"]:
-            if name == b"traceparent":
-                traceparent = value
-            elif name == b"tracestate":
-                tracestate = value
+        headers = dict(scope["headers"])  # one pass in C; names are lower case in ASGI
+        traceparent = headers.get(b"traceparent")
         caller = parse_traceparent(traceparent.decode("latin-1")) if traceparent else None
         if caller is not None:
             trace_id, parent_id, sampled = caller
             if not sampled:
                 return
-            state = tracestate.decode("latin-1").strip()
+            state = headers.get(b"tracestate", b"").decode("latin-1").strip()
             if len(state) > TRACESTATE_CHARS:
                 state = ""
         else:
@@ -180,10 +176,11 @@ class Tracing:
         }
         if hedge:
             attributes["chatd.hedge"] = True
-        for name in ("max_tokens", "temperature"):
-            value = facts.get(name)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                attributes[f"gen_ai.request.{name}"] = value
+        max_tokens, temperature = facts.get("max_tokens"), facts.get("temperature")
+        if isinstance(max_tokens, int | float) and not isinstance(max_tokens, bool):
+            attributes["gen_ai.request.max_tokens"] = int(max_tokens)  # an int, always
+        if isinstance(temperature, int | float) and not isinstance(temperature, bool):
+            attributes["gen_ai.request.temperature"] = float(temperature)  # a double, always
         if parent is None:  # not inside a traced request: a trace of its own
             trace_id, parent_id, state = getrandbits(128) or 1, 0, ""
         else:
