@@ -36,7 +36,12 @@ def values(kvs: Any) -> dict[str, Any]:
 def server_and_client() -> tuple[Span, Span]:
     server = Span(TRACE, 0x1111, CALLER_SPAN, True, "vendor=x", "POST /v1/chat", SERVER, {})
     server.attributes.update(
-        {"http.request.method": "POST", "http.response.status_code": 502, "chatd.cache": "miss"}
+        {
+            "http.request.method": "POST",
+            "http.response.status_code": 502,
+            "chatd.cache": "miss",
+            "chatd.request_id": "5f0c6e1a9d6b4b0e8f3a2c1d7e9b0a41",
+        }
     )
     server.status = ERROR
     server.end = server.start + 5_000_000
@@ -159,7 +164,7 @@ def test_a_full_queue_drops_and_counts_and_a_dead_collector_loses_only_spans(
         exporter.add(span)
     assert exporter.dropped >= 5  # the export thread may already have taken some
     exporter.shutdown()
-    assert not exporter._thread.is_alive()
+    assert exporter._thread is not None and not exporter._thread.is_alive()
     assert exporter.exported == 0 and exporter.dropped == 15  # refused: every span counted
 
 
@@ -174,6 +179,7 @@ def test_a_collector_that_never_answers_holds_shutdown_only_to_its_bound() -> No
         span = Span(TRACE, 1, 0, False, "", "x", CLIENT, {})
         exporter.add(span)
         exporter.shutdown()  # an export stuck on the timeout, then the join's bound
+        assert exporter._thread is not None
         exporter._thread.join(otlp.EXPORT_TIMEOUT_SECS * 10)  # and the thread does end
         assert not exporter._thread.is_alive()
         assert exporter.dropped == 1 and exporter.exported == 0
@@ -265,3 +271,25 @@ def test_a_client_span_carries_the_request_settings_each_as_its_one_type() -> No
         kinds = {kv.key: kv.value.WhichOneof("value") for kv in span.attributes}
         assert kinds["gen_ai.request.max_tokens"] == "int_value"
         assert kinds["gen_ai.request.temperature"] == "double_value"
+
+
+def test_a_tracer_that_records_nothing_starts_no_thread() -> None:
+    tracing = Tracing("http://127.0.0.1:9/v1/traces", "test", 0.0)
+    request = request_scope(f"00-{TRACE:032x}-{CALLER_SPAN:016x}-00")  # not sampled
+    tracing.started(request)
+    tracing.finished(request, 200)
+    assert tracing.exporter._thread is None
+    tracing.shutdown()
+
+
+def test_a_batch_longer_than_two_length_bytes_decodes_whole() -> None:
+    spans = []
+    for n in range(300):  # ~100 bytes a span: the batch's lengths need three varint bytes
+        span = Span(TRACE, n + 1, 0, False, "", f"chat model-{n % 7}", CLIENT, {"n": n})
+        span.end = span.start + n
+        spans.append(span)
+    body = Encoder(RESOURCE, "chatd", "1").request(spans)
+    assert len(body) > 16384
+    decoded = ExportTraceServiceRequest.FromString(body).resource_spans[0].scope_spans[0].spans
+    assert [values(s.attributes)["n"] for s in decoded] == list(range(300))
+    assert [s.end_time_unix_nano - s.start_time_unix_nano for s in decoded] == list(range(300))

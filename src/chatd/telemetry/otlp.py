@@ -90,7 +90,10 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-SIZES = tuple(varint(n) for n in range(16384))  # every length a span's field has
+# Every length a span's field has, as its varint: one byte below 128, two below 16,384.
+SIZES = tuple(bytes((n,)) for n in range(128)) + tuple(
+    bytes(((n & 0x7F) | 0x80, n >> 7)) for n in range(128, 16384)
+)
 
 
 def size(n: int) -> bytes:
@@ -140,6 +143,7 @@ class Encoder:
         self.scope = field(0x0A, field(0x0A, scope.encode()) + field(0x12, version.encode()))
         self.cache: dict[tuple[str, Any], bytes] = {}
         self.names: dict[str, bytes] = {}
+        self.keys: dict[str, bytes] = {}
 
     def request(self, spans: list[Span]) -> bytes:
         """ExportTraceServiceRequest.resource_spans 1 → ResourceSpans.scope_spans 2 →
@@ -175,6 +179,10 @@ class Encoder:
         resource_spans = self.resource + b"\x12" + size(len(scope_spans)) + scope_spans
         return b"\x0a" + size(len(resource_spans)) + resource_spans
 
+    def _key(self, key: str) -> bytes:
+        encoded = self.keys[key] = field(0x0A, key.encode())  # KeyValue.key 1: a few dozen
+        return encoded
+
     def _name(self, name: str) -> bytes:
         encoded = field(0x2A, name.encode())
         if len(self.names) < CACHED_ATTRIBUTES:
@@ -184,8 +192,16 @@ class Encoder:
     def _attribute(self, pair: tuple[str, Any]) -> bytes:
         """Span.attributes 9: a KeyValue, kept for the next span unless it is a request's
         own (its id); the cache is emptied when it fills (values that rarely repeat)."""
-        encoded = field(0x4A, key_value(*pair))
-        if pair[0] != "chatd.request_id":
+        key, value = pair
+        if value.__class__ is str:  # most: one AnyValue.string_value 1, no helpers
+            text = value.encode()
+            any_value = b"\x0a" + size(len(text)) + text
+            pair_field = self.keys.get(key) or self._key(key)
+            kv = pair_field + b"\x12" + size(len(any_value)) + any_value
+        else:
+            kv = key_value(key, value)
+        encoded = b"\x4a" + size(len(kv)) + kv
+        if key != "chatd.request_id":
             if len(self.cache) >= CACHED_ATTRIBUTES:
                 self.cache.clear()
             self.cache[pair] = encoded
@@ -205,30 +221,39 @@ class Exporter:
         self.collector = Collector(url)
         self.encoder = encoder
         self.queue: deque[Span] = deque()
-        self.dropped = 0  # spans lost: a full queue, or a batch the collector did not take
+        self.full = 0  # spans dropped by the event loop: the queue was full
+        self.failed = 0  # spans dropped by the thread: batches the collector did not take
         self.exported = 0
         self._reported = 0
         self._last_complaint = -60.0
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="chatd-otlp", daemon=True)
-        self._thread.start()
+        # Started by the first span, in the process that records it (a --workers worker).
+        self._thread: threading.Thread | None = None
+
+    @property
+    def dropped(self) -> int:
+        return self.full + self.failed
 
     def add(self, span: Span) -> None:
         """Queue an ended span (the event loop's whole share of exporting it)."""
         queue = self.queue
         if len(queue) >= QUEUE_SPANS:
-            self.dropped += 1
+            self.full += 1
             return
         queue.append(span)
         if len(queue) == BATCH_SPANS:
             self._wake.set()
+        if self._thread is None and not self._stopping:
+            self._thread = threading.Thread(target=self._run, name="chatd-otlp", daemon=True)
+            self._thread.start()
 
     def shutdown(self, timeout: float = EXPORT_TIMEOUT_SECS + 1.0) -> None:
         """Export what is queued, within `timeout`, then stop the thread."""
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
@@ -256,7 +281,7 @@ class Exporter:
             self._post(body)
             self.exported += len(batch)
         except Exception as exc:  # noqa: BLE001 - a lost batch must never stop the thread
-            self.dropped += len(batch)
+            self.failed += len(batch)
             self._close()  # an answer it could not read: start afresh
             self._complain(exc)
 

@@ -78,7 +78,7 @@ class Tracing:
         # chatd starts is kept when its id's low 64 bits fall under the bound.
         self.ratio = sample_ratio
         self.bound = round(sample_ratio * (TRACE_ID_LIMIT + 1))
-        self._hosts: dict[str, str] = {}
+        self._static: dict[tuple[Any, str, str], dict[str, Any]] = {}
 
     # -- the server span: one per request ----------------------------------------------
 
@@ -159,21 +159,12 @@ class Tracing:
     def call_started(self, route: Any, number: int, hedge: bool) -> Any:
         """A client span for one upstream call (a child of the request's); returns it and
         the token that makes the call's upstream `traceparent` name it."""
-        provider = route.provider
         facts, operation, parent = TRACED_REQUEST.get() or ({}, "chat", None)
-        base_url = provider.base_url
-        host = self._hosts.get(base_url)
-        if host is None:
-            host = self._hosts[base_url] = urlsplit(base_url).hostname or ""
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": operation,
-            "gen_ai.provider.name": genai_provider(provider),
-            "gen_ai.request.model": route.model,
-            "server.address": host,
-            "chatd.provider": provider.name,
-            "chatd.endpoint": getattr(provider, "endpoint", None) or provider.name,
-            "chatd.attempt": number,
-        }
+        static = self._static.get((route.provider, route.model, operation))
+        if static is None:
+            static = self._static_attributes(route.provider, route.model, operation)
+        attributes = static.copy()
+        attributes["chatd.attempt"] = number
         if hedge:
             attributes["chatd.hedge"] = True
         max_tokens, temperature = facts.get("max_tokens"), facts.get("temperature")
@@ -197,6 +188,20 @@ class Tracing:
             attributes,
         )
         return span, UPSTREAM_TRACEPARENT.set(f"00-{trace_id:032x}-{span_id:016x}-01")
+
+    def _static_attributes(self, provider: Any, model: str, operation: str) -> dict[str, Any]:
+        """What every call to one provider's model has in common, made once."""
+        if len(self._static) >= 1024:  # providers a reload replaced are let go
+            self._static.clear()
+        static = self._static[(provider, model, operation)] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": genai_provider(provider),
+            "gen_ai.request.model": model,
+            "server.address": urlsplit(provider.base_url).hostname or "",
+            "chatd.provider": provider.name,
+            "chatd.endpoint": getattr(provider, "endpoint", None) or provider.name,
+        }
+        return static
 
     def call_answered(self, span: Span, route: Any, result: Any) -> None:
         """An answer came: its model and tokens; a stream's span stays open until it ends."""
