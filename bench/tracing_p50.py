@@ -2,13 +2,16 @@
 bench/tracing_p50.py [--rounds 10] [--requests 200]`; needs nginx, which `bash
 bench/run.sh` installs.)
 
-Four chatd processes serve `/v1/chat` (ollama kind) from the static nginx upstream of
+Five chatd processes serve `/v1/chat` (ollama kind) from the static nginx upstream of
 bench/run.py: tracing off, tracing on (sample_ratio 1.0) toward a collector that takes
-every export (bench/otlp_sink.py), toward a port nobody listens on (refused), and toward
-one that accepts the connection and never answers (each export waits out its timeout).
+every export (bench/otlp_sink.py), toward a port nobody listens on (refused), toward one
+that accepts the connection and never answers (each export waits out its timeout), and
+tracing off again in a second process (two processes of one configuration differ by
+this machine's noise).
 One caller at a time (c=1, keep-alive) sends each of them one request in turn, so a busy
-neighbour lands on all of them alike. Printed: each one's p50 and p90 in ms, and its p50
-÷ off's. Wall-clock on a shared machine: read the ratios, not the milliseconds.
+neighbour lands on all of them alike (the order turns each round). Printed: each one's
+p50 and p90 in ms, and its p50 ÷ off's. Wall-clock on a shared machine: read the ratios,
+not the milliseconds, and the second "off" for how far two alike processes differ.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main() -> int:
         "tracing on, collector up": start_sink(),
         "tracing on, collector down (refused)": f"http://127.0.0.1:{free_port()}",
         "tracing on, collector silent (never answers)": silent,
+        "tracing off, again (a second process: the noise floor)": None,
     }
     chat = {"model": "qwen3.5:latest", "messages": [{"role": "user", "content": "hi"}]}
     body = orjson.dumps(chat)
@@ -69,9 +73,11 @@ def main() -> int:
             conns[name] = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
         times: dict[str, list[float]] = {name: [] for name in conns}
         headers = {"content-type": "application/json"}
+        order = list(conns.items())
         for round_ in range(args.rounds + 1):  # the first round warms up, and is not kept
+            order = order[1:] + order[:1]  # each round a different one goes first
             for _ in range(args.requests):
-                for name, conn in conns.items():  # one request each, in turn
+                for name, conn in order:  # one request each, in turn
                     began = time.perf_counter()
                     conn.request("POST", "/v1/chat", body, headers)
                     response = conn.getresponse()
@@ -83,13 +89,13 @@ def main() -> int:
                         return 1
         off = None
         print(f"c=1, {args.rounds} rounds x {args.requests} requests each, interleaved")
-        print(f"{'chatd':48} {'p50 ms':>8} {'p90 ms':>8} {'p50 / off':>10}")
+        print(f"{'chatd':56} {'p50 ms':>8} {'p90 ms':>8} {'p50 / off':>10}")
         for name, kept in times.items():
             flat = sorted(kept)
             p50 = statistics.median(flat) * 1000
             p90 = flat[int(len(flat) * 0.9)] * 1000
             off = off or p50
-            print(f"{name:48} {p50:8.3f} {p90:8.3f} {p50 / off:10.3f}")
+            print(f"{name:56} {p50:8.3f} {p90:8.3f} {p50 / off:10.3f}")
         return 0
     finally:
         for conn in conns.values():
