@@ -23,7 +23,7 @@ def scope(traceparent: str | None = None) -> dict[str, Any]:
 def never() -> Any:
     tracing = Tracing("http://127.0.0.1:9/v1/traces", "test", 0.0)
     yield tracing
-    tracing.provider.shutdown()
+    tracing.shutdown()
 
 
 def test_a_request_left_out_by_the_ratio_gets_no_span_and_no_trace_id(never: Tracing) -> None:
@@ -50,7 +50,7 @@ def test_a_callers_unsampled_trace_stays_unsampled() -> None:
     always.started(mangled)
     assert len(mangled["state"]["log"]["trace_id"]) == 32
     always.finished(mangled, 200)
-    always.provider.shutdown()
+    always.shutdown()
 
 
 def test_the_endpoint_comes_from_the_config_or_the_standard_variable() -> None:

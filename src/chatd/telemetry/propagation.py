@@ -9,8 +9,8 @@ from typing import Any
 UPSTREAM_TRACEPARENT: ContextVar[str | None] = ContextVar(
     "chatd_upstream_traceparent", default=None
 )
-# The traced request's facts (its log line's), operation ("chat" | "embeddings") and the
-# OpenTelemetry context of its server span, for the client spans of its upstream calls.
+# The traced request's facts (its log line's), operation ("chat" | "embeddings") and its
+# server span (telemetry/otlp.py's Span), the parent of its upstream calls' client spans.
 TRACED_REQUEST: ContextVar[tuple[dict[str, Any], str, Any] | None] = ContextVar(
     "chatd_traced_request", default=None
 )

@@ -1,30 +1,32 @@
-"""Traces with OpenTelemetry (docs/tracing.md): a server span per request, a client span
-per upstream call, exported over OTLP/HTTP in batches off the request path.
+"""Traces (docs/tracing.md): a server span per request, a client span per upstream call,
+recorded as plain objects on the request path and exported over OTLP/HTTP protobuf in
+batches from a thread of their own (telemetry/otlp.py).
 
-Off (no endpoint configured), nothing here is imported or called: `build_tracing`
-returns None and every caller checks for None once. The OpenTelemetry SDK is imported
-only when tracing is on.
+Off (no endpoint configured), nothing here is called: `build_tracing` returns None and
+every caller checks for None once. No OpenTelemetry library runs: the SDK's span objects
+and encoder cost a traced request several times chatd's own work (docs/tracing.md).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import random
+import re
 import time
 import uuid
 from collections.abc import Mapping
+from random import getrandbits
 from typing import Any
 from urllib.parse import urlsplit
 
 from chatd import __version__
 from chatd.config import Settings
+from chatd.telemetry.otlp import CLIENT, ERROR, SERVER, Encoder, Exporter, Span
 from chatd.telemetry.propagation import TRACED_REQUEST, UPSTREAM_TRACEPARENT
 
 SPAN_STATE = "span"  # scope["state"][SPAN_STATE]: the server span and its context token
-EXPORT_TIMEOUT_SECS = 2.0
-EXPORT_EVERY_MS = 500
-QUEUE_SPANS = 8192
+TRACE_ID_LIMIT = (1 << 64) - 1  # the ratio sampler looks at a trace id's low 64 bits
+TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+TRACESTATE_CHARS = 512  # W3C: a tracestate longer than this may be dropped
 
 
 def build_tracing(settings: Settings, environ: Mapping[str, str] | None = None) -> Tracing | None:
@@ -44,47 +46,39 @@ def traces_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces"
 
 
+def parse_traceparent(value: str) -> tuple[int, int, bool] | None:
+    """A W3C `traceparent`'s trace id, parent span id and sampled flag; None when it
+    cannot be read (then chatd starts a trace of its own)."""
+    match = TRACEPARENT.fullmatch(value.strip())
+    if match is None:
+        return None
+    version, trace, span, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    trace_id, span_id = int(trace, 16), int(span, 16)
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, bool(int(flags, 16) & 1)
+
+
 class Tracing:
-    """One process's tracer provider, exporter and the spans chatd makes."""
+    """One process's spans: sampled, recorded, and handed to its exporter."""
 
     def __init__(self, url: str, service_name: str, sample_ratio: float) -> None:
-        from opentelemetry import trace
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
         self.url = url
         self.instance = uuid.uuid4().hex  # each process (each --workers worker) its own
-        resource = Resource.create(
-            {
-                "service.name": service_name,
-                "service.version": __version__,
-                "service.instance.id": self.instance,
-            }
-        )
-        # chatd samples before it makes a span (`started`): a request left out costs no
-        # span at all, so the SDK keeps every span it is given.
+        resource = {
+            "service.name": service_name,
+            "service.version": __version__,
+            "service.instance.id": self.instance,
+            "telemetry.sdk.language": "python",
+        }
+        self.exporter = Exporter(url, Encoder(resource, "chatd", __version__))
+        # Parent-based, then trace-id ratio, as OpenTelemetry's samplers decide: a trace
+        # chatd starts is kept when its id's low 64 bits fall under the bound.
         self.ratio = sample_ratio
-        self.provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
-        exporter = OTLPSpanExporter(endpoint=url, timeout=EXPORT_TIMEOUT_SECS)
-        self.provider.add_span_processor(
-            BatchSpanProcessor(
-                exporter,
-                max_queue_size=QUEUE_SPANS,
-                schedule_delay_millis=EXPORT_EVERY_MS,
-                export_timeout_millis=int(EXPORT_TIMEOUT_SECS * 1000),
-            )
-        )
-        self.tracer = self.provider.get_tracer("chatd", __version__)
-        self._trace = trace
-        self._propagator = TraceContextTextMapPropagator()
-        self._server = trace.SpanKind.SERVER
-        self._client = trace.SpanKind.CLIENT
-        self._error = trace.StatusCode.ERROR
-        quiet_exporter_logs()
+        self.bound = round(sample_ratio * (TRACE_ID_LIMIT + 1))
+        self._static: dict[tuple[Any, str, str], dict[str, Any]] = {}
 
     # -- the server span: one per request ----------------------------------------------
 
@@ -92,33 +86,39 @@ class Tracing:
         """Open the request's span, continuing the caller's `traceparent` if it sent one.
         Parent-based sampling: a caller's decision is kept; chatd's own traces are kept
         at `sample_ratio`, and a request left out gets no span and costs nothing more."""
-        carrier = {
-            name.decode("latin-1"): value.decode("latin-1")
-            for name, value in scope["headers"]
-            if name in (b"traceparent", b"tracestate")
-        }
-        parent = self._propagator.extract(carrier) if carrier else None
-        caller = self._trace.get_current_span(parent).get_span_context() if parent else None
-        if caller is not None and caller.is_valid:
-            if not caller.trace_flags.sampled:
+        headers = dict(scope["headers"])  # one pass in C; names are lower case in ASGI
+        traceparent = headers.get(b"traceparent")
+        caller = parse_traceparent(traceparent.decode("latin-1")) if traceparent else None
+        if caller is not None:
+            trace_id, parent_id, sampled = caller
+            if not sampled:
                 return
-        elif self.ratio < 1.0 and random.random() >= self.ratio:
-            return
+            state = headers.get(b"tracestate", b"").decode("latin-1").strip()
+            if len(state) > TRACESTATE_CHARS:
+                state = ""
+        else:
+            trace_id = getrandbits(128) or 1
+            if (trace_id & TRACE_ID_LIMIT) >= self.bound:
+                return
+            parent_id, state = 0, ""
         method = scope.get("method", "")
-        span = self.tracer.start_span(
-            f"{method} {scope.get('path', '')}",
-            context=parent,
-            kind=self._server,
-            attributes={"http.request.method": method, "url.path": scope.get("path", "")},
+        path = scope.get("path", "")
+        span = Span(
+            trace_id,
+            getrandbits(64) or 1,
+            parent_id,
+            caller is not None,
+            state,
+            f"{method} {path}",
+            SERVER,
+            {"http.request.method": method, "url.path": path},
         )
-        # The client spans' parent, handed down by a context variable of chatd's own: no
-        # attach/detach of OpenTelemetry's current context per request.
-        state = scope.setdefault("state", {})
-        facts = state.setdefault("log", {})
-        operation = "embeddings" if scope.get("path") == "/v1/embeddings" else "chat"
-        parent_of_calls = self._trace.set_span_in_context(span, parent)
-        state[SPAN_STATE] = (span, TRACED_REQUEST.set((facts, operation, parent_of_calls)))
-        facts["trace_id"] = format(span.get_span_context().trace_id, "032x")
+        # The client spans' parent, handed down by a context variable of chatd's own.
+        request_state = scope.setdefault("state", {})
+        facts = request_state.setdefault("log", {})
+        operation = "embeddings" if path == "/v1/embeddings" else "chat"
+        request_state[SPAN_STATE] = (span, TRACED_REQUEST.set((facts, operation, span)))
+        facts["trace_id"] = format(trace_id, "032x")
 
     def finished(self, scope: Any, status: int) -> None:
         """Close the request's span with what the request turned out to be."""
@@ -128,22 +128,20 @@ class Tracing:
             return
         span, request = opened
         try:
-            if span.is_recording():
-                self._describe_server(span, scope, state, status)
-            span.end()
+            self._describe_server(span, scope, state, status)
+            self._end(span)
         finally:
             TRACED_REQUEST.reset(request)
 
-    def _describe_server(self, span: Any, scope: Any, state: dict[str, Any], status: int) -> None:
+    def _describe_server(self, span: Span, scope: Any, state: dict[str, Any], status: int) -> None:
         facts = state.get("log") or {}
-        attributes: dict[str, Any] = {
-            "http.response.status_code": status,
-            "chatd.cache": facts.get("cache") or "bypass",
-        }
+        attributes = span.attributes
         route = getattr(scope.get("route"), "path", None)
         if route:
-            span.update_name(f"{scope.get('method', '')} {route}")
+            span.name = f"{scope.get('method', '')} {route}"
             attributes["http.route"] = route
+        attributes["http.response.status_code"] = status
+        attributes["chatd.cache"] = facts.get("cache") or "bypass"
         request_id = state.get("request_id")
         if request_id:
             attributes["chatd.request_id"] = request_id
@@ -153,77 +151,96 @@ class Tracing:
         error = facts.get("error")
         if error:
             attributes["error.type"] = str(error)
-        span.set_attributes(attributes)  # one lock and one pass, not one per attribute
         if status >= 500:
-            span.set_status(self._error)
+            span.status = ERROR
 
     # -- client spans: one per upstream call -------------------------------------------
 
     def call_started(self, route: Any, number: int, hedge: bool) -> Any:
         """A client span for one upstream call (a child of the request's); returns it and
         the token that makes the call's upstream `traceparent` name it."""
-        provider = route.provider
         facts, operation, parent = TRACED_REQUEST.get() or ({}, "chat", None)
-        attributes: dict[str, Any] = {
+        static = self._static.get((route.provider, route.model, operation))
+        if static is None:
+            static = self._static_attributes(route.provider, route.model, operation)
+        attributes = static.copy()
+        attributes["chatd.attempt"] = number
+        if hedge:
+            attributes["chatd.hedge"] = True
+        max_tokens, temperature = facts.get("max_tokens"), facts.get("temperature")
+        if isinstance(max_tokens, int | float) and not isinstance(max_tokens, bool):
+            attributes["gen_ai.request.max_tokens"] = int(max_tokens)  # an int, always
+        if isinstance(temperature, int | float) and not isinstance(temperature, bool):
+            attributes["gen_ai.request.temperature"] = float(temperature)  # a double, always
+        if parent is None:  # not inside a traced request: a trace of its own
+            trace_id, parent_id, state = getrandbits(128) or 1, 0, ""
+        else:
+            trace_id, parent_id, state = parent.trace_id, parent.span_id, parent.state
+        span_id = getrandbits(64) or 1
+        span = Span(
+            trace_id,
+            span_id,
+            parent_id,
+            False,
+            state,
+            f"{operation} {route.model}",
+            CLIENT,
+            attributes,
+        )
+        return span, UPSTREAM_TRACEPARENT.set(f"00-{trace_id:032x}-{span_id:016x}-01")
+
+    def _static_attributes(self, provider: Any, model: str, operation: str) -> dict[str, Any]:
+        """What every call to one provider's model has in common, made once."""
+        if len(self._static) >= 1024:  # providers a reload replaced are let go
+            self._static.clear()
+        static = self._static[(provider, model, operation)] = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": genai_provider(provider),
-            "gen_ai.request.model": route.model,
+            "gen_ai.request.model": model,
             "server.address": urlsplit(provider.base_url).hostname or "",
             "chatd.provider": provider.name,
             "chatd.endpoint": getattr(provider, "endpoint", None) or provider.name,
-            "chatd.attempt": number,
         }
-        if hedge:
-            attributes["chatd.hedge"] = True
-        for name in ("max_tokens", "temperature"):
-            value = facts.get(name)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                attributes[f"gen_ai.request.{name}"] = value
-        span = self.tracer.start_span(
-            f"{operation} {route.model}", context=parent, kind=self._client, attributes=attributes
-        )
-        context = span.get_span_context()
-        traceparent = (
-            f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
-        )
-        return span, UPSTREAM_TRACEPARENT.set(traceparent)
+        return static
 
-    def call_answered(self, span: Any, route: Any, result: Any) -> None:
+    def call_answered(self, span: Span, route: Any, result: Any) -> None:
         """An answer came: its model and tokens; a stream's span stays open until it ends."""
-        if not span.is_recording():
-            span.end()
-            return
-        span.set_attribute("gen_ai.response.model", response_model(result) or route.model)
+        span.attributes["gen_ai.response.model"] = response_model(result) or route.model
         opened = result[1] if isinstance(result, tuple) and len(result) == 2 else None
         if opened is not None and hasattr(opened, "on_close"):
-            span.add_event("gen_ai.first_token")
+            span.events = [(time.time_ns(), "gen_ai.first_token")]
             opened.on_close = lambda last, error: self.call_ended(span, last, error)
             return
         set_usage(span, result)
-        span.end()
+        self._end(span)
 
-    def call_ended(self, span: Any, last: Any, error: BaseException | None) -> None:
+    def call_ended(self, span: Span, last: Any, error: BaseException | None) -> None:
         """A stream's end: its tokens (from its last event) or its error."""
         if error is not None:
             self.call_failed(span, error)
             return
         set_usage(span, last)
-        span.end()
+        self._end(span)
 
-    def call_failed(self, span: Any, error: BaseException | None) -> None:
+    def call_failed(self, span: Span, error: BaseException | None) -> None:
         """The call failed (its error type as `error.type`) or was cancelled."""
-        if span.is_recording():
-            kind = getattr(error, "type", None)
-            if kind is None:  # cancelled: a hedge that lost, a caller that left
-                span.set_attribute("error.type", "cancelled")
-            else:
-                span.set_attribute("error.type", kind)
-                span.set_status(self._error, getattr(error, "summary", None) or kind)
-        span.end()
+        kind = getattr(error, "type", None)
+        if kind is None:  # cancelled: a hedge that lost, a caller that left
+            span.attributes["error.type"] = "cancelled"
+        else:
+            span.attributes["error.type"] = kind
+            span.status = ERROR
+            span.message = getattr(error, "summary", None) or kind
+        self._end(span)
+
+    def _end(self, span: Span) -> None:
+        if not span.end:  # a span ends once
+            span.end = time.time_ns()
+            self.exporter.add(span)
 
     def shutdown(self) -> None:
         """Export what is queued (bounded by the export timeout), then stop."""
-        self.provider.shutdown()
+        self.exporter.shutdown()
 
 
 def genai_provider(provider: Any) -> str:
@@ -239,7 +256,7 @@ def response_model(result: Any) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def set_usage(span: Any, result: Any) -> None:
+def set_usage(span: Span, result: Any) -> None:
     """Token counts from whatever a provider answered: a chatd result or event, or an
     OpenAI-shaped body's `usage`."""
     usage = result.get("usage") if isinstance(result, dict) else None
@@ -250,33 +267,6 @@ def set_usage(span: Any, result: Any) -> None:
         inputs = getattr(result, "input_tokens", None)
         outputs = getattr(result, "output_tokens", None)
     if isinstance(inputs, int):
-        span.set_attribute("gen_ai.usage.input_tokens", inputs)
+        span.attributes["gen_ai.usage.input_tokens"] = inputs
     if isinstance(outputs, int):
-        span.set_attribute("gen_ai.usage.output_tokens", outputs)
-
-
-class OncePerMinute(logging.Filter):
-    """An unreachable collector is worth a line a minute, not one per batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last = -60.0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self.last < 60:
-            return False
-        self.last = now
-        return True
-
-
-def quiet_exporter_logs() -> None:
-    """The SDK's loggers (made when its modules were imported): a line a minute at most.
-    Its batch processor warns once per span it drops when the queue is full; that one
-    stays at ERROR, so a dropped span costs no log record."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("opentelemetry"):
-            logger = logging.getLogger(name)
-            if not any(isinstance(f, OncePerMinute) for f in logger.filters):
-                logger.addFilter(OncePerMinute())
-    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
+        span.attributes["gen_ai.usage.output_tokens"] = outputs
