@@ -35,7 +35,9 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,7 +53,7 @@ import httpx
 from tests.fakes.upstream import ANSWER, FakeUpstream, behaviour
 from tests.redis_server import RedisServer
 from tests.servers import PostgresServer
-from tests.support import ChatdProcess, nginx_conf, provider_toml, running_nginx
+from tests.support import ChatdProcess, free_port, nginx_conf, provider_toml, wait_for_port
 
 TIMEOUT_SECS = 2.0
 ADMIN = "soak-operator-token-51c2e0"
@@ -145,16 +147,84 @@ def token(name: str) -> str:
 NGINX_HTTP = """\
     upstream chatd {{
         server 127.0.0.1:{a};
-        server 127.0.0.1:{b};
+        server 127.0.0.1:{b}{b_down};
     }}
     server {{
         listen 127.0.0.1:{port};
+        # a reload closes the old worker's idle keep-alive connections, racing a client's
+        # next request on one (an error no server can answer): one connection a request
+        keepalive_timeout 0;
         location / {{
             proxy_pass http://chatd;
             proxy_http_version 1.1;
         }}
     }}
 """
+
+
+class Nginx:
+    """A real nginx with a master process (so `route(b_down=...)` reloads it: the way to
+    take a replica out of rotation before it is stopped), on a free port, in `tmp`."""
+
+    def __init__(self, tmp: Path, a: int, b: int) -> None:
+        self.tmp, self.a, self.b = tmp, a, b
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _write(self, b_down: bool) -> None:
+        http = NGINX_HTTP.format(port=self.port, a=self.a, b=self.b,
+                                 b_down=" down" if b_down else "")  # fmt: skip
+        conf = nginx_conf(self.tmp, http).replace("master_process off;", "master_process on;")
+        (self.tmp / "nginx.conf").write_text(conf)
+
+    def start(self) -> Nginx:
+        binary = shutil.which("nginx")
+        if binary is None:
+            raise RuntimeError("nginx is not on PATH")
+        self._write(False)
+        self._log = open(self.tmp / "stderr.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [binary, "-p", str(self.tmp), "-e", str(self.tmp / "error.log"),
+             "-c", str(self.tmp / "nginx.conf")],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_for_port(self.proc, self.port, self.tmp)
+        return self
+
+    def workers(self) -> int:
+        assert self.proc is not None
+        count = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            count += fields[1] == str(self.proc.pid)  # its parent is the master
+        return count
+
+    def route(self, b_down: bool) -> None:
+        """Reload with replica b in or out of rotation. Returns once a new worker serves
+        and the old one has had 0.5 s to stop sending: it may still wait for answers."""
+        assert self.proc is not None
+        self._write(b_down)
+        before = self.workers()
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while self.workers() <= before and self.workers() != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the new worker comes before the old one leaves
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self._log.close()
 
 
 @dataclass
@@ -187,6 +257,7 @@ class Report:
     enforced: dict[str, dict[str, float | None]] = field(default_factory=dict)
     agreed_after: float | None = None
     disagreed: str = ""  # what the replicas enforced, and the ledger said, at first
+    in_flight_at_sigterm: int | None = None  # b's upstream calls in flight when stopped
     events: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     timing: list[str] = field(default_factory=list)
@@ -200,9 +271,13 @@ class Report:
             "outcomes " + ", ".join(f"{k}: {v}" for k, v in sorted(self.outcomes.items())),
             "cache " + ", ".join(f"{k}: {v}" for k, v in sorted(self.cache.items())),
             "chaos: " + "; ".join(self.events),
+            f"replica b had {self.in_flight_at_sigterm} upstream calls in flight at SIGTERM",
         ]
         for name, (fakes, ledger) in sorted(self.spend.items()):
             lines.append(f"  {name:7} spend: fakes reported ${fakes:.6f}, ledger ${ledger:.6f}")
+        for name, _rpm, _tpm, budget, _conc in CALLERS:
+            if budget and name in self.spend:
+                lines.append(f"  {name:7} budget ${budget:.2f}: spent ${self.spend[name][1]:.6f}")
         for name, by_replica in sorted(self.enforced.items()):
             got = ", ".join(f"{r} ${v:.6f}" if v is not None else f"{r} ?"
                             for r, v in by_replica.items())  # fmt: skip
@@ -412,18 +487,17 @@ def run_soak(requests: int, concurrency: int, seed: int | None = None,
             a, b = ChatdProcess(config, workdir, env=env), ChatdProcess(config, workdir, env=env)
             replicas = {"a": a, "b": b}
 
-            def proxy(ngx: Path, port: int) -> str:
-                return nginx_conf(ngx, NGINX_HTTP.format(port=port, a=a.port, b=b.port))
-
             (workdir / "nginx").mkdir()
+            nginx = Nginx(workdir / "nginx", a.port, b.port)
             try:
                 with ThreadPoolExecutor(2) as pool:  # at once: start-up is much of a short run
                     list(pool.map(lambda chatd: chatd.start(60), (a, b)))
-                with running_nginx(workdir / "nginx", proxy) as url:
-                    wait_shared_up([a, b])
-                    drive_and_check(report, url, plans, concurrency, answers, replicas, redis,
-                                    pg, workdir, config, env, agree_secs)  # fmt: skip
+                nginx.start()
+                wait_shared_up([a, b])
+                drive_and_check(report, nginx, plans, concurrency, answers, replicas, redis,
+                                pg, workdir, config, env, agree_secs)  # fmt: skip
             finally:
+                nginx.stop()
                 for name, chatd in replicas.items():
                     if chatd.proc is None:
                         continue
@@ -439,6 +513,13 @@ def run_soak(requests: int, concurrency: int, seed: int | None = None,
     return report
 
 
+def in_flight(url: str) -> int:
+    """The replica's own count of upstream calls in flight (`chatd_in_flight_requests`)."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("chatd_in_flight_requests{")))  # fmt: skip
+
+
 def wait_shared_up(replicas: list[ChatdProcess], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -449,14 +530,18 @@ def wait_shared_up(replicas: list[ChatdProcess], timeout: float = 15.0) -> None:
     raise RuntimeError("the replicas did not reach Redis")
 
 
-def drive_and_check(report: Report, url: str, plans: list[Plan], concurrency: int,
+def drive_and_check(report: Report, nginx: Nginx, plans: list[Plan], concurrency: int,
                     answers: dict[str, Answer], replicas: dict[str, ChatdProcess],
                     redis: RedisServer, pg: PostgresServer, workdir: Path, config: str,
                     env: dict[str, str], agree_secs: float) -> None:  # fmt: skip
     def restart_b() -> None:
         old = replicas["b"]
         assert old.proc is not None
-        old.proc.send_signal(signal.SIGTERM)  # drains: its requests in flight finish
+        # As a rolling restart does it (docs/replicas-and-cache.md): out of rotation first,
+        # then SIGTERM, which drains what b still serves (the 2 s hangs, streams)
+        nginx.route(b_down=True)
+        busy = in_flight(old.url)
+        old.proc.send_signal(signal.SIGTERM)
         code = old.proc.wait(60)
         if code != 0:
             report.problems.append(f"replica b exited {code} on SIGTERM")
@@ -465,24 +550,31 @@ def drive_and_check(report: Report, url: str, plans: list[Plan], concurrency: in
         again = workdir / "b-again"
         again.mkdir(exist_ok=True)
         replicas["b"] = ChatdProcess(config, again, env=env, port=old.port).start(60)
+        nginx.route(b_down=False)
+        report.in_flight_at_sigterm = busy
 
+    # The replica restart comes first and ends before Redis goes: its start-up brings
+    # Redis up to the ledger's spend, which would hide a replica that failed to do so when
+    # Redis came back. Redis comes back while PostgreSQL is down, so that reload must wait.
     steps = [
-        (0.12, "redis SIGKILL", redis.kill),
-        (0.22, "redis restarted (empty)", redis.start),
-        (0.35, "postgresql SIGKILL", pg.kill),
-        (0.48, "postgresql restarted", pg.start),
-        (0.6, "replica b SIGTERM, drained and restarted", restart_b),
+        (0.02, "replica b out of nginx, SIGTERM, drained, restarted, back in", restart_b),
+        (0.55, "redis SIGKILL", redis.kill),
+        (0.62, "postgresql SIGKILL", pg.kill),
+        (0.7, "redis restarted (empty) while postgresql is down", redis.start),
+        (0.8, "postgresql restarted", pg.start),
     ]
     progress = [0]
     chaos = Chaos(len(plans), progress, steps, report)
     chaos.start()
     started = time.monotonic()
-    asyncio.run(drive(url, plans, concurrency, answers, progress))
+    asyncio.run(drive(nginx.url, plans, concurrency, answers, progress))
     report.seconds = time.monotonic() - started
-    chaos.join(120)  # a restart still under way when the last answer came
-    ended = time.monotonic()
+    chaos.join(120)  # a step still under way when the last answer came
     if chaos.error is not None:
-        report.problems.append(f"the chaos step failed: {chaos.error!r}")
+        report.problems.append(f"a chaos step failed: {chaos.error!r}")
+    if report.events and not report.events[-1].startswith("postgresql restarted at "):
+        report.problems.append("the chaos steps ran late: " + "; ".join(report.events))
+    ended = time.monotonic()
     if len(report.events) != len(steps):
         report.problems.append(f"only {len(report.events)} of {len(steps)} chaos steps ran")
     # the spend each replica enforces == the ledger's, within `agree_secs` of the end

@@ -15,7 +15,7 @@ import pytest
 from tests.servers import skip_reason
 from tests.soak_gateway import run_soak
 
-REQUESTS, CONCURRENCY = 700, 16
+REQUESTS, CONCURRENCY = 1000, 8
 
 
 def test_gateway_soak_survives_redis_postgres_and_a_replica_going_away(tmp_path: Path) -> None:
