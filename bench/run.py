@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from load import (
+    VARY,
     Request,
     StreamStats,
     WrkResult,
@@ -50,6 +51,8 @@ OAI_KEY = "sk-bench"
 START_TIMEOUT_S = 90.0
 
 PROCS: list[subprocess.Popen] = []
+# The race's "full gateway" row: callers + limits + ledger + Redis + cache, all misses.
+FULL = "chatd /v1/chat full gateway (caller limits, ledger, redis, cache miss)"
 # Callers' switches (--ledger, --callers): what chatd's config says, what its requests carry.
 CHATD_TOKEN = "tok-bench-caller"
 CHATD_AUTH: dict[str, str] = {}
@@ -266,8 +269,10 @@ def litellm_yaml(up: int) -> str:
 
 
 def start_chatd_variants(gws: dict[str, Gateway], up: int, first: dict[str, Request]) -> None:
-    """chatd with the response cache on (and a mock provider), and chatd with redis_url
-    set to a redis-server of its own (no cache, no callers): the shared state's rows."""
+    """chatd with the response cache on (and a mock provider), chatd with redis_url set
+    to a redis-server of its own (no cache, no callers): the shared state's rows; and the
+    full gateway: a caller with rpm/tpm/budget limits and prices, the ledger (SQLite),
+    redis_url and the cache on, every request a miss (its own body)."""
     argv = ["--log-level", "warning"]
     env = {"BENCH_OAI_KEY": OAI_KEY}
     mock = '[chatd.providers.mock]\nkind = "mock"\n\n'
@@ -287,26 +292,37 @@ def start_chatd_variants(gws: dict[str, Gateway], up: int, first: dict[str, Requ
             env,
             first["chatd-cache"],
         )  # fmt: skip
-    g = gws["chatd-redis"]
-    if g.na:  # not selected (--only)
-        return
-    redis = shutil.which("redis-server")
-    if not os.access(CHATD, os.X_OK) or redis is None:
-        g.na = "redis-server not found" if redis is None else f"{CHATD} not found"
-        return
-    port = free_port()
-    spawn("redis", [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                    "--appendonly", "no", "--dir", str(OUT)])  # fmt: skip
-    (OUT / "chatd-redis.toml").write_text(
-        chatd_toml(up, chatd_extra=f'redis_url = "redis://127.0.0.1:{port}/0"\n')
-    )
-    start_gateway(
-        g,
-        [str(CHATD), "--config", str(OUT / "chatd-redis.toml"), "--bind",
-         f"127.0.0.1:{g.port}", *argv],
-        env,
-        first["chatd-redis"],
-    )  # fmt: skip
+    for name in ("chatd-redis", "chatd-full"):
+        g = gws[name]
+        if g.na:  # not selected (--only)
+            continue
+        redis = shutil.which("redis-server")
+        if not os.access(CHATD, os.X_OK) or redis is None:
+            g.na = "redis-server not found" if redis is None else f"{CHATD} not found"
+            continue
+        port = free_port()  # each its own redis-server
+        spawn(f"redis-{name}", [redis, "--port", str(port), "--bind", "127.0.0.1", "--save",
+                                "", "--appendonly", "no", "--dir", str(OUT)])  # fmt: skip
+        redis_url = f'redis_url = "redis://127.0.0.1:{port}/0"\n'
+        if name == "chatd-redis":
+            toml = chatd_toml(up, chatd_extra=redis_url)
+        else:  # the full gateway: a caller with limits, prices, its own ledger, the cache
+            ledger = OUT / "chatd-full-usage.sqlite3"
+            ledger.unlink(missing_ok=True)
+            toml = chatd_toml(
+                up,
+                callers=True,
+                chatd_extra=redis_url + f'usage_db = "sqlite:///{ledger}"\n',
+                tables="[chatd.cache]\nenabled = true\n\n",
+            )
+        (OUT / f"{name}.toml").write_text(toml)
+        start_gateway(
+            g,
+            [str(CHATD), "--config", str(OUT / f"{name}.toml"), "--bind",
+             f"127.0.0.1:{g.port}", *argv],
+            {**env, "BENCH_CALLER_TOKEN": CHATD_TOKEN},
+            first[name],
+        )  # fmt: skip
 
 
 def read_version(argv: list[str]) -> str:
@@ -337,7 +353,8 @@ def build_targets(up: int, gws: dict[str, Gateway]) -> tuple[list[Target], list[
     oai_body = {"model": "gpt-4o-mini", "messages": MSGS}
     bearer = {"Authorization": f"Bearer {OAI_KEY}"}
     c, lt, pk = gws["chatd"].port, gws["litellm"].port, gws["portkey"].port
-    cc, cr = gws["chatd-cache"].port, gws["chatd-redis"].port
+    cc, cr, cf = gws["chatd-cache"].port, gws["chatd-redis"].port, gws["chatd-full"].port
+    full_auth = {"Authorization": f"Bearer {CHATD_TOKEN}"}
     lt_auth = {"Authorization": f"Bearer {os.environ['LITELLM_MASTER_KEY']}"}
 
     def pk_hdrs(base: str) -> dict[str, str]:
@@ -396,6 +413,21 @@ def build_targets(up: int, gws: dict[str, Gateway]) -> tuple[list[Target], list[
             Request(cr, "/v1/chat", chat("qwen3.5:latest")),
             d_oll,
         ),
+        Target(
+            FULL,
+            "chatd-full",
+            Request(
+                cf,
+                "/v1/chat",
+                {
+                    "model": "qwen3.5:latest",
+                    "messages": [{"role": "user", "content": f"hi {VARY}"}],
+                },
+                full_auth,
+                vary=True,
+            ),
+            d_oll,
+        ),  # fmt: skip
         Target(
             "litellm /v1/chat/completions",
             "litellm",
@@ -584,6 +616,18 @@ def report(
         f"| redis_url set ÷ not set (ollama kind) | {fmt(redis, 0)} "
         f"| {fmt(redis / plain_rps, 3)} |",
     ]
+    full, portkey = rps(FULL), rps("portkey /v1/chat/completions")
+    f1, b1 = med_run(by[FULL], 1), med_run(by["direct nginx /api/chat"], 1)
+    full_added = f1.p50_ms - b1.p50_ms if f1 and b1 and not by[FULL].na else math.nan
+    lines += [
+        "",
+        "## The full gateway (goal: ≥ 2× Portkey's req/s at c=32, added p50 < 1 ms at c=1)",
+        "",
+        "| | req/s c=32 | ÷ Portkey | ÷ chatd bare (ollama kind) | added p50 ms c=1 |",
+        "|---|---:|---:|---:|---:|",
+        f"| {FULL} | {fmt(full, 0)} | {fmt(full / portkey, 2)}× "
+        f"| {fmt(full / plain_rps, 2)} | {fmt(full_added)} |",
+    ]
     lines += [
         "",
         "## Gateways",
@@ -701,7 +745,7 @@ def main() -> int:
     )
     wait_first_served(ng, time.monotonic(), Request(up, "/api/chat", {}))
 
-    names = ("chatd", "chatd-cache", "chatd-redis", "litellm", "portkey")
+    names = ("chatd", "chatd-cache", "chatd-redis", "chatd-full", "litellm", "portkey")
     gws = {name: Gateway(name, port=free_port()) for name in names}
     chatd_py = CHATD.parent / "python"
     chatd_src = read_version(

@@ -15,6 +15,13 @@
 # headers for 60 s beside 20 ordinary callers; ordinary p99 within 2x of a quiet run, none
 # failed, chatd's RSS printed.
 #   scripts/soak.sh exposed [--slow N] [--secs S] [--callers C] [--quiet-secs S]
+# The full-gateway chaos soak (docs/operations.md): two replicas behind a real nginx, callers
+# with limits, the ledger in a real PostgreSQL, a real Redis, the cache on, faulting fakes;
+# Redis and PostgreSQL killed and restarted and one replica drained (SIGTERM) and restarted
+# mid-run. Every request answered once and well formed, no 500, ledger rows == answers, each
+# caller's ledger spend == what the fakes reported, each replica's enforced spend == the
+# ledger's within 1 s of the end. Needs redis-server, nginx, PostgreSQL and root.
+#   scripts/soak.sh gateway [--requests 20000] [--concurrency 48] [--seed S]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -x .venv/bin/python ]] || { python3 -m venv .venv; }
@@ -23,6 +30,10 @@ if [[ "${1:-}" == callers ]]; then
   shift
   SOAK_REQUESTS="${SOAK_REQUESTS:-3000}" SOAK_CONCURRENCY="${SOAK_CONCURRENCY:-40}" \
     exec .venv/bin/python -m tests.soak_callers "$@"
+fi
+if [[ "${1:-}" == gateway ]]; then
+  shift
+  exec .venv/bin/python -m tests.soak_gateway "$@"
 fi
 if [[ "${1:-}" == exposed ]]; then
   shift

@@ -197,7 +197,7 @@ async def test_a_flush_cancelled_mid_write_neither_loses_nor_repeats_rows() -> N
             time.sleep(0.2)
             self.rows.extend(rows)
 
-        async def write(self, rows: list[tuple[int]]) -> None:
+        async def write(self, rows: list[tuple[int]], key: str = "") -> None:
             await asyncio.get_running_loop().run_in_executor(None, self._write, rows)
 
     backend = SlowBackend()

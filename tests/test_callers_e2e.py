@@ -228,6 +228,31 @@ def test_the_upstreams_own_cost_is_recorded(gw: ChatdProcess) -> None:
     assert (row["cost_source"], row["cost_usd"]) == ("price", 0.0)  # the "*" glob
 
 
+def test_with_the_cache_on_a_miss_pays_the_upstreams_cost_and_a_hit_nothing(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    # Found by the gateway soak: with the cache on, a /v1/chat miss lost OpenRouter's
+    # `usage.cost` (the ledger said 0, "none"), so budgets never saw that spend.
+    db = tmp_path / "ledger.sqlite3"
+    config = config_for(fake, f"sqlite:///{db}") + "[chatd.cache]\nenabled = true\n"
+    with ChatdProcess(config, tmp_path, env=env()) as gw:
+        answers = [
+            chat(gw, "openrouter/cost-1500", headers=auth("root"), route=route, **extra)
+            for route, extra in (
+                ("/v1/chat", {}),  # a miss: the upstream's call
+                ("/v1/chat", {}),  # the same again: a hit
+                ("/v1/chat", {"stream": True, "messages": [{"role": "user", "content": "s"}]}),
+                ("/v1/chat/completions", {"temperature": 0}),
+            )
+        ]
+        assert [a.headers.get("x-chatd-cache") for a in answers] == ["miss", "hit", "miss", "miss"]
+        rows = {r["request_id"]: r for r in ledger_rows(db, expect=4)}
+    costs = [(rows[a.headers["x-request-id"]]["cost_source"],
+              rows[a.headers["x-request-id"]]["cost_usd"]) for a in answers]  # fmt: skip
+    assert costs == [("upstream", 0.0015), ("price", 0.0), ("upstream", 0.0015),
+                     ("upstream", 0.0015)]  # fmt: skip
+
+
 def test_the_ledger_holds_one_row_per_request_with_every_field(
     gw: ChatdProcess,
 ) -> None:

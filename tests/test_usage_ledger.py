@@ -23,7 +23,10 @@ DAY = 86_400.0
 async def empty_postgres(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("DROP TABLE IF EXISTS chatd_usage, chatd_usage_daily, chatd_usage_meta")
+        await conn.execute(
+            "DROP TABLE IF EXISTS chatd_usage, chatd_usage_daily, chatd_usage_meta, "
+            "chatd_usage_batches"
+        )
     finally:
         await conn.close()
 
@@ -188,3 +191,37 @@ async def test_postgres_killed_mid_run_loses_no_row(pg: PostgresServer) -> None:
         assert await backend.count() == 120
     finally:
         await writer.aclose()
+
+
+async def test_a_batch_whose_commit_answer_was_lost_is_not_written_twice(
+    pg: PostgresServer,
+) -> None:
+    # Found by the gateway soak: PostgreSQL killed right after it committed a batch, the
+    # writer saw the connection drop, wrote the batch again, and the ledger held those
+    # requests twice (and their daily sums doubled).
+    await empty_postgres(pg.dsn)
+    backend = open_backend(pg.dsn)
+    await backend.open()
+    lost: list[bool] = []
+
+    class AnswerLost:  # the real write, which commits; then the connection "drops"
+        async def write(self, rows: list, key: str = "") -> None:
+            await backend.write(rows, key)
+            if not lost:
+                lost.append(True)
+                raise ConnectionResetError("connection lost waiting for COMMIT's answer")
+
+    writer = UsageWriter(AnswerLost(), 1000, flush_secs=3600)  # type: ignore[arg-type]
+    now = time.time()
+    for i in range(30):
+        writer.enqueue(row(now + i / 1000, "a", "hot"))
+    assert await writer.flush() is False and len(writer.rows) == 30  # kept, to try again
+    writer.enqueue(row(now + 1, "a", "hot"))  # a new row behind them goes in its own batch
+    assert await writer.flush() is True and not writer.rows
+    assert await backend.count() == 31
+    conn = await asyncpg.connect(pg.dsn)
+    try:  # the daily sums, added in the batch's own transaction, once too
+        assert await conn.fetchval("SELECT SUM(requests) FROM chatd_usage_daily") == 31
+    finally:
+        await conn.close()
+    await backend.aclose()

@@ -21,6 +21,7 @@ from chatd.surfaces.operations import Operations
 
 log = logging.getLogger("chatd")
 RELOAD_AFTER_SECS = 1.5  # the ledger's writer flushes at least once a second
+RELOAD_RETRY_SECS = 1.0
 
 
 def replica_state(
@@ -67,12 +68,27 @@ def build_cache(
 
 async def reload_spend(callers: Callers, ledger: Ledger) -> None:
     """Redis is back, perhaps restarted empty: bring each budget's spend up to the ledger's
-    figure again, once the rows of the outage are in it (docs/shared-state.md)."""
+    figure again, once this replica's rows of the outage are in it; while the ledger is
+    away too, try again every second (docs/shared-state.md)."""
     await asyncio.sleep(RELOAD_AFTER_SECS)
-    try:
-        await ledger.load_spend(callers)
-    except Exception as exc:  # the ledger is away too: spend starts from what Redis has
-        log.warning("shared state: spend not reloaded from the ledger (%s)", type(exc).__name__)
+    waited = False
+    while True:
+        try:
+            if await ledger.writer.flush():
+                # the spend of the rows just written goes to Redis first: a row the ledger
+                # holds and Redis does not yet would be counted twice
+                await callers.store.flush()
+                await ledger.load_spend(callers)
+                if waited:
+                    log.warning("shared state: spend reloaded from the ledger")
+                return
+            reason = "rows still wait for the database"
+        except Exception as exc:  # the ledger is away too
+            reason = type(exc).__name__
+        if not waited:
+            log.warning("shared state: spend not reloaded from the ledger yet (%s)", reason)
+            waited = True
+        await asyncio.sleep(RELOAD_RETRY_SECS)
 
 
 def shared_breakers(registry: Registry, dispatcher: Dispatcher) -> dict[str, Breaker]:

@@ -143,10 +143,13 @@ async def cached_chat(
             headers={**SSE_HEADERS, ATTEMPTS_HEADER: "0", CACHE_HEADER: HIT},
         )
     ran: list[int] = []
+    cost: list[float] = []  # what the upstream said this request's own call cost, if it did
 
     async def run() -> bytes:
         served = await dispatcher.chat(body, budget)
         ran.append(served.attempts)
+        if served.result.cost is not None:
+            cost.append(served.result.cost)
         return served_chat_entry(served)
 
     stored, result = await until_disconnect(request, cache.fetch(plan, run))
@@ -161,6 +164,8 @@ async def cached_chat(
             output_tokens=entry["output_tokens"],
             cache=result,
         )
+        if cost:  # a miss pays what the upstream charged (docs/callers-and-usage.md)
+            note(request, cost_usd=cost[0])
     else:
         note_hit(request, entry)
     answer: dict[str, Any] = {

@@ -214,6 +214,8 @@ async def cached_completion(
         output_tokens=usage.get("completion_tokens", 0),
         cache=result,
     )
+    if "cost" in usage:  # a miss pays what the upstream charged (docs/callers-and-usage.md)
+        note(request, cost_usd=upstream_cost(usage))
     headers = {
         ATTEMPTS_HEADER: str(ran[0]),
         "X-Chatd-Provider": entry["provider"],

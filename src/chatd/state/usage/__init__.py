@@ -27,7 +27,9 @@ class Backend(Protocol):
 
     async def open(self) -> None: ...
 
-    async def write(self, rows: list[Row]) -> None: ...
+    async def write(self, rows: list[Row], key: str = "") -> None:
+        """One batch, whole or not at all. A batch sent again with the same `key` after a
+        failed write is not written twice, should the failed try have committed."""
 
     async def summary(
         self, since: float, until: float, caller: str | None, group_by: list[str]

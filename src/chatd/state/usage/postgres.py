@@ -6,6 +6,7 @@ the one holding a session advisory lock."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
@@ -43,7 +44,14 @@ CREATE TABLE IF NOT EXISTS chatd_usage_daily (
   PRIMARY KEY (day, caller, route, model, provider)
 );
 CREATE TABLE IF NOT EXISTS chatd_usage_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chatd_usage_batches (key TEXT PRIMARY KEY, time TIMESTAMPTZ NOT NULL);
+CREATE INDEX IF NOT EXISTS chatd_usage_batches_time ON chatd_usage_batches (time);
 """
+# Each batch leaves its key, in its own transaction: a batch sent again after a lost
+# answer to COMMIT finds its key and is skipped. Keys are kept a day (docs/usage-ledger.md).
+MARK = "INSERT INTO chatd_usage_batches VALUES ($1, now()) ON CONFLICT DO NOTHING RETURNING true"
+FORGET_MARKS = "DELETE FROM chatd_usage_batches WHERE time < now() - interval '1 day'"
+FORGET_EVERY_SECS = 600.0
 # Schema changes and maintenance take turns across replicas through these locks.
 SCHEMA_LOCK = 0x63686174_64000001
 MAINTENANCE_LOCK = 0x63686174_64000002
@@ -116,6 +124,7 @@ class PostgresBackend(Reads):
         self.url = url
         self._pool: asyncpg.Pool | None = None
         self._schema = False
+        self._forgot_at = -FORGET_EVERY_SECS
 
     async def _acquire_pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -133,7 +142,7 @@ class PostgresBackend(Reads):
     async def open(self) -> None:
         await self._acquire_pool()
 
-    async def write(self, rows: list[Row]) -> None:
+    async def write(self, rows: list[Row], key: str = "") -> None:
         pool = await self._acquire_pool()
         records = []
         days = []
@@ -142,9 +151,15 @@ class PostgresBackend(Reads):
             records.append((at, *row[1:]))
             days.append(at.date())
         sums = daily(rows, days)
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.executemany(INSERT, records)
-            await conn.executemany(UPSERT, sums)
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                if key and not await conn.fetchval(MARK, key):
+                    return  # an earlier try of this batch was committed
+                await conn.executemany(INSERT, records)
+                await conn.executemany(UPSERT, sums)
+            if time.monotonic() - self._forgot_at >= FORGET_EVERY_SECS:
+                self._forgot_at = time.monotonic()
+                await conn.execute(FORGET_MARKS)
 
     async def _fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         pool = await self._acquire_pool()

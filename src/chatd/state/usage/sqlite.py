@@ -206,7 +206,8 @@ class SQLiteBackend(Reads):
             db.execute("ROLLBACK")
             raise
 
-    async def write(self, rows: list[Row]) -> None:
+    async def write(self, rows: list[Row], key: str = "") -> None:
+        # `key` is not needed here: a failed SQLite write never committed.
         # The parameters are made here, on the event loop (a few µs a row, once a flush),
         # so the database thread runs no Python loop while it holds the GIL.
         await self._run(self._write, *parameters(rows))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 
@@ -43,6 +44,10 @@ class UsageWriter:
         self._failing_since: float | None = None
         self._logged_failure = 0.0
         self._logged_drop = 0.0
+        # (key, n): the buffer's first n rows went out as batch `key` and the write failed,
+        # perhaps after the database committed it (a lost answer to COMMIT). They go out
+        # again as that same batch, which the database knows to skip (docs/usage-ledger.md).
+        self._unsure: tuple[str, int] | None = None
 
     def enqueue(self, row: Row) -> None:
         if len(self.rows) < self.max_rows:
@@ -76,18 +81,21 @@ class UsageWriter:
                 # Out of the buffer before the write, and the write shielded: a flush
                 # cancelled mid-write (a caller's `/v1/usage` giving up, shutdown) must
                 # neither lose the batch nor leave it to be written a second time.
-                batch = [self.rows.popleft() for _ in range(min(BATCH_ROWS, len(self.rows)))]
-                write = asyncio.ensure_future(self.backend.write(batch))
+                key, size = self._unsure or (uuid.uuid4().hex, min(BATCH_ROWS, len(self.rows)))
+                batch = [self.rows.popleft() for _ in range(size)]
+                write = asyncio.ensure_future(self.backend.write(batch, key))
                 try:
                     await asyncio.shield(write)
                 except asyncio.CancelledError:
-                    write.add_done_callback(lambda done, rows=batch: self._settle(done, rows))
+                    write.add_done_callback(
+                        lambda done, rows=batch, key=key: self._settle(done, rows, key)
+                    )
                     raise
                 except Exception as exc:
-                    self.rows.extendleft(reversed(batch))
+                    self._put_back(batch, key)
                     self._failed(exc)
                     return False
-                self.written += len(batch)
+                self._written(batch, key)
                 if self._failing_since is not None:
                     log.warning(
                         "usage ledger: database back after %.1fs; buffered rows written",
@@ -96,12 +104,21 @@ class UsageWriter:
                     self._failing_since = None
             return True
 
-    def _settle(self, write: asyncio.Future[None], batch: list[Row]) -> None:
+    def _settle(self, write: asyncio.Future[None], batch: list[Row], key: str) -> None:
         """A write whose flush was cancelled has ended: count it, or put its rows back."""
         if not write.cancelled() and write.exception() is None:
-            self.written += len(batch)
+            self._written(batch, key)
         else:
-            self.rows.extendleft(reversed(batch))
+            self._put_back(batch, key)
+
+    def _put_back(self, batch: list[Row], key: str) -> None:
+        self.rows.extendleft(reversed(batch))
+        self._unsure = (key, len(batch))
+
+    def _written(self, batch: list[Row], key: str) -> None:
+        self.written += len(batch)
+        if self._unsure is not None and self._unsure[0] == key:
+            self._unsure = None
 
     def _failed(self, exc: Exception) -> None:
         now = time.monotonic()
