@@ -29,7 +29,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from features import chat_request, publish, select, start_redis, start_upstream, variants
+from features import (
+    PRUNING,
+    PRUNING_ROWS,
+    chat_request,
+    pruned_so_far,
+    pruning_ledger,
+    publish,
+    select,
+    start_redis,
+    start_upstream,
+    variants,
+)
 from load import Request
 from otlp_sink import start_sink
 from run import (
@@ -113,6 +124,8 @@ def count(
     if ledger:
         for stale in OUT.glob(ledger[1] + "*"):
             stale.unlink()
+        if name == PRUNING:  # as in features.py: its pruning runs while it is counted
+            shutil.copy(pruning_ledger(), OUT / ledger[1])
     port = free_port()
     dump = OUT / f"instructions-{index}.callgrind"
     argv = [
@@ -145,6 +158,8 @@ def count(
     callgrind(proc.pid, "--zero")
     time.sleep(IDLE_SECS)
     callgrind(proc.pid, "--dump")
+    if name == PRUNING:  # still under way when counted: not all of them gone
+        print(f"  ({pruned_so_far(port):,.0f} of {PRUNING_ROWS:,} rows pruned by the end)")
     proc.terminate()
     proc.wait(60)
     if served != n:
