@@ -142,3 +142,76 @@ async def test_no_prune_transaction_while_a_checkpoint_runs_and_writes_go_on(
     finally:
         release.set()
         await backend.aclose()
+
+
+async def test_a_batch_write_goes_before_a_prune_transaction_queued_ahead_of_it(
+    tmp_path: Path,
+) -> None:
+    backend: Any = open_backend(f"sqlite:///{tmp_path / 'usage.sqlite3'}")
+    await backend.open()
+    release = threading.Event()
+    try:
+        old = time.time() - 10 * DAY
+        await backend.write([row(old + i, "a", "m", request_id=f"o{i}") for i in range(500)])
+        order: list[str] = []
+        write, delete = backend._write, backend._delete
+
+        def noted_write(*args: Any) -> None:
+            write(*args)
+            order.append("write")
+
+        def noted_delete(before: str, limit: int) -> int | None:
+            deleted = delete(before, limit)
+            order.append("nothing deleted" if deleted is None else "deleted")
+            return deleted
+
+        backend._write, backend._delete = noted_write, noted_delete
+        busy = backend._thread.submit(release.wait, 30)  # the database thread, busy
+        chunk = asyncio.create_task(backend.prune_chunk(floor_day(time.time() - DAY), 100))
+        await asyncio.sleep(0.1)  # its transaction is queued first ...
+        batch = asyncio.create_task(backend.write([row(time.time(), "b", "m")]))
+        await asyncio.sleep(0.1)  # ... and the batch behind it
+        release.set()
+        await batch
+        assert await chunk == 100
+        # Nothing deleted before the batch was written (tried again until it was).
+        assert order[:2] == ["nothing deleted", "write"] and order[-1] == "deleted"
+        assert order.count("deleted") == 1 and order.count("write") == 1
+        assert busy.done() and await backend.count() == 401
+    finally:
+        release.set()
+        await backend.aclose()
+
+
+async def test_a_batch_write_interrupts_a_prune_transaction_under_way(tmp_path: Path) -> None:
+    backend: Any = open_backend(f"sqlite:///{tmp_path / 'usage.sqlite3'}")
+    await backend.open()
+    go = threading.Event()
+    try:
+        old = time.time() - 10 * DAY
+        await backend.write([row(old + i, "a", "m", request_id=f"o{i}") for i in range(500)])
+        order: list[str] = []
+        write, delete = backend._write, backend._delete
+        backend._write = lambda *args: (write(*args), order.append("write"))
+        backend._delete = lambda *args: (lambda n: (order.append(str(n)), n)[1])(delete(*args))
+        inside = threading.Event()
+
+        def stalled() -> int:  # SQLite calls it while a statement runs: a slow disk
+            if backend._deleting and not go.is_set():
+                inside.set()
+                go.wait(30)
+            return 0
+
+        backend._db.set_progress_handler(stalled, 50)
+        chunk = asyncio.create_task(backend.prune_chunk(floor_day(time.time() - DAY), 100))
+        assert await asyncio.to_thread(inside.wait, 10)  # the prune transaction, under way
+        batch = asyncio.create_task(backend.write([row(time.time(), "b", "m")]))
+        await asyncio.sleep(0.1)
+        go.set()
+        await batch
+        assert await chunk == 100
+        assert order[:2] == ["None", "write"] and order[-1] == "100"  # rolled back, then again
+        assert await backend.count() == 401
+    finally:
+        go.set()
+        await backend.aclose()

@@ -146,6 +146,11 @@ class SQLiteBackend(Reads):
         self._db: sqlite3.Connection | None = None
         self._checkpointed = 0.0
         self._checkpointing: asyncio.Future[None] | None = None
+        # A batch write goes before pruning: while one waits, a prune transaction does not
+        # begin, and one under way is interrupted (rolled back, tried again after it).
+        self._turns = threading.Lock()
+        self._writes_waiting = 0
+        self._deleting = False
         self._closing = False
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -210,7 +215,16 @@ class SQLiteBackend(Reads):
     async def write(self, rows: list[Row]) -> None:
         # The parameters are made here, on the event loop (a few µs a row, once a flush),
         # so the database thread runs no Python loop while it holds the GIL.
-        await self._run(self._write, *parameters(rows))
+        made = parameters(rows)
+        with self._turns:
+            self._writes_waiting += 1
+            if self._deleting and self._db is not None:
+                self._db.interrupt()
+        try:
+            await self._run(self._write, *made)
+        finally:
+            with self._turns:
+                self._writes_waiting -= 1
         self._checkpoint_soon()
 
     def _checkpoint_soon(self, now_anyway: bool = False) -> None:
@@ -337,14 +351,32 @@ class SQLiteBackend(Reads):
         (a 200-row delete then took 20-600 ms instead of ~1 ms), and a batch write would
         queue behind it. The pages deleted reach the file with the next checkpoint
         (at most one a second, on a reader's thread; one at once after the last chunk)."""
-        if self._checkpointing is not None and not self._checkpointing.done():
-            await asyncio.shield(self._checkpointing)
-        deleted = int(await self._run(self._delete, iso(cutoff), limit))
+        while True:
+            if self._checkpointing is not None and not self._checkpointing.done():
+                await asyncio.shield(self._checkpointing)
+            deleted = await self._run(self._delete, iso(cutoff), limit)
+            if deleted is not None:
+                break
+            await asyncio.sleep(0.001)  # a batch write went first
         self._checkpoint_soon(now_anyway=deleted < limit)
-        return deleted
+        return int(deleted)
 
-    def _delete(self, before: str, limit: int) -> int:
-        return self._connect().execute(PRUNE, (before, limit)).rowcount
+    def _delete(self, before: str, limit: int) -> int | None:
+        """The prune transaction, on the writer's thread; None when a batch write came
+        first (it waited, or it interrupted this one: nothing was deleted)."""
+        with self._turns:
+            if self._writes_waiting:
+                return None
+            self._deleting = True
+        try:
+            return int(self._connect().execute(PRUNE, (before, limit)).rowcount)
+        except sqlite3.OperationalError as exc:
+            if "interrupt" not in str(exc):
+                raise
+            return None
+        finally:
+            with self._turns:
+                self._deleting = False
 
     async def aclose(self) -> None:
         self._closing = True
