@@ -282,7 +282,7 @@ async def write_waits(path: Path, prune: bool, seconds: float = 0.0) -> Waits:
         began_at.append(clock())
         write_in_thread(*args)
 
-    def timed_delete(before: str, limit: int) -> int:
+    def timed_delete(before: str, limit: int) -> Any:
         began = clock()
         try:
             return delete_in_thread(before, limit)

@@ -344,8 +344,9 @@ class SQLiteBackend(Reads):
         await self._run(mark)
         return True
 
-    async def prune_chunk(self, cutoff: float, limit: int) -> int:
-        """Delete up to `limit` of the oldest rows before `cutoff`, in one transaction.
+    async def prune_chunk(self, cutoff: float, limit: int) -> tuple[int, float]:
+        """Delete up to `limit` of the oldest rows before `cutoff`, in one transaction:
+        the rows deleted, and the seconds it took on the database thread.
 
         Not while a checkpoint runs: its writes and fsync slow a delete's own I/O, and a
         batch write would queue behind it (with a checkpoint after each 200-row delete,
@@ -355,22 +356,24 @@ class SQLiteBackend(Reads):
         while True:
             if self._checkpointing is not None and not self._checkpointing.done():
                 await asyncio.shield(self._checkpointing)
-            deleted = await self._run(self._delete, iso(cutoff), limit)
-            if deleted is not None:
+            done = await self._run(self._delete, iso(cutoff), limit)
+            if done is not None:
                 break
             await asyncio.sleep(0.001)  # a batch write went first
-        self._checkpoint_soon(now_anyway=deleted < limit)
-        return int(deleted)
+        self._checkpoint_soon(now_anyway=done[0] < limit)
+        return done
 
-    def _delete(self, before: str, limit: int) -> int | None:
+    def _delete(self, before: str, limit: int) -> tuple[int, float] | None:
         """The prune transaction, on the writer's thread; None when a batch write came
         first (it waited, or it interrupted this one: nothing was deleted)."""
         with self._turns:
             if self._writes_waiting:
                 return None
             self._deleting = True
+        began = time.perf_counter()
         try:
-            return int(self._connect().execute(PRUNE, (before, limit)).rowcount)
+            deleted = self._connect().execute(PRUNE, (before, limit)).rowcount
+            return int(deleted), time.perf_counter() - began
         except sqlite3.OperationalError as exc:
             if "interrupt" not in str(exc):
                 raise
