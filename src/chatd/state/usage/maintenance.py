@@ -25,13 +25,16 @@ log = logging.getLogger("chatd")
 
 # A prune transaction is bounded by rows and by time: it starts at PRUNE_ROWS rows, and
 # the next one halves while one takes longer than CHUNK_SECS, doubles while one takes
-# under half of it, between PRUNE_MIN_ROWS and PRUNE_MAX_ROWS. A batch write queued
-# behind one waits about CHUNK_SECS at most (docs/usage-ledger.md).
+# under half of it, between PRUNE_MIN_ROWS and PRUNE_MAX_ROWS: a batch write queued
+# behind one waits about CHUNK_SECS at most (docs/usage-ledger.md; on SQLite it
+# interrupts one under way).
 PRUNE_ROWS = 200
 PRUNE_MIN_ROWS = 10
 PRUNE_MAX_ROWS = 1000
 CHUNK_SECS = 0.005
-REST = 1.0  # after each prune chunk, rest this many times as long as it took
+# After each, rest this many times as long as it took as the event loop saw it: the
+# busier the loop (the more requests chatd is serving), the longer the rest.
+REST = 1.0
 EVERY_SECS = 3600.0  # pruning: at start, then hourly
 RETRY_SECS = 30.0  # while another replica has the turn, or the database is away
 LOG_EVERY_SECS = 600.0
@@ -97,7 +100,9 @@ class Maintenance:
         self.pruning = True
         try:
             while True:
+                began = time.monotonic()
                 deleted, took = await turn.prune_chunk(cutoff, rows)
+                waited = time.monotonic() - began  # longer than `took` while the loop is busy
                 if deleted:
                     total += deleted
                     self.pruned += deleted
@@ -105,7 +110,7 @@ class Maintenance:
                 if deleted < rows:
                     break
                 rows = next_rows(rows, took)
-                await asyncio.sleep(min(0.5, REST * took))
+                await asyncio.sleep(min(0.5, REST * waited))
         finally:
             self.pruning = False
         if total:
