@@ -31,8 +31,12 @@ from typing import NamedTuple
 
 from features import (
     LIVE,
+    PRUNING,
+    PRUNING_ROWS,
     chat_request,
     live_callers_db,
+    pruned_so_far,
+    pruning_ledger,
     publish,
     select,
     start_redis,
@@ -124,6 +128,8 @@ def count(
             stale.unlink()
         if name == LIVE:  # its live callers are in its database
             shutil.copy(live_callers_db()[0], OUT / ledger[1])
+        elif name == PRUNING:  # as in features.py: its pruning runs while it is counted
+            shutil.copy(pruning_ledger(), OUT / ledger[1])
     port = free_port()
     dump = OUT / f"instructions-{index}.callgrind"
     argv = [
@@ -156,6 +162,8 @@ def count(
     callgrind(proc.pid, "--zero")
     time.sleep(IDLE_SECS)
     callgrind(proc.pid, "--dump")
+    if name == PRUNING:  # still under way when counted: not all of them gone
+        print(f"  ({pruned_so_far(port):,.0f} of {PRUNING_ROWS:,} rows pruned by the end)")
     proc.terminate()
     proc.wait(60)
     if served != n:

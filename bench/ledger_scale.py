@@ -14,7 +14,9 @@ opens it with `usage_retention_days = 1`. Printed, per size:
   and whether 100 whole days grouped by caller and day equal the raw rows' sums taken
   before chatd opened the file (requests, errors, tokens exact; cost to 1e-6);
 - batch-write waits while pruning runs (in process, 200-row batches every 20 ms on a
-  ledger with the rows past retention; goal: none over 50 ms), against no pruning.
+  ledger with the rows past retention; goal: none waiting over 50 ms behind a prune
+  transaction), against as long with no pruning; the prune transactions' rows and times.
+  `--writes-only`: only this part.
 
 Files go to bench/out/. Stdlib and chatd only.
 """
@@ -241,30 +243,59 @@ def compare(report: list[dict[str, Any]], raw: dict[tuple[str, str], list[Any]])
     return f"yes ({len(raw)} caller × day groups)"
 
 
-async def write_waits(path: Path, prune: bool) -> tuple[float, float, int, float, float, float]:
-    """Write 200-row batches every 20 ms while pruning runs (or for 3 s without):
-    (worst write, p99, batches, pruning seconds, worst and p99 time a batch waited
-    before its own transaction began: behind a prune chunk)."""
-    backend = open_backend(f"sqlite:///{path}")
+class Waits:
+    """Batch writes (200 rows every 20 ms) while pruning runs, or for `seconds` without."""
+
+    def __init__(self) -> None:
+        self.total: list[float] = []  # a batch's write, as the writer awaits it
+        self.behind: list[float] = []  # ... of which queued behind a prune delete
+        self.deletes: list[float] = []  # each prune transaction, on the database thread
+        self.rows: list[int] = []  # each prune transaction's row limit
+        self.seconds = 0.0
+
+    def line(self, what: str) -> str:
+        total = sorted(self.total)
+        return (
+            f"{what} ({self.seconds:.0f} s, {len(total)} batches): worst "
+            f"{total[-1] * 1000:.1f} ms, p99 {pct(total, 0.99) * 1000:.1f} ms"
+        )
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else 0.0
+
+
+async def write_waits(path: Path, prune: bool, seconds: float = 0.0) -> Waits:
+    """Write 200-row batches every 20 ms while a whole prune runs (or for `seconds`
+    without). A batch's wait behind a prune is the part of its time between being handed
+    to the database thread and beginning there that a prune transaction held that thread
+    (the thread runs one thing at a time: batches, and pruning's deletes)."""
+    backend: Any = open_backend(f"sqlite:///{path}")
     await backend.open()
-    executing: list[float] = []
-    write_in_thread = backend._write  # type: ignore[attr-defined]
+    clock = time.perf_counter
+    began_at: list[float] = []
+    deleting: list[tuple[float, float]] = []  # each prune transaction: start, end
+    write_in_thread, delete_in_thread = backend._write, backend._delete
 
     def timed_write(*args: Any) -> None:
-        began = time.perf_counter()
-        try:
-            write_in_thread(*args)
-        finally:
-            executing.append(time.perf_counter() - began)
+        began_at.append(clock())
+        write_in_thread(*args)
 
-    backend._write = timed_write  # type: ignore[attr-defined]
+    def timed_delete(before: str, limit: int) -> Any:
+        began = clock()
+        try:
+            return delete_in_thread(before, limit)
+        finally:
+            deleting.append((began, clock()))
+            found.rows.append(limit)
+
+    found = Waits()
+    backend._write, backend._delete = timed_write, timed_delete
     async with backend.maintenance() as turn:
         while await turn.backfill_step():
             pass
-    waits: list[float] = []
-    queued: list[float] = []
     done = asyncio.Event()
-    seconds = 0.0
 
     async def writer() -> None:
         n = 0
@@ -288,10 +319,13 @@ async def write_waits(path: Path, prune: bool) -> tuple[float, float, int, float
                 )  # fmt: skip
                 for i in range(200)
             ]
-            began = time.perf_counter()
+            began = clock()
             await backend.write(rows)
-            waits.append(time.perf_counter() - began)
-            queued.append(waits[-1] - executing[-1])
+            found.total.append(clock() - began)
+            start = began_at[-1]
+            found.behind.append(
+                sum(max(0.0, min(end, start) - max(first, began)) for first, end in deleting[-8:])
+            )
             n += 1
             await asyncio.sleep(0.02)
 
@@ -302,15 +336,30 @@ async def write_waits(path: Path, prune: bool) -> tuple[float, float, int, float
         async with backend.maintenance() as turn:
             await upkeep.prune(turn, time.time())
     else:
-        await asyncio.sleep(3)
-    seconds = time.monotonic() - began
+        await asyncio.sleep(seconds)
+    found.seconds = time.monotonic() - began
     done.set()
     await task
     await backend.aclose()
-    waits.sort()
-    queued.sort()
-    p99 = int(len(waits) * 0.99) - 1
-    return waits[-1], waits[p99], len(waits), seconds, queued[-1], queued[p99]
+    found.deletes = [end - first for first, end in deleting]
+    return found
+
+
+def waits_lines(template: Path, expected: int) -> list[str]:
+    """Batch writes while pruning `expected` rows, and as long without pruning."""
+    busy = asyncio.run(write_waits(_copy(template, "busy"), True))
+    quiet = asyncio.run(write_waits(_copy(template, "quiet"), False, min(busy.seconds, 60.0)))
+    behind = sorted(busy.behind)
+    return [
+        busy.line(f"- batch writes (200 rows, every 20 ms) while pruning {expected:,} rows"),
+        f"  waiting behind a prune transaction: worst {behind[-1] * 1000:.1f} ms, p99 "
+        f"{pct(behind, 0.99) * 1000:.1f} ms; {sum(1 for b in behind if b > 0.05)} batches "
+        f"over 50 ms (goal: none)",
+        f"  prune transactions: {len(busy.deletes):,}, {min(busy.rows)}-{max(busy.rows)} rows "
+        f"each; each took median {statistics.median(busy.deletes) * 1000:.1f} ms, p99 "
+        f"{pct(busy.deletes, 0.99) * 1000:.1f} ms, worst {max(busy.deletes) * 1000:.1f} ms",
+        quiet.line("  the same writes with no pruning"),
+    ]
 
 
 def one_size(rows: int, days: int, starts: int, port: int) -> list[str]:
@@ -366,18 +415,23 @@ def one_size(rows: int, days: int, starts: int, port: int) -> list[str]:
     say("- /ready after a start once backfilled: " + ready_times(path, None, starts, port))
     say(f"  the ledger's share in process (open, spend): {ledger_start(path, None)}")
 
-    quiet = asyncio.run(write_waits(_copy(template, "quiet"), False))
-    busy = asyncio.run(write_waits(_copy(template, "busy"), True))
-    say(
-        f"- batch writes (200 rows) while pruning {expected:,} rows ({busy[3]:.1f} s): worst "
-        f"{busy[0] * 1000:.1f} ms, p99 {busy[1] * 1000:.1f} ms over {busy[2]} batches; "
-        f"without pruning: worst {quiet[0] * 1000:.1f} ms, p99 {quiet[1] * 1000:.1f} ms"
-    )
-    say(
-        f"  of which waiting behind a prune chunk (queued before its own transaction): "
-        f"worst {busy[4] * 1000:.1f} ms, p99 {busy[5] * 1000:.1f} ms"
-    )
+    for line in waits_lines(template, expected):
+        say(line)
     return lines
+
+
+def writes_only(rows: int, days: int) -> None:
+    now = time.time()
+    template = OUT / f"legacy-{rows}.sqlite3"
+    build(template, rows, days, now)
+    db = sqlite3.connect(template)
+    (expected,) = db.execute(
+        "SELECT COUNT(*) FROM chatd_usage WHERE time < ?", (iso(floor_day(now - DAY)),)
+    ).fetchone()
+    db.close()
+    print(f"## {rows:,} rows over {days} days: batch writes while pruning", flush=True)
+    for line in waits_lines(template, expected):
+        print(line, flush=True)
 
 
 def _copy(template: Path, name: str) -> Path:
@@ -392,10 +446,16 @@ def main() -> int:
     parser.add_argument("--days", type=int, default=120)
     parser.add_argument("--starts", type=int, default=3, help="starts per /ready median")
     parser.add_argument("--port", type=int, default=18_428)
+    parser.add_argument(
+        "--writes-only", action="store_true", help="only the batch writes while pruning"
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     for rows in args.rows:
-        one_size(rows, args.days, args.starts, args.port)
+        if args.writes_only:
+            writes_only(rows, args.days)
+        else:
+            one_size(rows, args.days, args.starts, args.port)
         print(flush=True)
     return 0
 

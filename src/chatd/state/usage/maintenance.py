@@ -4,7 +4,9 @@ backfill of a ledger written before the daily table, then pruning of rows older 
 
 A back end offers `maintenance()`, an async context giving this process its turn (on
 PostgreSQL: an advisory lock, so one replica at a time; None while another has it) as
-an object with `backfill_step()`, `mark_pruned(cutoff)` and `prune_chunk(cutoff, n)`.
+an object with `backfill_step()`, `mark_pruned(cutoff)` and `prune_chunk(cutoff, n)`, the
+last giving the rows deleted and the seconds its transaction took (on the database's
+side of the hand-off: not the event loop's delays).
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ from chatd.tasks import stop
 
 log = logging.getLogger("chatd")
 
-PRUNE_ROWS = (
-    200  # rows a prune transaction deletes (small: a batch write never waits long behind one)
-)
-REST = 1.0  # after each prune chunk, rest this many times as long as it took
+# A prune transaction is bounded by rows and by time: it starts at PRUNE_ROWS rows, and
+# the next one halves while one takes longer than CHUNK_SECS, doubles while one takes
+# under half of it, between PRUNE_MIN_ROWS and PRUNE_MAX_ROWS: a batch write queued
+# behind one waits about CHUNK_SECS at most (docs/usage-ledger.md; on SQLite it
+# interrupts one under way).
+PRUNE_ROWS = 200
+PRUNE_MIN_ROWS = 10
+PRUNE_MAX_ROWS = 1000
+CHUNK_SECS = 0.005
+# After each, rest this many times as long as it took as the event loop saw it: the
+# busier the loop (the more requests chatd is serving), the longer the rest.
+REST = 1.0
 EVERY_SECS = 3600.0  # pruning: at start, then hourly
 RETRY_SECS = 30.0  # while another replica has the turn, or the database is away
 LOG_EVERY_SECS = 600.0
@@ -80,24 +90,27 @@ class Maintenance:
         return True
 
     async def prune(self, turn: Any, now: float) -> int:
-        """Delete the rows of whole UTC days older than the retention, a chunk at a time,
-        resting as long as each chunk took so that writes never queue behind them."""
+        """Delete the rows of whole UTC days older than the retention, a short chunk at a
+        time, resting as long as each chunk took so that writes never queue behind them."""
         cutoff = floor_day(now - self.retention_days * DAY)
         if not await turn.mark_pruned(cutoff):
             return 0
         total = 0
+        rows = PRUNE_ROWS
         self.pruning = True
         try:
             while True:
                 began = time.monotonic()
-                deleted = await turn.prune_chunk(cutoff, PRUNE_ROWS)
+                deleted, took = await turn.prune_chunk(cutoff, rows)
+                waited = time.monotonic() - began  # longer than `took` while the loop is busy
                 if deleted:
                     total += deleted
                     self.pruned += deleted
                     self.on_pruned(deleted)
-                if deleted < PRUNE_ROWS:
+                if deleted < rows:
                     break
-                await asyncio.sleep(min(0.5, REST * (time.monotonic() - began)))
+                rows = next_rows(rows, took)
+                await asyncio.sleep(min(0.5, REST * waited))
         finally:
             self.pruning = False
         if total:
@@ -107,3 +120,12 @@ class Maintenance:
     async def aclose(self) -> None:
         await stop(self._task)
         self._task = None
+
+
+def next_rows(rows: int, took: float) -> int:
+    """The next prune chunk's rows, after one of `rows` took `took` seconds."""
+    if took > CHUNK_SECS:
+        return max(PRUNE_MIN_ROWS, rows // 2)
+    if took < CHUNK_SECS / 2:
+        return min(PRUNE_MAX_ROWS, rows * 2)
+    return rows
