@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from chatd.web import note
 CACHE_HEADER = "X-Chatd-Cache"
 HIT, MISS, BYPASS = "hit", "miss", "bypass"
 POLL_SECS = 0.02  # a follower on another replica looks for the leader's answer this often
+HEADS_KEPT = 4096  # keys' heads remembered, one per model name asked for
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ class ResponseCache:
         # A leader's lock on another replica lasts as long as its slowest possible call.
         self.lock_secs = max((p.timeout for p in registry.providers.values()), default=180.0)
         self._flights: dict[str, Flight] = previous._flights if previous is not None else {}
+        self._heads: dict[tuple[str, str], bytes] = {}  # (namespace, model) -> key's head
 
     # -- planning ---------------------------------------------------------------------
 
@@ -95,6 +97,18 @@ class ResponseCache:
         return Plan(key, read=not no_store and "no-cache" not in directives, write=not no_store)
 
     def key(self, namespace: str, model: str, params: Any) -> str | None:
+        """`namespace:` + SHA-256 of `[namespace, targets, params]` as sorted-key JSON."""
+        head = self._heads.get((namespace, model))
+        if head is None:
+            head = self._head(namespace, model)
+        if not head:
+            return None
+        blob = head + orjson.dumps(params, option=orjson.OPT_SORT_KEYS) + b"]"
+        return namespace + ":" + hashlib.sha256(blob).hexdigest()
+
+    def _head(self, namespace: str, model: str) -> bytes:
+        """The key's JSON up to its params, `[namespace,targets,` (b"" when no target
+        resolves): the registry is fixed for this cache's life, so made once per model."""
         targets = []
         for target in self.registry.targets(model):
             try:
@@ -102,10 +116,11 @@ class ResponseCache:
             except ChatdError:
                 continue
             targets.append((route.provider.name, route.model))
-        if not targets:
-            return None
-        blob = orjson.dumps([namespace, targets, params], option=orjson.OPT_SORT_KEYS)
-        return namespace + ":" + hashlib.sha256(blob).hexdigest()
+        head = orjson.dumps([namespace, targets])[:-1] + b"," if targets else b""
+        if len(self._heads) >= HEADS_KEPT:  # model names are the caller's text
+            self._heads.clear()
+        self._heads[(namespace, model)] = head
+        return head
 
     # -- storage ----------------------------------------------------------------------
 
@@ -214,8 +229,8 @@ class ResponseCache:
 class Flight:
     """One shared upstream call; its waiters come and go, the last one out cancels it."""
 
-    def __init__(self, work: Awaitable[tuple[bytes, str]]) -> None:
-        self.task: asyncio.Future[tuple[bytes, str]] = asyncio.ensure_future(work)
+    def __init__(self, work: Coroutine[Any, Any, tuple[bytes, str]]) -> None:
+        self.task: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_task(work)
         self.waiters = 0
 
     async def join(self) -> tuple[bytes, str]:
