@@ -195,8 +195,7 @@ class ResponseCache:
         flight = self._flights.get(key)
         leader = flight is None
         if flight is None:
-            flight = self._flights[key] = Flight(self._lead(key, run))
-            flight.task.add_done_callback(lambda _: self._flights.pop(key, None))
+            flight = self._flights[key] = Flight(self._lead(key, run), self._flights, key)
         value, result = await flight.join()
         result = result if leader else HIT
         self.count(result)
@@ -227,16 +226,44 @@ class ResponseCache:
 
 
 class Flight:
-    """One shared upstream call; its waiters come and go, the last one out cancels it."""
+    """One shared upstream call; its waiters come and go, the last one out cancels it.
 
-    def __init__(self, work: Coroutine[Any, Any, tuple[bytes, str]]) -> None:
-        self.task: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_task(work)
+    `asyncio.shield` for each waiter, written out once per flight: one callback when the
+    call lands hands every waiter its answer and takes the flight off `flights`."""
+
+    def __init__(
+        self,
+        work: Coroutine[Any, Any, tuple[bytes, str]],
+        flights: dict[str, Flight],
+        key: str,
+    ) -> None:
+        self.task: asyncio.Task[tuple[bytes, str]] = asyncio.get_running_loop().create_task(work)
+        self.waiting: list[asyncio.Future[tuple[bytes, str]]] = []
         self.waiters = 0
+        self._flights, self._key = flights, key
+        self.task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task[tuple[bytes, str]]) -> None:
+        self._flights.pop(self._key, None)
+        error = None if task.cancelled() else task.exception()  # retrieved, even if all left
+        for waiter in self.waiting:
+            if waiter.done():  # it left
+                continue
+            if task.cancelled():
+                waiter.cancel()
+            elif error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(task.result())
 
     async def join(self) -> tuple[bytes, str]:
+        if self.task.done():
+            return self.task.result()
+        waiter: asyncio.Future[tuple[bytes, str]] = self.task.get_loop().create_future()
+        self.waiting.append(waiter)
         self.waiters += 1
         try:
-            return await asyncio.shield(self.task)
+            return await waiter
         finally:
             self.waiters -= 1
             if not self.waiters and not self.task.done():
