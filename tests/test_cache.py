@@ -246,6 +246,29 @@ async def test_a_waiter_leaving_does_not_cancel_the_others_call() -> None:
     assert await stayer == (b"done", "hit")
 
 
+async def test_the_last_waiter_leaving_cancels_the_call_and_the_next_one_runs_anew() -> None:
+    cache = bare_cache()
+    started, cancelled = [], []
+
+    async def run() -> bytes:
+        started.append(1)
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            cancelled.append(1)
+            raise
+        return b"done"
+
+    waiters = [asyncio.ensure_future(cache.get_or_run("k", run)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.sleep(0.01)
+    assert (started, cancelled) == ([1], [1])
+    assert await cache.get_or_run("k", run) == (b"done", "miss")
+    assert started == [1, 1]
+
+
 async def test_in_process_cache_never_exceeds_max_bytes() -> None:
     cache = bare_cache(max_bytes=10_000)
     for i in range(100):

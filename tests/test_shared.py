@@ -239,6 +239,33 @@ async def test_start_with_redis_unreachable_serves_locally(tmp_path: Path) -> No
         await store.aclose()
 
 
+async def test_the_batch_loop_sends_writes_by_itself_after_idle_stretches(tmp_path: Path) -> None:
+    from redis.asyncio import Redis
+
+    with RedisServer(tmp_path) as server:
+        store = RedisState(server.url, op_timeout=1.0, flush_every=0.05)
+        await store.start()
+        client = Redis.from_url(server.url)
+
+        async def scripts() -> int:  # EVALSHA run so far (the monitor only PINGs)
+            return (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+
+        try:
+            store.add_later("spend:idle", 0.5, 60)
+            await asyncio.sleep(0.3)  # no flush() from here: the loop sends the batch
+            assert float(await client.get("chatd:n:spend:idle") or 0) == 0.5
+            idle = await scripts()
+            await asyncio.sleep(0.3)  # six intervals with nothing written: nothing sent
+            assert await scripts() == idle
+            store.add_later("spend:idle", 0.25, 60)
+            await asyncio.sleep(0.3)
+            assert float(await client.get("chatd:n:spend:idle") or 0) == 0.75
+            assert await scripts() == idle + 1  # one batch
+        finally:
+            await client.aclose()
+            await store.aclose()
+
+
 async def redis_server_value(server: RedisServer, key: str) -> bytes | None:
     from redis.asyncio import Redis
 

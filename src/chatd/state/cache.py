@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from chatd.web import note
 CACHE_HEADER = "X-Chatd-Cache"
 HIT, MISS, BYPASS = "hit", "miss", "bypass"
 POLL_SECS = 0.02  # a follower on another replica looks for the leader's answer this often
+HEADS_KEPT = 4096  # keys' heads remembered, one per model name asked for
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ class ResponseCache:
         # A leader's lock on another replica lasts as long as its slowest possible call.
         self.lock_secs = max((p.timeout for p in registry.providers.values()), default=180.0)
         self._flights: dict[str, Flight] = previous._flights if previous is not None else {}
+        self._heads: dict[tuple[str, str], bytes] = {}  # (namespace, model) -> key's head
 
     # -- planning ---------------------------------------------------------------------
 
@@ -95,6 +97,18 @@ class ResponseCache:
         return Plan(key, read=not no_store and "no-cache" not in directives, write=not no_store)
 
     def key(self, namespace: str, model: str, params: Any) -> str | None:
+        """`namespace:` + SHA-256 of `[namespace, targets, params]` as sorted-key JSON."""
+        head = self._heads.get((namespace, model))
+        if head is None:
+            head = self._head(namespace, model)
+        if not head:
+            return None
+        blob = head + orjson.dumps(params, option=orjson.OPT_SORT_KEYS) + b"]"
+        return namespace + ":" + hashlib.sha256(blob).hexdigest()
+
+    def _head(self, namespace: str, model: str) -> bytes:
+        """The key's JSON up to its params, `[namespace,targets,` (b"" when no target
+        resolves): the registry is fixed for this cache's life, so made once per model."""
         targets = []
         for target in self.registry.targets(model):
             try:
@@ -102,10 +116,11 @@ class ResponseCache:
             except ChatdError:
                 continue
             targets.append((route.provider.name, route.model))
-        if not targets:
-            return None
-        blob = orjson.dumps([namespace, targets, params], option=orjson.OPT_SORT_KEYS)
-        return namespace + ":" + hashlib.sha256(blob).hexdigest()
+        head = orjson.dumps([namespace, targets])[:-1] + b"," if targets else b""
+        if len(self._heads) >= HEADS_KEPT:  # model names are the caller's text
+            self._heads.clear()
+        self._heads[(namespace, model)] = head
+        return head
 
     # -- storage ----------------------------------------------------------------------
 
@@ -180,8 +195,7 @@ class ResponseCache:
         flight = self._flights.get(key)
         leader = flight is None
         if flight is None:
-            flight = self._flights[key] = Flight(self._lead(key, run))
-            flight.task.add_done_callback(lambda _: self._flights.pop(key, None))
+            flight = self._flights[key] = Flight(self._lead(key, run), self._flights, key)
         value, result = await flight.join()
         result = result if leader else HIT
         self.count(result)
@@ -212,16 +226,44 @@ class ResponseCache:
 
 
 class Flight:
-    """One shared upstream call; its waiters come and go, the last one out cancels it."""
+    """One shared upstream call; its waiters come and go, the last one out cancels it.
 
-    def __init__(self, work: Awaitable[tuple[bytes, str]]) -> None:
-        self.task: asyncio.Future[tuple[bytes, str]] = asyncio.ensure_future(work)
+    `asyncio.shield` for each waiter, written out once per flight: one callback when the
+    call lands hands every waiter its answer and takes the flight off `flights`."""
+
+    def __init__(
+        self,
+        work: Coroutine[Any, Any, tuple[bytes, str]],
+        flights: dict[str, Flight],
+        key: str,
+    ) -> None:
+        self.task: asyncio.Task[tuple[bytes, str]] = asyncio.get_running_loop().create_task(work)
+        self.waiting: list[asyncio.Future[tuple[bytes, str]]] = []
         self.waiters = 0
+        self._flights, self._key = flights, key
+        self.task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task[tuple[bytes, str]]) -> None:
+        self._flights.pop(self._key, None)
+        error = None if task.cancelled() else task.exception()  # retrieved, even if all left
+        for waiter in self.waiting:
+            if waiter.done():  # it left
+                continue
+            if task.cancelled():
+                waiter.cancel()
+            elif error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(task.result())
 
     async def join(self) -> tuple[bytes, str]:
+        if self.task.done():
+            return self.task.result()
+        waiter: asyncio.Future[tuple[bytes, str]] = self.task.get_loop().create_future()
+        self.waiting.append(waiter)
         self.waiters += 1
         try:
-            return await asyncio.shield(self.task)
+            return await waiter
         finally:
             self.waiters -= 1
             if not self.waiters and not self.task.done():

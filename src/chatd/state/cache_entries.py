@@ -11,14 +11,22 @@ from typing import Any
 import orjson
 
 from chatd.state.cache import ResponseCache
+from chatd.types import ChatRequest
 from chatd.web import sse
 
 # -- /v1/chat entries ---------------------------------------------------------------------
 
 
-def chat_params(body: Any) -> dict[str, Any]:
-    """What makes two `/v1/chat` requests the same answer (model is in the key's targets)."""
-    return body.model_dump(exclude={"model", "stream"})
+# Every field of the request but these two (model is in the key's targets).
+CHAT_PARAMS = tuple(name for name in ChatRequest.model_fields if name not in ("model", "stream"))
+
+
+def chat_params(body: ChatRequest) -> dict[str, Any]:
+    """What makes two `/v1/chat` requests the same answer: `body.model_dump()` less model
+    and stream, read off the fields rather than through the serializer (once a request)."""
+    params = {name: getattr(body, name) for name in CHAT_PARAMS}
+    params["messages"] = [message.__dict__ for message in body.messages]
+    return params
 
 
 def chat_entry(

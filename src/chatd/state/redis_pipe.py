@@ -32,12 +32,16 @@ def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
     return b"*%d\r\n" % len(args) + bulks(args)
 
 
+LENGTHS = [b"$%d\r\n" % size for size in range(1024)]  # bulk strings' heads, made once
+
+
 def bulks(args: tuple[Any, ...] | list[Any]) -> bytes:
     """Arguments as RESP bulk strings: a command's tail, or pieces of one made once."""
-    out = []
+    out: list[bytes] = []
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        size = len(data)
+        out += (LENGTHS[size] if size < 1024 else b"$%d\r\n" % size, data, b"\r\n")
     return b"".join(out)
 
 

@@ -5,6 +5,7 @@ many requests it holds."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from chatd.state.shared_local import LocalState
@@ -14,9 +15,10 @@ class Pending:
     """Tokens per window, spend per counter, the longest cooldown per flag, and cache
     answers with the single-flight locks to drop once they are stored."""
 
-    __slots__ = ("windows", "adds", "flags", "blobs", "releases")
+    __slots__ = ("windows", "adds", "flags", "blobs", "releases", "queued")
 
-    def __init__(self) -> None:
+    def __init__(self, queued: Callable[[], None] = lambda: None) -> None:
+        self.queued = queued  # told of every write (RedisState's batch loop wakes on it)
         self.windows: dict[str, list[float]] = {}  # key -> [tokens, window_secs]
         self.adds: dict[str, list[float]] = {}  # key -> [amount, ttl_secs]
         self.flags: dict[str, float] = {}  # key -> ttl_secs
@@ -27,6 +29,7 @@ class Pending:
         return bool(self.windows or self.adds or self.flags or self.blobs or self.releases)
 
     def count(self, key: str, amount: float, window_secs: float) -> None:
+        self.queued()
         entry = self.windows.get(key)
         if entry is None:
             self.windows[key] = [amount, window_secs]
@@ -34,6 +37,7 @@ class Pending:
             entry[0] += amount
 
     def add(self, key: str, amount: float, ttl_secs: float) -> None:
+        self.queued()
         entry = self.adds.get(key)
         if entry is None:
             self.adds[key] = [amount, ttl_secs]
@@ -41,9 +45,11 @@ class Pending:
             entry[0] += amount
 
     def flag(self, key: str, ttl_secs: float) -> None:
+        self.queued()
         self.flags[key] = max(ttl_secs, self.flags.get(key, 0.0))
 
     def blob(self, key: str, value: bytes, ttl_secs: float, unlock: str = "") -> None:
+        self.queued()
         self.blobs[key] = (value, ttl_secs)
         if unlock:
             self.releases.append(unlock)

@@ -5,7 +5,7 @@ Every call is bounded by a short timeout; when Redis fails, the call (and those 
 are served by the fallback until a background task sees Redis answer again and switches
 back. Before a request's upstream call: at most one script (`admit`). After it: nothing
 on the request's path; its writes wait in `Pending` and a loop sends each batch as one
-script every FLUSH_EVERY_SECS (and at shutdown). Redis keys get the `chatd:` prefix.
+script FLUSH_EVERY_SECS after its first write, and at shutdown. Keys get a `chatd:` prefix.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class RedisState(SharedState):
         self.redis = RedisPipe(url, timeout=op_timeout)
         self._heads: dict[tuple[str, str, str], bytes] = {}  # admission keys, in RESP
         self.where = describe_url(url)
-        self.pending = Pending()
+        self._queued = asyncio.Event()  # set by a write: the batch loop sleeps until then
+        self.pending = Pending(self._queued.set)
         self._up = False  # until the first answer: start-up never waits for Redis
         self._logged_at = -math.inf
         self._ever_up = False
@@ -228,19 +229,18 @@ class RedisState(SharedState):
         return await self.redis.send(command)
 
     async def get_or_claim(self, key: str, lock: str, ttl_secs: float) -> tuple[bytes | None, bool]:
-        async def op() -> tuple[bytes | None, bool]:
-            keys = [PREFIX + "b:" + key, PREFIX + "l:" + lock]
-            reply = await self.redis.script(lua.GET_OR_CLAIM, keys, [_ms(ttl_secs)])
-            return (reply[1:], False) if reply[:1] == b"=" else (None, reply == b"+")
-
-        async def go_ahead() -> tuple[bytes | None, bool]:
-            # Redis is slow: our claim may have landed unseen, and waiting on it would wait
-            # on ourselves. Go and call; the answer is stored and the lock dropped behind.
-            return None, True
-
-        return await self._call(
-            op, lambda: self.fallback.get_or_claim(key, lock, ttl_secs), go_ahead
-        )
+        if self._up:  # a cache miss's one round trip: written out without `_call`
+            keys = (PREFIX + "b:" + key, PREFIX + "l:" + lock, _ms(ttl_secs))
+            command = b"*6\r\n" + bulks((b"EVALSHA", lua.GET_OR_CLAIM.sha, 2, *keys))
+            try:
+                reply = await self._run(lua.GET_OR_CLAIM, command)
+            except TimeoutError:  # slow: our claim may have landed unseen, and waiting on
+                return None, True  # it would wait on ourselves; the store unlocks behind
+            except Exception as exc:
+                self._down(exc)
+            else:
+                return (reply[1:], False) if reply[:1] == b"=" else (None, reply == b"+")
+        return await self.fallback.get_or_claim(key, lock, ttl_secs)
 
     # -- after the call: written behind, batched ------------------------------------------
 
@@ -287,7 +287,9 @@ class RedisState(SharedState):
 
     async def _flush_loop(self) -> None:
         while True:
+            await self._queued.wait()  # a first write: its batch goes out flush_every later
             await asyncio.sleep(self.flush_every)
+            self._queued.clear()  # the writes from here on are the next batch's
             try:
                 await self.flush()
             except Exception:  # the loop must outlive any one bad batch
