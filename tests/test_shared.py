@@ -226,6 +226,28 @@ async def down_and_back(redis_server: RedisServer) -> None:
         await store.aclose()
 
 
+async def test_a_budget_spent_in_redis_stays_spent_when_redis_dies(tmp_path: Path) -> None:
+    """The fallback starts from the spend Redis last reported: an outage does not give a
+    budget back to every replica."""
+    with RedisServer(tmp_path) as redis_server:
+        store = RedisState(redis_server.url, check_every=0.1)
+        await store.start()
+        try:
+            await store.add("spend:team", 4.5, 3600)  # spent through other replicas
+            seen = await store.admit(None, None, ("spend:team", 5.0), 60, True)
+            assert seen.spent == pytest.approx(4.5)
+            redis_server.kill()
+            while store.up:
+                await store.check()
+            after = await store.admit(None, None, ("spend:team", 5.0), 60, True)
+            assert after.spent == pytest.approx(4.5)  # served locally, spend kept
+            await store.add("spend:team", 0.6, 3600)  # a call settled during the outage
+            over = await store.admit(None, None, ("spend:team", 5.0), 60, True)
+            assert over.spent == pytest.approx(5.1)  # over budget: the caller is refused
+        finally:
+            await store.aclose()
+
+
 async def test_start_with_redis_unreachable_serves_locally(tmp_path: Path) -> None:
     from tests.support import free_port
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from chatd.config import Settings, resolve_key
 from chatd.state.auth import auth_tokens
-from chatd.state.shared_redis import describe_url
+from chatd.state.shared import describe_url
 
 
 def describe_settings(settings: Settings) -> str:

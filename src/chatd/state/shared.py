@@ -184,3 +184,12 @@ def build_state(
     state = RedisState(redis_url, fallback=LocalState(blob_max_bytes), on_up=on_up)
     state.when_back += when_back or []
     return state
+
+
+def describe_url(url: str) -> str:
+    """`redis://host:port/db` without any user or password, for logs and /ready."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "?"
+    rest = rest.rpartition("@")[2]
+    return f"{scheme}://{rest}"

@@ -101,6 +101,13 @@ class LocalState(SharedState):
         self._counters[key] = (value, expires)
         return value
 
+    def raise_counter(self, key: str, value: float, ttl_secs: float) -> None:
+        """`raise_to`, without a coroutine."""
+        now = self.clock()
+        held, expires = self._counters.get(key, (0.0, 0.0))
+        if expires <= now or held < value:
+            self._counters[key] = (value, expires if expires > now else now + ttl_secs)
+
     async def get(self, key: str) -> float:
         value, expires = self._counters.get(key, (0.0, 0.0))
         return value if expires > self.clock() else 0.0

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from chatd.state import redis_scripts as lua
 from chatd.state.redis_pipe import RedisPipe, RedisReplyError, Script, bulks
-from chatd.state.shared import FLUSH_EVERY_SECS, Admission, SharedState
+from chatd.state.shared import FLUSH_EVERY_SECS, Admission, SharedState, describe_url
 from chatd.state.shared_local import LocalState
 from chatd.state.shared_pending import Pending
 from chatd.tasks import spawn, stop
@@ -32,6 +32,7 @@ OP_TIMEOUT_SECS = 0.2  # one Redis call; past it, the request goes on with local
 PING_TIMEOUT_SECS = 1.0  # the monitor's judgement: a slow call alone is not an outage
 CHECK_EVERY_SECS = 1.0  # how often the monitor asks Redis whether it is (still) there
 LOG_EVERY_SECS = 60.0  # "Redis down" at most once a minute
+SPEND_TTL_SECS = 32 * 86400.0  # a budget key names its period: this only outlives it
 
 
 def window_keys(key: str) -> tuple[str, str]:
@@ -59,6 +60,8 @@ class RedisState(SharedState):
         self.flush_every = flush_every
         self.redis = RedisPipe(url, timeout=op_timeout)
         self._heads: dict[tuple[str, str, str], bytes] = {}  # admission keys, in RESP
+        # budget key -> spend Redis last said: the fallback's start (docs/shared-state.md)
+        self._spent: dict[str, float] = {}
         self.where = describe_url(url)
         self._queued = asyncio.Event()  # set by a write: the batch loop sleeps until then
         self.pending = Pending(self._queued.set)
@@ -120,6 +123,10 @@ class RedisState(SharedState):
         if up == self._up:
             return
         self._up = up
+        if not up:
+            for key, spent in self._spent.items():
+                self.fallback.raise_counter(key, spent, SPEND_TTL_SECS)
+            self._spent.clear()
         if up and self._ever_up:
             log.warning("shared state: Redis at %s is back; limits are shared again", self.where)
             for back in self.when_back:
@@ -184,6 +191,8 @@ class RedisState(SharedState):
                 self._down(exc)
             else:
                 spent, ta, tu, tr, ra, ru, rr = reply.split()
+                if budget:
+                    self._spent[budget[0]] = float(spent)
                 tokens = requests = None
                 if tpm:
                     tokens = ta == b"1", max(tpm[1] - float(tu), 0.0), float(tr) / 1_000_000
@@ -389,12 +398,3 @@ class RedisState(SharedState):
 
 def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
-
-
-def describe_url(url: str) -> str:
-    """`redis://host:port/db` without any user or password, for logs and /ready."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return "?"
-    rest = rest.rpartition("@")[2]
-    return f"{scheme}://{rest}"
