@@ -248,6 +248,32 @@ async def test_a_budget_spent_in_redis_stays_spent_when_redis_dies(tmp_path: Pat
             await store.aclose()
 
 
+async def test_writes_behind_reach_a_redis_that_is_slow_for_a_moment(tmp_path: Path) -> None:
+    """A batch is off every request's path: a Redis that answers it late (here: paused
+    for 0.4 s, past a request's 200 ms bound) still gets it, once. Kept in process only,
+    that spend would be missing from every replica's budget (docs/shared-state.md)."""
+    import os
+    import signal
+
+    with RedisServer(tmp_path) as redis_server:
+        store = RedisState(redis_server.url, check_every=30)
+        await store.start()
+        try:
+            store.add_later("spend:team", 0.25, 3600)
+            assert redis_server.proc is not None
+            os.kill(redis_server.proc.pid, signal.SIGSTOP)
+            try:
+                flushing = asyncio.ensure_future(store.flush())
+                await asyncio.sleep(0.4)
+            finally:
+                os.kill(redis_server.proc.pid, signal.SIGCONT)
+            await flushing
+            held = await redis_server_value(redis_server, "chatd:n:spend:team")
+            assert held is not None and float(held) == pytest.approx(0.25)
+        finally:
+            await store.aclose()
+
+
 async def test_start_with_redis_unreachable_serves_locally(tmp_path: Path) -> None:
     from tests.support import free_port
 

@@ -29,7 +29,7 @@ log = logging.getLogger("chatd")
 T = TypeVar("T")
 PREFIX = "chatd:"
 OP_TIMEOUT_SECS = 0.2  # one Redis call; past it, the request goes on with local state
-PING_TIMEOUT_SECS = 1.0  # the monitor's judgement: a slow call alone is not an outage
+PING_TIMEOUT_SECS = 1.0  # the monitor's and a batch's bound: off every request's path
 CHECK_EVERY_SECS = 1.0  # how often the monitor asks Redis whether it is (still) there
 LOG_EVERY_SECS = 60.0  # "Redis down" at most once a minute
 SPEND_TTL_SECS = 32 * 86400.0  # a budget key names its period: this only outlives it
@@ -287,7 +287,7 @@ class RedisState(SharedState):
 
         async def op() -> None:
             keys, args = batch.command(PREFIX)
-            await self.redis.script(lua.FLUSH, keys, args)
+            await self.redis.script(lua.FLUSH, keys, args, within=PING_TIMEOUT_SECS)
 
         async def local() -> None:
             batch.apply(self.fallback)
