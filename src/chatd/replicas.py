@@ -79,8 +79,8 @@ async def reload_spend(callers: Callers, ledger: Ledger) -> None:
                 # holds and Redis does not yet would be counted twice
                 await callers.store.flush()
                 await ledger.load_spend(callers)
-                if waited:
-                    log.warning("shared state: spend reloaded from the ledger")
+                say = log.warning if waited else log.info
+                say("shared state: spend reloaded from the ledger")
                 return
             reason = "rows still wait for the database"
         except Exception as exc:  # the ledger is away too
