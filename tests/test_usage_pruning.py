@@ -103,15 +103,21 @@ async def test_prune_transactions_shrink_until_each_takes_under_the_bound() -> N
     assert next_rows(PRUNE_ROWS, 0.0) == 2 * PRUNE_ROWS  # quick ones grow
 
 
+async def old_rows(tmp_path: Path) -> Any:
+    """An open SQLite ledger holding 500 rows ten days old (past any retention here)."""
+    backend: Any = open_backend(f"sqlite:///{tmp_path / 'usage.sqlite3'}")
+    await backend.open()
+    old = time.time() - 10 * DAY
+    await backend.write([row(old + i, "a", "m", request_id=f"o{i}") for i in range(500)])
+    return backend
+
+
 async def test_no_prune_transaction_while_a_checkpoint_runs_and_writes_go_on(
     tmp_path: Path,
 ) -> None:
-    backend: Any = open_backend(f"sqlite:///{tmp_path / 'usage.sqlite3'}")
-    await backend.open()
+    backend = await old_rows(tmp_path)
     release = threading.Event()
     try:
-        old = time.time() - 10 * DAY
-        await backend.write([row(old + i, "a", "m", request_id=f"o{i}") for i in range(500)])
         started = threading.Event()
         checkpoint = backend._checkpoint
 
@@ -141,12 +147,9 @@ async def test_no_prune_transaction_while_a_checkpoint_runs_and_writes_go_on(
 async def test_a_batch_write_goes_before_a_prune_transaction_queued_ahead_of_it(
     tmp_path: Path,
 ) -> None:
-    backend: Any = open_backend(f"sqlite:///{tmp_path / 'usage.sqlite3'}")
-    await backend.open()
+    backend = await old_rows(tmp_path)
     release = threading.Event()
     try:
-        old = time.time() - 10 * DAY
-        await backend.write([row(old + i, "a", "m", request_id=f"o{i}") for i in range(500)])
         order: list[str] = []
         write, delete = backend._write, backend._delete
 
@@ -178,12 +181,9 @@ async def test_a_batch_write_goes_before_a_prune_transaction_queued_ahead_of_it(
 
 
 async def test_a_batch_write_interrupts_a_prune_transaction_under_way(tmp_path: Path) -> None:
-    backend: Any = open_backend(f"sqlite:///{tmp_path / 'usage.sqlite3'}")
-    await backend.open()
+    backend = await old_rows(tmp_path)
     go = threading.Event()
     try:
-        old = time.time() - 10 * DAY
-        await backend.write([row(old + i, "a", "m", request_id=f"o{i}") for i in range(500)])
         order: list[str] = []
         write, delete = backend._write, backend._delete
         backend._write = lambda *args: (write(*args), order.append("write"))
