@@ -9,6 +9,7 @@ import random
 import statistics
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,20 +71,23 @@ end
 
 
 VARY = "@N@"
-# A per-request body for `Request.vary`: each wrk thread its own id, a random start and a
-# counter, so no body repeats across threads, rounds or processes.
-LUA_VARY = """local id, counter = 0, 0
+# A per-request body for `Request.vary`: this script's own nonce (made when it is
+# written), each wrk thread its own id, a random start and a counter, so no body repeats
+# across threads, rounds or processes. `id` must stay a global: `thread:set` sets the
+# thread's global, which a chunk-level `local id` would hide (every thread then had id 0
+# and the same seed, sent the same bodies, and half the "all misses" requests hit).
+LUA_VARY = """local counter, threads = 0, 0
 setup = function(thread)
-  thread:set("id", id)
-  id = id + 1
+  thread:set("id", threads)
+  threads = threads + 1
 end
 init = function(args)
-  math.randomseed(os.time() + id)
+  math.randomseed(os.time() * 64 + id)
   counter = math.random(1, 1000000000)
 end
 request = function()
   counter = counter + 1
-  local body = string.gsub(wrk.body, "@N@", id .. "-" .. counter)
+  local body = string.gsub(wrk.body, "@N@", "{nonce}-" .. id .. "-" .. counter)
   return wrk.format(nil, nil, nil, body)
 end
 """
@@ -104,7 +108,7 @@ class WrkResult:
 def write_lua(req: Request, path: Path) -> Path:
     headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in req.headers.items())
     body = json.dumps(req.body, separators=(",", ":"))
-    vary = LUA_VARY if req.vary else ""
+    vary = LUA_VARY.replace("{nonce}", uuid.uuid4().hex[:12]) if req.vary else ""
     path.write_text(LUA.format(body=body, headers=headers, vary=vary))
     return path
 
