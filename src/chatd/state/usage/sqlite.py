@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,10 @@ PRUNE = (
 CHUNK_ROWS = 500
 CHECKPOINT_SECS = 1.0
 ROW = f"({', '.join('?' * len(COLUMNS))}, 1)"
+# A None is bound as NULL either way, but with no adapter for it the sqlite3 module looks
+# one up for each None (~2K instructions; a row has three or four): `{}.get` is found at
+# once and answers None, in C (docs/usage-ledger.md#what-a-row-costs).
+sqlite3.register_adapter(type(None), {}.get)
 
 
 @functools.lru_cache(maxsize=8)
@@ -129,8 +134,6 @@ def create_schema(db: sqlite3.Connection) -> None:
 
 
 def _epoch(text: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
@@ -299,10 +302,8 @@ class SQLiteBackend(Reads):
         return left
 
     async def _read_raw(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        def query() -> list[tuple[Any, ...]]:
-            return self._reader().execute(sql, args).fetchall()
-
-        return await asyncio.get_running_loop().run_in_executor(self._readers, query)
+        read = lambda: self._reader().execute(sql, args).fetchall()  # noqa: E731
+        return await asyncio.get_running_loop().run_in_executor(self._readers, read)
 
     def _advance(self, mark: float, start: float | None, sums: list[tuple[Any, ...]]) -> None:
         """Add the sums and move the mark in one transaction, if no one moved it first."""
@@ -349,11 +350,9 @@ class SQLiteBackend(Reads):
         """Delete up to `limit` of the oldest rows before `cutoff`, in one transaction:
         the rows deleted, and the seconds it took on the database thread.
 
-        Not while a checkpoint runs: its writes and fsync slow a delete's own I/O, and a
-        batch write would queue behind it (with a checkpoint after each 200-row delete,
-        the two took 21 ms at the median and up to 600 ms on a 1M-row ledger; a delete
-        alone, ~1 ms). The pages deleted reach the file with the next checkpoint (at most
-        one a second, on a reader's thread; one at once after the last chunk)."""
+        Not while a checkpoint runs: its writes and fsync slow a delete, and a batch
+        write would queue behind both (docs/usage-ledger.md). The pages deleted reach the
+        file with the next checkpoint (one at once after the last chunk)."""
         while True:
             if self._checkpointing is not None and not self._checkpointing.done():
                 await asyncio.shield(self._checkpointing)

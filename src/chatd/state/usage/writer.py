@@ -5,6 +5,7 @@ in batches, at least once a second; while it is down they wait (and beyond
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -48,6 +49,8 @@ class UsageWriter:
         # perhaps after the database committed it (a lost answer to COMMIT). They go out
         # again as that same batch, which the database knows to skip (docs/usage-ledger.md).
         self._unsure: tuple[str, int] | None = None
+        # A batch's key: this process's random prefix and a count (one urandom a process).
+        self._keys = map(f"{uuid.uuid4().hex}-{{}}".format, itertools.count())
 
     def enqueue(self, row: Row) -> None:
         if len(self.rows) < self.max_rows:
@@ -81,7 +84,7 @@ class UsageWriter:
                 # Out of the buffer before the write, and the write shielded: a flush
                 # cancelled mid-write (a caller's `/v1/usage` giving up, shutdown) must
                 # neither lose the batch nor leave it to be written a second time.
-                key, size = self._unsure or (uuid.uuid4().hex, min(BATCH_ROWS, len(self.rows)))
+                key, size = self._unsure or (next(self._keys), min(BATCH_ROWS, len(self.rows)))
                 batch = [self.rows.popleft() for _ in range(size)]
                 write = asyncio.ensure_future(self.backend.write(batch, key))
                 try:
