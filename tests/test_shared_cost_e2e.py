@@ -1,6 +1,7 @@
 """What a request costs Redis, counted by Redis itself (`INFO commandstats` before and
 after): a real chatd, a real redis-server. A caller with limits pays one script before
-its call and nothing after it (its tokens and spend go in batches); a caller without
+its call and nothing after it (its tokens and spend go in batches), with the response
+cache on too (the cache's question rides in the admission script); a caller without
 limits pays nothing; the batch still waiting at SIGTERM reaches Redis."""
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ BUILT_IN = [("ollama", "ollama"), ("ollama_cloud", "ollama_cloud")] + [
 ]
 
 
-def config(redis_url: str) -> str:
+def config(redis_url: str, cache: bool = False) -> str:
     return (
         f'[chatd]\ndefault_provider = "mock"\nusage_db = ""\nredis_url = "{redis_url}"\n\n'
-        '[chatd.callers.limited]\ntoken_env = "COST_LIMITED_TOKEN"\n'
+        + ("[chatd.cache]\nenabled = true\n\n" if cache else "")
+        + '[chatd.callers.limited]\ntoken_env = "COST_LIMITED_TOKEN"\n'
         'rpm = 100000\ntpm = 10000000\nbudget_usd = 1000000.0\nbudget_period = "day"\n\n'
         '[chatd.callers.free]\ntoken_env = "COST_FREE_TOKEN"\n\n'
         '[chatd.prices]\n"mock/*" = { input = 1000000, output = 1000000 }\n\n'
@@ -38,12 +40,14 @@ def config(redis_url: str) -> str:
     )
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[ChatdProcess, redis.Redis]]:
+@pytest.fixture(params=[False], ids=["cache off"])
+def served(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[ChatdProcess, redis.Redis]]:
     with RedisServer(tmp_path) as server:
         client = redis.Redis.from_url(server.url)
         try:
-            with ChatdProcess(config(server.url), tmp_path, env=TOKENS) as chatd:
+            with ChatdProcess(config(server.url, request.param), tmp_path, env=TOKENS) as chatd:
                 deadline = time.monotonic() + 10
                 while b"chatd_shared_state_up 1.0" not in metrics(chatd):
                     assert time.monotonic() < deadline, "chatd never saw Redis"
@@ -57,10 +61,14 @@ def metrics(chatd: ChatdProcess) -> bytes:
     return httpx.get(chatd.url + "/metrics", timeout=5).content
 
 
-def ask(chatd: ChatdProcess, token: str) -> int:
-    body = {"model": "mock/echo", "messages": [{"role": "user", "content": "one two three"}]}
+def ask(chatd: ChatdProcess, token: str, content: str = "one two three") -> int:
+    return answer(chatd, token, content).status_code
+
+
+def answer(chatd: ChatdProcess, token: str, content: str) -> httpx.Response:
+    body = {"model": "mock/echo", "messages": [{"role": "user", "content": content}]}
     headers = {"Authorization": f"Bearer {token}"}
-    return httpx.post(chatd.url + "/v1/chat", json=body, headers=headers, timeout=10).status_code
+    return httpx.post(chatd.url + "/v1/chat", json=body, headers=headers, timeout=10)
 
 
 def calls(client: redis.Redis) -> dict[str, int]:
@@ -126,3 +134,38 @@ def test_writes_waiting_at_sigterm_reach_redis(served):
         assert list(pool.map(lambda _: ask(chatd, "limited-token"), range(8))) == [200] * 8
     chatd.stop()  # at once: the batch has had no time to go on its own
     assert spend(client) == pytest.approx(one * 9)
+
+
+@pytest.mark.parametrize("served", [True], ids=["cache on"], indirect=True)
+def test_a_cache_miss_of_a_limited_caller_costs_one_script_before_its_call(served):
+    """One round trip before the upstream call (docs/shared-state.md): admission asks the
+    cache too (the stored answer, or the flight's lock), so a miss is one EVALSHA, not
+    two."""
+    chatd, client = served
+    for i in range(3):  # warm: the scripts are loaded once (NOSCRIPT, then EVAL)
+        assert answer(chatd, "limited-token", f"warm {i}").headers["x-chatd-cache"] == "miss"
+    time.sleep(0.3)
+    before = calls(client)
+    n = 40
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: answer(chatd, "limited-token", f"q {i}"), range(n)))
+    elapsed = time.monotonic() - started
+    time.sleep(0.3)  # the last batch: the answers stored, the locks let go
+    assert [(r.status_code, r.headers["x-chatd-cache"]) for r in got] == [(200, "miss")] * n
+    used = delta(before, calls(client))
+    flushes = used.pop("evalsha") - n
+    assert 1 <= flushes <= (elapsed + 0.3) / FLUSH_EVERY_SECS + 2, used  # two a miss: 2n
+    assert used.pop("get") == 2 * n  # the spend and the stored answer, in the script
+    assert used.pop("set") == 2 * n  # the lock taken in the script; the answer, behind
+    assert used.pop("del") == n  # each lock let go, behind
+    assert client.keys("chatd:l:*") == []  # no lock left over
+    # Asked again: each is a hit from the same single script (the stored answer).
+    before = calls(client)
+    again = [answer(chatd, "limited-token", f"q {i}") for i in range(5)]
+    assert [r.headers["x-chatd-cache"] for r in again] == ["hit"] * 5
+    assert [r.json()["content"] for r in again] == [r.json()["content"] for r in got[:5]]
+    time.sleep(0.3)
+    used = delta(before, calls(client))
+    assert used.pop("evalsha") - 5 <= 2 and used.pop("get") == 10, used
+    assert "set" not in used, used  # a hit takes no lock

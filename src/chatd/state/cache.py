@@ -31,7 +31,7 @@ from starlette.requests import Request
 from chatd.config import CacheConfig
 from chatd.errors import ChatdError
 from chatd.routing.registry import Registry
-from chatd.state.shared import SharedState
+from chatd.state.shared import Ask, SharedState
 from chatd.state.shared_local import BytesLRU
 from chatd.tasks import spawn
 from chatd.web import note
@@ -55,6 +55,17 @@ class Plan:
         """An error answer to a cacheable request says what the cache did, too."""
         error.headers[CACHE_HEADER] = MISS if self.write else BYPASS
         return error
+
+
+@dataclass(slots=True)
+class Asked:
+    """The cache's answer got within admission (Redis: one round trip for both, docs/
+    shared-state.md): the stored answer, or whether the flight's lock was taken. The lock
+    is this request's until a flight takes it over (`claimed` then False) or it is given
+    back."""
+
+    stored: bytes | None
+    claimed: bool
 
 
 class ResponseCache:
@@ -161,11 +172,34 @@ class ResponseCache:
 
     # -- single flight ----------------------------------------------------------------
 
-    async def fetch(self, plan: Plan, run: Callable[[], Awaitable[bytes]]) -> tuple[bytes, str]:
+    def ask(self, plan: Plan | None) -> Ask | None:
+        """The question admission may ask for this plan (shared state, a plan that
+        reads, no flight of this process to join); None: the cache asks itself."""
+        if plan is None or self.state is None or not plan.read or plan.key in self._flights:
+            return None
+        return "cache:" + plan.key, "flight:" + plan.key, self.lock_secs
+
+    @staticmethod
+    def asked(request: Request) -> Asked | None:
+        """What admission got for the cache (`Callers.admit`), taken once."""
+        found = request.scope.get("state", {}).pop("cache_asked", None)
+        return None if found is None else Asked(*found)
+
+    def give_back(self, plan: Plan, asked: Asked | None) -> None:
+        """A lock admission took that no flight took over: unlocked at once."""
+        if asked is not None and asked.claimed and self.state is not None:
+            asked.claimed = False
+            spawn(self.state.release("flight:" + plan.key))
+
+    async def fetch(
+        self, plan: Plan, run: Callable[[], Awaitable[bytes]], asked: Asked | None = None
+    ) -> tuple[bytes, str]:
         """The answer for `plan`: stored, another request's in flight, or `run()`'s
         (stored when the plan may write). Returns (answer, "hit" | "miss" | "bypass")."""
         try:
-            value, result = await self.get_or_run(plan.key, run, read=plan.read, write=plan.write)
+            value, result = await self.get_or_run(
+                plan.key, run, read=plan.read, write=plan.write, asked=asked
+            )
         except ChatdError as exc:
             raise plan.tag(exc) from None
         return value, result
@@ -177,6 +211,7 @@ class ResponseCache:
         *,
         read: bool = True,
         write: bool = True,
+        asked: Asked | None = None,
     ) -> tuple[bytes, str]:
         """`key`'s stored bytes, else `run()`'s (stored), with single flight; for any
         route (embeddings use it per input). Returns (bytes, "hit" | "miss" | "bypass")."""
@@ -192,27 +227,42 @@ class ResponseCache:
             if value is not None:
                 self.count(HIT)
                 return value, HIT
+        elif asked is not None and asked.stored is not None:  # admission found it stored
+            self.count(HIT)
+            return asked.stored, HIT
         flight = self._flights.get(key)
         leader = flight is None
+        claimed = None  # unknown: the leader asks
+        if asked is not None:  # a lock admission took goes to the flight, or back
+            claimed, asked.claimed = asked.claimed, False
         if flight is None:
-            flight = self._flights[key] = Flight(self._lead(key, run), self._flights, key)
+            work = self._lead(key, run, claimed)
+            flight = self._flights[key] = Flight(work, self._flights, key)
+        elif claimed and self.state is not None:
+            spawn(self.state.release("flight:" + key))
         value, result = await flight.join()
         result = result if leader else HIT
         self.count(result)
         return value, result
 
-    async def _lead(self, key: str, run: Callable[[], Awaitable[bytes]]) -> tuple[bytes, str]:
+    async def _lead(
+        self, key: str, run: Callable[[], Awaitable[bytes]], claimed: bool | None = None
+    ) -> tuple[bytes, str]:
+        """`claimed`: what admission's question found (None: not asked)."""
         if self.state is None:
             value = await run()
             await self.put(key, value)
             return value, MISS
         lock = "flight:" + key
         while True:  # one round trip: the stored answer, or the lock to go and get it
-            stored, claimed = await self.state.get_or_claim("cache:" + key, lock, self.lock_secs)
-            if stored is not None:
-                return stored, HIT
+            if claimed is None:
+                found = await self.state.get_or_claim("cache:" + key, lock, self.lock_secs)
+                if found[0] is not None:
+                    return found[0], HIT
+                claimed = found[1]
             if claimed:
                 break
+            claimed = None
             await asyncio.sleep(POLL_SECS)  # another replica is asking: wait for its answer
         try:
             value = await run()

@@ -42,6 +42,7 @@ from chatd.state.limits import (
     rate_headers,
 )
 from chatd.state.refusals import over_budget, over_concurrency, over_rate
+from chatd.state.shared import Ask
 
 __all__ = ["Caller", "Callers", "MemoryStore", "format_reset", "period_bounds", "token_hash"]
 
@@ -191,9 +192,11 @@ class Callers:
 
     # -- admission (each model-calling route, right after parsing) ---------------------
 
-    async def admit(self, request: Request, model: str) -> None:
+    async def admit(self, request: Request, model: str, ask: Ask | None = None) -> None:
         """403 for a model outside the allow-list; 429 over budget, rpm, tpm or
-        concurrency. Leaves the `X-RateLimit-*` headers for the middleware to send."""
+        concurrency. Leaves the `X-RateLimit-*` headers for the middleware to send. With
+        `ask` (the response cache's question) and Redis, the answer is left in the
+        request's state as `cache_asked`: one round trip for both (docs/shared-state.md)."""
         state = request.scope.setdefault("state", {})
         caller: Caller | None = state.get("caller")
         if caller is None:
@@ -205,7 +208,7 @@ class Callers:
             return
         store = self.store
         if not store.local:  # shared (Redis): every limit in one round trip
-            await self._admit_shared(state, caller)
+            await self._admit_shared(state, caller, ask)
             return
         error: ChatdError | None = None  # in process: the sync primitives, no coroutine
         if caller.budget_usd:
@@ -231,7 +234,7 @@ class Callers:
                 error = over_rate(caller, "requests", rpm, reset)
         self._admitted(state, caller, headers + token_headers, error)
 
-    async def _admit_shared(self, state: dict[str, Any], caller: Caller) -> None:
+    async def _admit_shared(self, state: dict[str, Any], caller: Caller, ask: Ask | None) -> None:
         """`admit` on a shared store: budget, tpm and rpm read and counted in one call
         (docs/shared-state.md)."""
         budget: tuple[str, float] | None = None
@@ -243,13 +246,16 @@ class Callers:
         busy = None
         if caller.max_concurrency and caller.in_flight >= caller.max_concurrency:
             busy = over_concurrency(caller)
-        spent, tokens, requests = await self.store.admit(
+        spent, tokens, requests, asked = await self.store.admit(
             (caller.rpm_key, caller.rpm) if caller.rpm else None,
             (caller.tpm_key, caller.tpm) if caller.tpm else None,
             budget,
             WINDOW_SECS,
             busy is None,
+            ask,
         )
+        if asked is not None:
+            state["cache_asked"] = asked
         error: ChatdError | None = None
         if budget:
             state["spent"] = spent  # settle: did this call cross the budget?

@@ -8,7 +8,15 @@ running total in a companion hash, so a hit costs O(expired entries), not O(wind
 
 from __future__ import annotations
 
-from chatd.state.redis_pipe import Script
+from chatd.state.redis_pipe import Script, bulks
+
+PREFIX = "chatd:"
+
+
+def window_keys(key: str) -> tuple[str, str]:
+    """A sliding window's sorted set and its companion hash."""
+    return PREFIX + "w:" + key, PREFIX + "w:" + key + ":m"
+
 
 # window(zkey, hkey, amount, limit, window_us, now) -> allowed, used, reset_us
 WINDOW = """
@@ -81,10 +89,13 @@ return 1
 )
 
 # Admission: every limit of a caller, checked and counted in one step.
-# KEYS: rpm zset, rpm hash, tpm zset, tpm hash, spend counter
+# KEYS: rpm zset, rpm hash, tpm zset, tpm hash, spend counter[, cache blob, cache lock]
 # ARGV: rpm, tpm, budget (0: none), window_us, count (1: count a request if all allow)
+# [, lock ttl_ms]
 # -> "spent tpm_allowed tpm_used tpm_reset_us rpm_allowed rpm_used rpm_reset_us": one
-# string, not an array, so the client reads one reply instead of eight
+# string, not an array, so the client reads one reply instead of eight. With the cache's
+# two keys, a request admitted also asks the cache (GET_OR_CLAIM's question, in the same
+# round trip: docs/shared-state.md): " =<blob>", " +" (claimed) or " -" (held) follows.
 ADMIT = Script(
     WINDOW
     + """
@@ -101,9 +112,14 @@ end
 local ra, ru, rr = true, 0, 0
 if rpm > 0 then ra, ru, rr = window(KEYS[1], KEYS[2], count and 1 or 0, rpm, window_us, now) end
 local f = '%.17g'
-return table.concat({string.format(f, spent), ta and 1 or 0, string.format(f, tu),
-                     string.format(f, tr), ra and 1 or 0, string.format(f, ru),
-                     string.format(f, rr)}, ' ')
+local admitted = table.concat({string.format(f, spent), ta and 1 or 0, string.format(f, tu),
+                               string.format(f, tr), ra and 1 or 0, string.format(f, ru),
+                               string.format(f, rr)}, ' ')
+if #KEYS < 7 or not (count and ra) then return admitted end
+local value = redis.call('GET', KEYS[6])
+if value then return admitted .. ' =' .. value end
+if redis.call('SET', KEYS[7], '1', 'PX', ARGV[6], 'NX') then return admitted .. ' +' end
+return admitted .. ' -'
 """
 )
 
@@ -158,3 +174,43 @@ for i, key in ipairs(KEYS) do left[i] = redis.call('PTTL', key) end
 return left
 """
 )
+
+
+class Admissions:
+    """ADMIT's EVALSHA in RESP, the keys' part made once per caller and period."""
+
+    def __init__(self) -> None:
+        self._heads: dict[tuple[str, str, str, bool], bytes] = {}
+
+    def command(
+        self,
+        rpm: tuple[str, float] | None,
+        tpm: tuple[str, float] | None,
+        budget: tuple[str, float] | None,
+        window_us: int,
+        count: bool,
+        claim: tuple[str, str] | None = None,
+        lock_ms: int = 0,
+    ) -> bytes:
+        """`claim`: the cache's blob and lock keys (prefixed), asked in the same script."""
+        names = (rpm[0] if rpm else "", tpm[0] if tpm else "", budget[0] if budget else "")
+        head = self._heads.get((*names, claim is not None))
+        if head is None:
+            if len(self._heads) > 10_000:  # periods roll over: forget the old ones
+                self._heads.clear()
+            keys = [*window_keys(names[0]), *window_keys(names[1]), PREFIX + "n:" + names[2]]
+            if claim is None:
+                head = b"*13\r\n" + bulks([b"EVALSHA", ADMIT.sha, 5, *keys])
+            else:  # the cache's two keys follow, then the six arguments
+                head = b"*16\r\n" + bulks([b"EVALSHA", ADMIT.sha, 7, *keys])
+            self._heads[(*names, claim is not None)] = head
+        args = [
+            rpm[1] if rpm else 0,
+            tpm[1] if tpm else 0,
+            repr(float(budget[1])) if budget else 0,
+            window_us,
+            1 if count else 0,
+        ]
+        if claim is None:
+            return head + bulks(args)
+        return head + bulks([*claim, *args, lock_ms])

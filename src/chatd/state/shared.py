@@ -26,13 +26,19 @@ FLUSH_EVERY_SECS = 0.05  # writes behind the request reach Redis at most this la
 Window = tuple[bool, float, float]  # (allowed, remaining, reset_secs), as window_hit says
 
 
+# The response cache's question asked within admission: (blob key, lock key, lock secs).
+Ask = tuple[str, str, float]
+
+
 class Admission(NamedTuple):
     """What `admit` found: the period's spend, and the tpm look and rpm hit (None for a
-    limit the caller does not have)."""
+    limit the caller does not have); `asked`: the cache's answer when it was asked along
+    (as `get_or_claim` gives it), else None."""
 
     spent: float
     tokens: Window | None
     requests: Window | None
+    asked: tuple[bytes | None, bool] | None = None
 
 
 class SharedState(ABC):
@@ -107,10 +113,13 @@ class SharedState(ABC):
         budget: tuple[str, float] | None,
         window_secs: float,
         count: bool,
+        ask: Ask | None = None,
     ) -> Admission:
         """All of a caller's limits at once: each given as (key, limit). Reads the spend
         under budget's key; asks the tpm window (amount 0); counts one request in the rpm
-        window only when `count` and neither the budget nor tpm refuses."""
+        window only when `count` and neither the budget nor tpm refuses. `ask`: a store
+        with round trips (Redis) asks the cache's `get_or_claim` in the same one, for a
+        request admitted; others leave it to the cache."""
         spent = await self.get(budget[0]) if budget else 0.0
         tokens = await self.window_hit(tpm[0], 0, tpm[1], window_secs) if tpm else None
         counted = count and not (budget and spent >= budget[1]) and (not tokens or tokens[0])

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 from chatd.state import redis_scripts as lua
 from chatd.state.redis_pipe import RedisPipe, RedisReplyError, Script, bulks
-from chatd.state.shared import FLUSH_EVERY_SECS, Admission, SharedState, describe_url
+from chatd.state.redis_scripts import PREFIX, Admissions, window_keys
+from chatd.state.shared import FLUSH_EVERY_SECS, Admission, Ask, SharedState, describe_url
 from chatd.state.shared_local import LocalState
 from chatd.state.shared_pending import Pending
 from chatd.tasks import spawn, stop
@@ -27,17 +28,11 @@ from chatd.tasks import spawn, stop
 log = logging.getLogger("chatd")
 
 T = TypeVar("T")
-PREFIX = "chatd:"
 OP_TIMEOUT_SECS = 0.2  # one Redis call; past it, the request goes on with local state
 PING_TIMEOUT_SECS = 1.0  # the monitor's and a batch's bound: off every request's path
 CHECK_EVERY_SECS = 1.0  # how often the monitor asks Redis whether it is (still) there
 LOG_EVERY_SECS = 60.0  # "Redis down" at most once a minute
 SPEND_TTL_SECS = 32 * 86400.0  # a budget key names its period: this only outlives it
-
-
-def window_keys(key: str) -> tuple[str, str]:
-    """A sliding window's sorted set and its companion hash."""
-    return PREFIX + "w:" + key, PREFIX + "w:" + key + ":m"
 
 
 class RedisState(SharedState):
@@ -59,7 +54,7 @@ class RedisState(SharedState):
         self.check_every = check_every
         self.flush_every = flush_every
         self.redis = RedisPipe(url, timeout=op_timeout)
-        self._heads: dict[tuple[str, str, str], bytes] = {}  # admission keys, in RESP
+        self._admissions = Admissions()  # ADMIT commands, their keys made once
         # budget key -> spend Redis last said: the fallback's start (docs/shared-state.md)
         self._spent: dict[str, float] = {}
         self.where = describe_url(url)
@@ -179,18 +174,25 @@ class RedisState(SharedState):
         budget: tuple[str, float] | None,
         window_secs: float,
         count: bool,
+        ask: Ask | None = None,
     ) -> Admission:
         # The request path's one round trip, so written out without `_call`'s closures.
         if self._up:
             try:
-                command = self._admit_command(rpm, tpm, budget, window_secs, count)
+                claim = None if ask is None else (PREFIX + "b:" + ask[0], PREFIX + "l:" + ask[1])
+                command = self._admissions.command(
+                    rpm, tpm, budget, int(window_secs * 1_000_000), count, claim,
+                    _ms(ask[2]) if ask else 0,
+                )  # fmt: skip
                 reply = await self._run(lua.ADMIT, command)
-            except TimeoutError:
-                pass  # slow, not down: this request goes on with local state
+            except TimeoutError:  # slow, not down: this request goes on with local state;
+                # a claim asked for may have landed unseen: taken, unlocked behind the call
+                fallback = await self.fallback.admit(rpm, tpm, budget, window_secs, count)
+                return fallback._replace(asked=(None, True)) if ask else fallback
             except Exception as exc:
                 self._down(exc)
             else:
-                spent, ta, tu, tr, ra, ru, rr = reply.split()
+                spent, ta, tu, tr, ra, ru, rr, *cache = reply.split(b" ", 7)
                 if budget:
                     self._spent[budget[0]] = float(spent)
                 tokens = requests = None
@@ -198,34 +200,12 @@ class RedisState(SharedState):
                     tokens = ta == b"1", max(tpm[1] - float(tu), 0.0), float(tr) / 1_000_000
                 if rpm:
                     requests = ra == b"1", max(rpm[1] - float(ru), 0.0), float(rr) / 1_000_000
-                return Admission(float(spent), tokens, requests)
+                asked = None
+                if cache:
+                    found = cache[0]
+                    asked = (found[1:], False) if found[:1] == b"=" else (None, found == b"+")
+                return Admission(float(spent), tokens, requests, asked)
         return await self.fallback.admit(rpm, tpm, budget, window_secs, count)
-
-    def _admit_command(
-        self,
-        rpm: tuple[str, float] | None,
-        tpm: tuple[str, float] | None,
-        budget: tuple[str, float] | None,
-        window_secs: float,
-        count: bool,
-    ) -> bytes:
-        """ADMIT's EVALSHA in RESP; its keys' part made once per caller and period."""
-        names = (rpm[0] if rpm else "", tpm[0] if tpm else "", budget[0] if budget else "")
-        head = self._heads.get(names)
-        if head is None:
-            if len(self._heads) > 10_000:  # periods roll over: forget the old ones
-                self._heads.clear()
-            keys = [*window_keys(names[0]), *window_keys(names[1]), PREFIX + "n:" + names[2]]
-            head = b"*13\r\n" + bulks([b"EVALSHA", lua.ADMIT.sha, 5, *keys])
-            self._heads[names] = head
-        args = [
-            rpm[1] if rpm else 0,
-            tpm[1] if tpm else 0,
-            repr(float(budget[1])) if budget else 0,
-            int(window_secs * 1_000_000),
-            1 if count else 0,
-        ]
-        return head + bulks(args)
 
     async def _run(self, script: Script, command: bytes) -> Any:
         """A packed EVALSHA; loads the script first when this Redis lacks it (restarted)."""

@@ -65,16 +65,18 @@ def install_chat_routes(app: FastAPI, settings: Settings) -> None:
         started = time.perf_counter()
         body = parse_body(ChatRequest, await read_body(request, max_body))
         note(request, model=body.model, max_tokens=body.max_tokens, temperature=body.temperature)
-        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
-        if admit is not None:
-            await admit(request, body.model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
         config = snapshot_of(request)  # the configuration this request runs on
         dispatcher, cache = config.dispatcher, config.cache
+        plan = ask = None
         if cache is not None and body.temperature == 0:
             plan = cache.plan(request, "chat", body.model, chat_params(body))
-            if plan is not None:
-                return await cached_chat(request, body, budget, started, cache, plan, dispatcher)
+            ask = None if body.stream else cache.ask(plan)
+        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
+        if admit is not None:  # with Redis, the cache's question rides along (one round trip)
+            await admit(request, body.model, ask)
+        if cache is not None and plan is not None:
+            return await cached_chat(request, body, budget, started, cache, plan, dispatcher)
         if body.stream:
             opened = await until_disconnect(request, dispatcher.stream(body, budget))
             note_served(request, opened)
@@ -152,7 +154,11 @@ async def cached_chat(
             cost.append(served.result.cost)
         return served_chat_entry(served)
 
-    stored, result = await until_disconnect(request, cache.fetch(plan, run))
+    asked = cache.asked(request)
+    try:
+        stored, result = await until_disconnect(request, cache.fetch(plan, run, asked))
+    finally:
+        cache.give_back(plan, asked)  # a lock taken in admission that no flight took over
     entry = orjson.loads(stored)
     if ran:  # this request's own upstream call answered
         note(

@@ -83,18 +83,18 @@ def install_openai_routes(app: FastAPI, settings: Settings) -> None:
         model: str = body["model"]
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         note(request, model=model, max_tokens=limit, temperature=body.get("temperature"))
-        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
-        if admit is not None:
-            await admit(request, model)
         budget = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
         config = snapshot_of(request)  # the configuration this request runs on
         dispatcher, cache = config.dispatcher, config.cache
+        plan = ask = None
         if cache is not None and (params := completion_params(body)) is not None:
             plan = cache.plan(request, "completions", model, params)
-            if plan is not None:
-                return await cached_completion(
-                    request, body, budget, started, cache, plan, dispatcher
-                )
+            ask = None if body.get("stream") else cache.ask(plan)
+        admit = request.app.state.admit  # callers (docs/callers-and-usage.md), when configured
+        if admit is not None:  # with Redis, the cache's question rides along (one round trip)
+            await admit(request, model, ask)
+        if cache is not None and plan is not None:
+            return await cached_completion(request, body, budget, started, cache, plan, dispatcher)
         if body.get("stream"):
             opened = await until_disconnect(
                 request,
@@ -198,7 +198,11 @@ async def cached_completion(
         ran.append(served.attempts)
         return completion_entry(served.route.provider.name, served.route.model, served.result)
 
-    stored, result = await until_disconnect(request, cache.fetch(plan, run))
+    asked = cache.asked(request)
+    try:
+        stored, result = await until_disconnect(request, cache.fetch(plan, run, asked))
+    finally:
+        cache.give_back(plan, asked)  # a lock taken in admission that no flight took over
     entry = orjson.loads(stored)
     if not ran:
         note_hit(request, entry)
