@@ -221,7 +221,10 @@ def test_a_ten_times_slower_host_is_left_alone_then_used_again_once_it_recovers(
         with httpx.Client() as client:  # each host answers once first: no blind burst
             assert all(chat(chatd.url, client=client).status_code == 200 for _ in range(6))
         farm.reset()
-        assert all(r.status_code == 200 for r in load(chatd.url, 300, concurrency=24))
+        # 600, not 300: the slow host may get a few calls while the fast hosts' estimates
+        # come down from their idle answers (docs/balancing.md): 1 when run alone, 10 once
+        # in a full run on a busy machine, which over 300 (3.3%) failed the bound.
+        assert all(r.status_code == 200 for r in load(chatd.url, 600, concurrency=24))
         slow_share = shares(farm.hosts)[2]
         listed = endpoints_listed(chatd.url)
         slow.latency = 0.1
