@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from load import VARY, Request, run_wrk, write_lua
+from load import VARY, Request, cache_hits, run_wrk, write_lua
 from otlp_sink import start_sink
 from run import (
     BENCH,
@@ -392,6 +392,8 @@ def main() -> int:
             if name == PRUNING:
                 pruned = pruned_so_far(requests[name].port)
                 print(f"  ({pruned:,.0f} of {PRUNING_ROWS:,} rows pruned by the end)", flush=True)
+            if name == FULL and (hits := cache_hits(requests[name].port)):
+                raise RuntimeError(f"{FULL}: {hits:.0f} cache hits; the row measures misses")
             rates[name].append(result.rps)
             per_cpu[name].append(result.rps * args.secs / used if used else 0.0)
             print(

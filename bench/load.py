@@ -6,9 +6,11 @@ import asyncio
 import json
 import math
 import random
+import re
 import statistics
 import subprocess
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +93,15 @@ request = function()
   return wrk.format(nil, nil, nil, body)
 end
 """
+
+
+def cache_hits(port: int) -> float:
+    """chatd's `chatd_cache_total{result="hit"}` so far: 0 where a row measures misses (a
+    hit there means the load repeated a question, as it once did: two wrk threads sending
+    the same bodies)."""
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    found = re.search(rb'^chatd_cache_total\{result="hit"\} (\S+)', metrics, re.MULTILINE)
+    return float(found[1]) if found else 0.0
 
 
 @dataclass

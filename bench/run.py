@@ -29,6 +29,7 @@ from load import (
     Request,
     StreamStats,
     WrkResult,
+    cache_hits,
     median,
     percentile,
     run_wrk,
@@ -879,6 +880,9 @@ def main() -> int:
                     flush=True,
                 )
 
+    for t in live:
+        if t.name == FULL and (hits := cache_hits(t.req.port)):
+            raise RuntimeError(f"{FULL}: {hits:.0f} cache hits; the row measures misses")
     print(f"streaming: {args.streams} requests per target", flush=True)
     stream_live = {t.name: (t.req, t.ndjson) for t in streams if not t.na}
     sstats = stream_bench(stream_live, args.streams)
