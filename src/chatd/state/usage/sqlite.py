@@ -12,7 +12,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,59 +22,17 @@ from chatd.state.usage.rollup import (
     DAY,
     PRUNED_BEFORE,
     Reads,
-    daily,
     daily_query,
     floor_day,
 )
+from chatd.state.usage.sqlite_schema import LEGACY_SUMS, PRUNE, UPSERT, create_schema, epoch
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS chatd_usage (
-  time TEXT NOT NULL, request_id TEXT, caller TEXT, route TEXT, model TEXT,
-  provider TEXT, endpoint TEXT, upstream_model TEXT, status INTEGER, error TEXT,
-  input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, cost_source TEXT,
-  latency_ms REAL, ttft_ms REAL, attempts INTEGER, cache TEXT,
-  rolled INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS chatd_usage_time ON chatd_usage (time);
-CREATE INDEX IF NOT EXISTS chatd_usage_caller_time ON chatd_usage (caller, time);
-"""
-# `rolled` = 1: the row's figures went into chatd_usage_daily with it. Rows of a ledger
-# written before the daily table (0) are summed into it by the backfill.
-DAILY = """
-CREATE TABLE IF NOT EXISTS chatd_usage_daily (
-  day TEXT NOT NULL, caller TEXT NOT NULL, route TEXT NOT NULL, model TEXT NOT NULL,
-  provider TEXT NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL,
-  input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL,
-  PRIMARY KEY (day, caller, route, model, provider)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chatd_usage_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-UPSERT = (
-    "INSERT INTO chatd_usage_daily VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (day, caller, route, model, provider) DO UPDATE SET "
-    "requests = requests + excluded.requests, errors = errors + excluded.errors, "
-    "input_tokens = input_tokens + excluded.input_tokens, "
-    "output_tokens = output_tokens + excluded.output_tokens, "
-    "cost_usd = cost_usd + excluded.cost_usd"
-)
-# The backfill's sums of one span of rows written before the daily table existed.
-LEGACY_SUMS = (
-    "SELECT substr(time, 1, 10), COALESCE(caller, ''), COALESCE(route, ''), "
-    "COALESCE(model, ''), COALESCE(provider, ''), COUNT(*), "
-    "SUM(CASE WHEN error IS NULL THEN 0 ELSE 1 END), COALESCE(SUM(input_tokens), 0), "
-    "COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost_usd), 0) FROM chatd_usage "
-    "WHERE time >= ? AND time < ? AND rolled = 0 GROUP BY 1, 2, 3, 4, 5"
-)
-PRUNE = (
-    "DELETE FROM chatd_usage WHERE rowid IN "
-    "(SELECT rowid FROM chatd_usage WHERE time < ? ORDER BY time LIMIT ?)"
-)
 # A batch goes in as few statements as SQLite's parameter limit allows (32,766 since
-# 3.32; 500 rows of 18 columns is 9,000), each `INSERT … VALUES (…), (…), …`. One
-# statement is one step, and the database thread gives up the GIL for each step and
-# takes it back: once a row with executemany, which at c=32 made ~4 context switches per
-# request between it and the event loop's thread.
-CHUNK_ROWS = 500
+# 3.32; 1,800 rows of 18 columns is 32,400), each `INSERT … VALUES (…), (…), …`: one
+# statement up to 1,800 rows (3,600 requests a second at a flush every 0.5 s). The
+# database thread gives up the GIL for each statement and waits to take it back behind
+# the event loop (docs/usage-ledger.md#what-a-row-costs).
+CHUNK_ROWS = 1800
 CHECKPOINT_SECS = 1.0
 ROW = f"({', '.join('?' * len(COLUMNS))}, 1)"
 # A None is bound as NULL either way, but with no adapter for it the sqlite3 module looks
@@ -92,49 +49,19 @@ def insert(rows: int) -> str:
     return f"INSERT INTO chatd_usage ({names}, rolled) VALUES {', '.join([ROW] * rows)}"
 
 
-def parameters(rows: list[Row]) -> tuple[list[list[Any]], list[tuple[Any, ...]]]:
-    """A batch as the statements take it: each chunk's rows, flattened, time as ISO
-    text; and the batch's sums per daily key."""
-    times = [iso(row[0]) for row in rows]
-    chunks = [
-        [value for row, at in zip(rows[i : i + CHUNK_ROWS], times[i : i + CHUNK_ROWS],
-                                  strict=True) for value in (at, *row[1:])]
+def parameters(rows: list[Row]) -> list[list[Any]]:
+    """A batch as the statements take it: each chunk's rows, flattened, time as ISO text
+    (the daily sums are the trigger's, ROLLUP)."""
+    return [
+        [value for row in rows[i : i + CHUNK_ROWS] for value in (iso(row[0]), *row[1:])]
         for i in range(0, len(rows), CHUNK_ROWS)
-    ]  # fmt: skip
-    return chunks, daily(rows, [at[:10] for at in times])
+    ]
 
 
 def sqlite_path(url: str) -> str:
     """`sqlite:///chatd-usage.sqlite3` (relative) or `sqlite:////var/lib/x.db` (absolute)."""
     path = url.removeprefix("sqlite://")
     return path[1:] if path.startswith("/") else path
-
-
-def create_schema(db: sqlite3.Connection) -> None:
-    """A new ledger, or one written before the daily table: upgraded in place (a column
-    and two tables; nothing is read or rewritten here: the backfill does that later)."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        names = {row[1] for row in db.execute("PRAGMA table_info(chatd_usage)")}
-        if names and "rolled" not in names:
-            db.execute("ALTER TABLE chatd_usage ADD COLUMN rolled INTEGER NOT NULL DEFAULT 0")
-            db.execute(DAILY.split(";")[0])
-            db.execute(DAILY.split(";")[1])
-            (last,) = db.execute("SELECT MAX(time) FROM chatd_usage").fetchone()
-            if last is not None:  # the backfill goes back from the last row's day's end
-                end = floor_day(_epoch(last)) + DAY
-                db.execute("INSERT INTO chatd_usage_meta VALUES (?, ?)", (BACKFILL_TO, repr(end)))
-        for statement in (SCHEMA + DAILY).split(";"):
-            if statement.strip():
-                db.execute(statement)
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-
-
-def _epoch(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 class SQLiteBackend(Reads):
@@ -202,14 +129,16 @@ class SQLiteBackend(Reads):
     async def open(self) -> None:
         await self._run(self._connect)
 
-    def _write(self, chunks: list[list[Any]], sums: list[tuple[Any, ...]]) -> None:
+    def _write(self, chunks: list[list[Any]]) -> None:
         db = self._connect()
         width = len(COLUMNS)
+        if len(chunks) == 1:  # one statement, a transaction of its own (its sums in it)
+            db.execute(insert(len(chunks[0]) // width), chunks[0])
+            return
         db.execute("BEGIN")
         try:
             for values in chunks:
                 db.execute(insert(len(values) // width), values)
-            db.executemany(UPSERT, sums)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -225,7 +154,7 @@ class SQLiteBackend(Reads):
             if self._deleting and self._db is not None:
                 self._db.interrupt()
         try:
-            await self._run(self._write, *made)
+            await self._run(self._write, made)
         finally:
             with self._turns:
                 self._writes_waiting -= 1
@@ -294,9 +223,9 @@ class SQLiteBackend(Reads):
         if high is None:
             await self._run(self._advance, mark, None, [])
             return 0
-        start = floor_day(_epoch(high))
+        start = floor_day(epoch(high))
         sums = await self._read_raw(LEGACY_SUMS, (iso(start), iso(mark)))
-        left = max(0.0, (start - floor_day(_epoch(low))) / DAY)
+        left = max(0.0, (start - floor_day(epoch(low))) / DAY)
         # The oldest day summed: the backfill is done, in the same transaction.
         await self._run(self._advance, mark, start if left else None, sums)
         return left
