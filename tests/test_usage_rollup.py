@@ -317,3 +317,39 @@ def wait_for(check: Any, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+async def test_a_ledger_written_before_the_trigger_gets_it_and_its_days_keep_adding_up(
+    tmp_path: Path,
+) -> None:
+    """The SQLite daily sums are a trigger's (docs/usage-ledger.md): a ledger made by a
+    chatd that upserted them itself (no trigger) gets it when opened, and every batch
+    after (one statement, or several in one transaction) lands in its days."""
+    path = tmp_path / "usage.sqlite3"
+    backend: Any = open_backend(f"sqlite:///{path}")
+    await backend.open()
+    await backend.aclose()
+    db = sqlite3.connect(path)
+    db.execute("DROP TRIGGER chatd_usage_rollup")  # as the chatd before it left the file
+    db.close()
+    backend = open_backend(f"sqlite:///{path}")
+    await backend.open()
+    now = time.time()
+    try:
+        for size in (3, 4000):  # one statement; three, in one transaction
+            await backend.write([row(now - i, f"c{i % 2}", "m", request_id=f"{size}-{i}")
+                                 for i in range(size)])  # fmt: skip
+    finally:
+        await backend.aclose()
+    db = sqlite3.connect(path)
+    days = db.execute(
+        "SELECT caller, SUM(requests), SUM(input_tokens), SUM(output_tokens), SUM(cost_usd) "
+        "FROM chatd_usage_daily GROUP BY caller ORDER BY caller"
+    ).fetchall()
+    rows = db.execute(
+        "SELECT caller, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost_usd) "
+        "FROM chatd_usage GROUP BY caller ORDER BY caller"
+    ).fetchall()
+    db.close()
+    assert [d[:4] for d in days] == [r[:4] for r in rows] and sum(d[1] for d in days) == 4003
+    assert [d[4] for d in days] == pytest.approx([r[4] for r in rows], abs=1e-9)
