@@ -128,11 +128,11 @@ def measure() -> list[tuple[str, float]]:
 
         collect([authorized() for _ in range(500)])
         backend = ledger.backend
-        backend._write(*parameters(rows))  # type: ignore[attr-defined]  # schema, first pages
+        backend._write(parameters(rows))  # type: ignore[attr-defined]  # schema, first pages
 
         def write(batches: list[Any]) -> None:
-            for batch in batches:  # the rows and their daily sums, one transaction
-                backend._write(*batch)  # type: ignore[attr-defined]
+            for batch in batches:  # the rows (their daily sums by the trigger), one statement
+                backend._write(batch)  # type: ignore[attr-defined]
 
         from chatd.state.caller import Caller, token_hash
 
