@@ -12,7 +12,7 @@ import pytest
 
 from chatd.config import CacheConfig
 from chatd.routing.registry import Registry
-from chatd.state.cache import ResponseCache
+from chatd.state.cache import Asked, ResponseCache, lock_key
 from chatd.state.shared_local import LocalState
 from tests.fakes.upstream import ANSWER, FakeUpstream
 from tests.support import make_settings
@@ -213,6 +213,30 @@ async def test_get_or_run_single_flight_runs_once_for_concurrent_callers(shared:
     assert await cache.get_or_run("embed:x", run) == (b"vector", "hit")
     assert await cache.get_or_run("embed:y", run) == (b"vector", "miss")
     assert runs == 2
+
+
+async def test_a_lock_taken_in_admission_is_let_go_when_this_process_already_has_the_flight() -> (
+    None
+):
+    """Admission took the single-flight lock for B (docs/shared-state.md), but A, in this
+    process, began the flight first: B joins it and lets its lock go, so A's flight can
+    claim it and call once, rather than wait out the lock's 30 s."""
+    cache = bare_cache(LocalState())
+    runs = 0
+
+    async def run() -> bytes:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.05)
+        return b"answer"
+
+    assert await cache.state.claim(lock_key("k"), 30)  # B's, landed before A's own look
+    first = asyncio.create_task(cache.get_or_run("k", run))
+    await asyncio.sleep(0)  # A's flight is there; its look found the lock held
+    asked = Asked(None, True)
+    second = await asyncio.wait_for(cache.get_or_run("k", run, asked=asked), 2)
+    assert second == (b"answer", "hit") and await first == (b"answer", "miss")
+    assert runs == 1 and not asked.claimed
 
 
 async def test_get_or_run_shares_an_error_and_stores_nothing() -> None:

@@ -34,12 +34,22 @@ from chatd.routing.registry import Registry
 from chatd.state.shared import Ask, SharedState
 from chatd.state.shared_local import BytesLRU
 from chatd.tasks import spawn
-from chatd.web import note
+from chatd.web import note, until_disconnect
 
 CACHE_HEADER = "X-Chatd-Cache"
 HIT, MISS, BYPASS = "hit", "miss", "bypass"
 POLL_SECS = 0.02  # a follower on another replica looks for the leader's answer this often
 HEADS_KEPT = 4096  # keys' heads remembered, one per model name asked for
+
+
+def blob_key(key: str) -> str:
+    """Where shared state keeps the answer stored under `key`."""
+    return "cache:" + key
+
+
+def lock_key(key: str) -> str:
+    """The single-flight lock of `key` across replicas."""
+    return "flight:" + key
 
 
 @dataclass(slots=True)
@@ -141,14 +151,14 @@ class ResponseCache:
             if value is None:
                 self._size(self.lru.bytes)  # an expired entry may just have gone
             return value
-        return await self.state.get_blob("cache:" + key)
+        return await self.state.get_blob(blob_key(key))
 
     async def put(self, key: str, value: bytes) -> None:
         if self.state is None:
             self.lru.set(key, value, self.ttl)
             self._size(self.lru.bytes)
         else:
-            await self.state.set_blob("cache:" + key, value, self.ttl)
+            await self.state.set_blob(blob_key(key), value, self.ttl)
 
     def put_later(self, key: str, value: bytes) -> None:
         """Store off the answer's path (a finished stream)."""
@@ -177,19 +187,26 @@ class ResponseCache:
         reads, no flight of this process to join); None: the cache asks itself."""
         if plan is None or self.state is None or not plan.read or plan.key in self._flights:
             return None
-        return "cache:" + plan.key, "flight:" + plan.key, self.lock_secs
+        return blob_key(plan.key), lock_key(plan.key), self.lock_secs
 
-    @staticmethod
-    def asked(request: Request) -> Asked | None:
-        """What admission got for the cache (`Callers.admit`), taken once."""
+    async def answer(
+        self, request: Request, plan: Plan, run: Callable[[], Awaitable[bytes]]
+    ) -> tuple[bytes, str]:
+        """`fetch` for a route, given what admission asked for it (`Callers.admit`), until
+        the caller hangs up. A lock admission took that no flight took over is let go
+        here, also when the caller left before `fetch` began (it then never runs)."""
         found = request.scope.get("state", {}).pop("cache_asked", None)
-        return None if found is None else Asked(*found)
+        asked = None if found is None else Asked(*found)
+        try:
+            return await until_disconnect(request, self.fetch(plan, run, asked))
+        finally:
+            self._give_back(plan.key, asked)
 
-    def give_back(self, plan: Plan, asked: Asked | None) -> None:
-        """A lock admission took that no flight took over: unlocked at once."""
+    def _give_back(self, key: str, asked: Asked | None) -> None:
+        """Let go of the lock admission took for `key`, unless a flight took it over."""
         if asked is not None and asked.claimed and self.state is not None:
             asked.claimed = False
-            spawn(self.state.release("flight:" + plan.key))
+            spawn(self.state.release(lock_key(key)))
 
     async def fetch(
         self, plan: Plan, run: Callable[[], Awaitable[bytes]], asked: Asked | None = None
@@ -232,14 +249,14 @@ class ResponseCache:
             return asked.stored, HIT
         flight = self._flights.get(key)
         leader = flight is None
-        claimed = None  # unknown: the leader asks
-        if asked is not None:  # a lock admission took goes to the flight, or back
-            claimed, asked.claimed = asked.claimed, False
         if flight is None:
+            claimed = None  # unknown: the leader asks
+            if asked is not None:  # the lock admission took goes to the flight
+                claimed, asked.claimed = asked.claimed, False
             work = self._lead(key, run, claimed)
             flight = self._flights[key] = Flight(work, self._flights, key)
-        elif claimed and self.state is not None:
-            spawn(self.state.release("flight:" + key))
+        else:  # this process's flight answers: a lock admission took is not needed
+            self._give_back(key, asked)
         value, result = await flight.join()
         result = result if leader else HIT
         self.count(result)
@@ -253,10 +270,10 @@ class ResponseCache:
             value = await run()
             await self.put(key, value)
             return value, MISS
-        lock = "flight:" + key
+        lock = lock_key(key)
         while True:  # one round trip: the stored answer, or the lock to go and get it
             if claimed is None:
-                found = await self.state.get_or_claim("cache:" + key, lock, self.lock_secs)
+                found = await self.state.get_or_claim(blob_key(key), lock, self.lock_secs)
                 if found[0] is not None:
                     return found[0], HIT
                 claimed = found[1]
@@ -271,7 +288,7 @@ class ResponseCache:
             raise
         # Stored and unlocked behind the answer, in the next batch: a follower on another
         # replica waits for both at once.
-        self.state.set_blob_later("cache:" + key, value, self.ttl, unlock=lock)
+        self.state.set_blob_later(blob_key(key), value, self.ttl, unlock=lock)
         return value, MISS
 
 

@@ -154,11 +154,7 @@ async def cached_chat(
             cost.append(served.result.cost)
         return served_chat_entry(served)
 
-    asked = cache.asked(request)
-    try:
-        stored, result = await until_disconnect(request, cache.fetch(plan, run, asked))
-    finally:
-        cache.give_back(plan, asked)  # a lock taken in admission that no flight took over
+    stored, result = await cache.answer(request, plan, run)
     entry = orjson.loads(stored)
     if ran:  # this request's own upstream call answered
         note(

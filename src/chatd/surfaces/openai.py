@@ -198,11 +198,7 @@ async def cached_completion(
         ran.append(served.attempts)
         return completion_entry(served.route.provider.name, served.route.model, served.result)
 
-    asked = cache.asked(request)
-    try:
-        stored, result = await until_disconnect(request, cache.fetch(plan, run, asked))
-    finally:
-        cache.give_back(plan, asked)  # a lock taken in admission that no flight took over
+    stored, result = await cache.answer(request, plan, run)
     entry = orjson.loads(stored)
     if not ran:
         note_hit(request, entry)
